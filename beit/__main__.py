@@ -1,0 +1,3 @@
+from beit.cli import app
+
+app(prog_name="beit")

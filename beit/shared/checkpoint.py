@@ -1,0 +1,399 @@
+"""Checkpoints: this project's format, and the one place that adapts foreign BEiT weights.
+
+This project's checkpoint is one file written by `save_checkpoint`:
+
+    torch.save({"format": "beit-checkpoint", "version": 1,
+                "meta": "<JSON: kind, step, config, data position, seed, store fingerprint, ...>",
+                "model": state_dict, ...more state dicts (optimizer, scaler, rng)...})
+
+holding tensors, numbers and strings only, so it loads with `torch.load(weights_only=True)`.
+It is written to a temporary file in the same folder and moved into place with `os.replace`,
+so a crash never leaves a half-written checkpoint; a human-readable copy of `meta` sits beside
+it as `NAME.json`.
+
+Foreign weights (`read_state_dict`, `adapt_state_dict`):
+- unilm BEiT `.pth` files, pre-trained (shared `rel_pos_bias.relative_position_bias_table`,
+  `mask_token`, `lm_head`) or fine-tuned (per-block tables, `fc_norm`, `head`), with or without
+  a top-level `model` / `module` key. They also pickle the training `args` (an
+  `argparse.Namespace`); that and plain numbers are the only objects the allow-list admits.
+- timm-layout BEiT state dicts (`.pth`, `.bin` or `.safetensors`): the same names without the
+  `relative_position_index` buffers.
+Anything else a pickle asks to build is refused before it runs, naming what it asked for.
+
+This project's models use the released parameter names, so adapting is dropping the index
+buffers, copying a shared relative position table into every block (pre-training ->
+fine-tuning), resizing tables for another grid (`resize_relative_position_table`, the released
+geometric-progression interpolation), and dropping what the target model has no place for.
+`to_timm` writes a classifier's state dict in timm's key layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "beit-checkpoint"
+VERSION = 1
+
+# Globals besides tensors and plain containers that released BEiT checkpoints pickle.
+ALLOWED_GLOBALS: list[Any] = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as the checkpoint asked for; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------- this project's format
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Atomically write `state` (state dicts of tensors and numbers) plus JSON `meta` to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta_text = json.dumps(meta, indent=2, sort_keys=True, default=str)
+    payload = {"format": FORMAT, "version": VERSION, "meta": meta_text, **state}
+    _atomic_write(path, lambda f: torch.save(payload, f))
+    _atomic_write(path.with_suffix(".json"), lambda f: f.write(meta_text.encode() + b"\n"))
+    return path
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a checkpoint written by `save_checkpoint`: (state dicts, meta)."""
+    data = _torch_load(Path(path))
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a beit checkpoint (no '{FORMAT}' marker): pass a file written by "
+            "`beit pretrain` or `beit finetune`, or import foreign weights with --init."
+        )
+    if data.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} is beit checkpoint version {data.get('version')}, this beit reads version "
+            f"{VERSION}: use the beit release that wrote it."
+        )
+    meta = json.loads(data.pop("meta"))
+    data.pop("format"), data.pop("version")
+    return data, meta
+
+
+# ---------------------------------------------------------------- reading foreign files
+
+
+def _torch_load(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path.")
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise CheckpointError(
+                f"{path} was refused: its pickle would build {', '.join(unsafe)}, which is not a "
+                "tensor or plain data, and nothing in it was run. Load it only if you trust it, "
+                "and save its state dict alone with torch.save(model.state_dict())."
+            ) from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(error)}).") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(error)}).") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Globals a pickle refers to that the allow-list does not admit (read, never run)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        names = _scan_pickle_globals(path.read_bytes())
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
+    return sorted(n for n in names if n not in allowed)
+
+
+def _scan_pickle_globals(data: bytes) -> set[str]:
+    import pickletools
+
+    names: set[str] = set()
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+                strings.append(arg)
+            elif opcode.name == "GLOBAL":
+                names.add(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.add(f"{strings[-2]}.{strings[-1]}")
+    except Exception:
+        pass
+    return names
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The model weights in a checkpoint file of any supported layout, never running its code.
+    Unwraps this project's checkpoints and `model` / `module` / `state_dict` containers."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist: check the path.")
+        try:
+            return load_file(path)
+        except SafetensorError as error:
+            raise CheckpointError(f"{path} is not a safetensors file ({_first_line(error)}).") from None
+    data = _torch_load(path)
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        data = data["model"]
+    for key in ("model", "module", "state_dict"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(
+            f"{path} holds no state dict of tensors (at the top level or under 'model' or 'module'): "
+            "pass a BEiT checkpoint."
+        )
+    return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+# ---------------------------------------------------------------- relative position tables
+
+
+def _geometric_positions(small: int, large: int) -> np.ndarray:
+    """Where the released resize places the `small` rows of one axis among `large` unit-spaced
+    ones: 0 at the centre, then steps 1, q, q^2, ... outwards, q found by bisection in
+    [1.01, 1.5] so that the outermost lands near large // 2 (unilm `run_class_finetuning.py`)."""
+    half = small // 2
+
+    def reach(q: float) -> float:
+        return (1.0 - q**half) / (1.0 - q)
+
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if reach(q) > large // 2:
+            right = q
+        else:
+            left = q
+    steps = np.cumsum([1.0] + [q ** (i + 1) for i in range(half - 1)]) if half else np.zeros(0)
+    return np.concatenate([-steps[::-1], [0.0], steps])
+
+
+def _bspline_basis(knots: np.ndarray, degree: int, x: np.ndarray) -> np.ndarray:
+    """[len(x), len(knots) - degree - 1] values of the B-spline basis (Cox-de Boor);
+    x is clamped to the knots' span, as FITPACK does when evaluating."""
+    x = np.clip(x, knots[degree], knots[-degree - 1])
+    n = len(knots) - 1
+    basis = np.zeros((len(x), n))
+    for j in range(n):
+        left, right = knots[j], knots[j + 1]
+        inside = (x >= left) & (x < right)
+        if right == knots[-1] and left < right:  # close the last non-empty interval on the right
+            inside |= x == right
+        basis[:, j] = inside
+    for d in range(1, degree + 1):
+        nxt = np.zeros((len(x), n - d))
+        for j in range(n - d):
+            den1, den2 = knots[j + d] - knots[j], knots[j + d + 1] - knots[j + 1]
+            if den1 > 0:
+                nxt[:, j] += (x - knots[j]) / den1 * basis[:, j]
+            if den2 > 0:
+                nxt[:, j] += (knots[j + d + 1] - x) / den2 * basis[:, j + 1]
+        basis = nxt
+    return basis
+
+
+def _spline_operator(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """[len(dst), len(src)] matrix: interpolating cubic spline through points at `src` with
+    FITPACK's s=0 knots (not-a-knot ends), evaluated at `dst`. What interp2d(kind='cubic')
+    did on each axis; falls back to linear / constant for fewer than 4 points."""
+    n = len(src)
+    if n == 1:
+        return np.ones((len(dst), 1))
+    degree = 3 if n >= 4 else 1
+    interior = src[(degree + 1) // 2 : n - (degree + 1) // 2] if degree == 3 else src[1:-1]
+    knots = np.concatenate([[src[0]] * (degree + 1), interior, [src[-1]] * (degree + 1)])
+    collocation = _bspline_basis(knots, degree, src)
+    return _bspline_basis(knots, degree, dst) @ np.linalg.inv(collocation)
+
+
+def _axis_operator(src_size: int, dst_size: int) -> np.ndarray:
+    """[dst_size, src_size] resize matrix for one axis of a relative position table."""
+    if src_size == dst_size:
+        return np.eye(src_size)
+    if src_size < dst_size:
+        t = dst_size // 2
+        return _spline_operator(_geometric_positions(src_size, dst_size), np.arange(-t, t + 0.1, 1.0))
+    # Shrinking: the least-squares inverse of growing dst -> src, so that growing a table
+    # and shrinking it back returns it (the released code only grows).
+    return np.linalg.pinv(_axis_operator(dst_size, src_size))
+
+
+def resize_relative_position_table(
+    table: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Resize a [(2gh-1)(2gw-1) + 3, heads] table from patch grid `src_grid` to `dst_grid`.
+    Growing is the released method: per head, the table's values are placed at geometric-
+    progression positions and a bicubic interpolating spline is read at unit steps (unilm's
+    scipy interp2d(kind='cubic'), written here without scipy). Shrinking is its least-squares
+    inverse. The three cls rows are kept as they are."""
+    if tuple(src_grid) == tuple(dst_grid):
+        return table
+    src_h, src_w = 2 * src_grid[0] - 1, 2 * src_grid[1] - 1
+    dst_h, dst_w = 2 * dst_grid[0] - 1, 2 * dst_grid[1] - 1
+    if table.shape[0] != src_h * src_w + 3:
+        raise CheckpointError(
+            f"relative position table has {table.shape[0]} rows, a {src_grid[0]}x{src_grid[1]} grid "
+            f"needs {src_h * src_w + 3}."
+        )
+    heads = table.shape[1]
+    grid = table[:-3].double().numpy().reshape(src_h, src_w, heads)
+    rows = _axis_operator(src_h, dst_h)
+    cols = _axis_operator(src_w, dst_w)
+    resized = np.einsum("ab,bch,dc->adh", rows, grid, cols).reshape(dst_h * dst_w, heads)
+    out = torch.cat([torch.from_numpy(resized).to(table.dtype), table[-3:]])
+    return out.contiguous()
+
+
+def table_grid(rows: int) -> tuple[int, int]:
+    """The square patch grid a relative position table of `rows` rows was made for."""
+    side = (round((rows - 3) ** 0.5) + 1) // 2
+    if (2 * side - 1) ** 2 + 3 != rows:
+        raise CheckpointError(f"a relative position table of {rows} rows fits no square patch grid.")
+    return (side, side)
+
+
+# ---------------------------------------------------------------- adapting to a model
+
+SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Turn a unilm / timm / project state dict into one `model` loads strictly.
+    Returns (state dict, notes on what was changed or dropped)."""
+    target = model.state_dict()
+    notes: list[str] = []
+    state = {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
+    if "pos_embed" in state and "pos_embed" not in target:
+        raise CheckpointError(
+            "the checkpoint uses absolute position embeddings (pos_embed), which this project's BEiT "
+            "does not have: use a checkpoint trained with relative position bias."
+        )
+    per_block = "blocks.0.attn.relative_position_bias_table"
+    if SHARED_TABLE in state and per_block in target and SHARED_TABLE not in target:
+        shared = state.pop(SHARED_TABLE)
+        depth = 1 + max(int(k.split(".")[1]) for k in target if k.startswith("blocks."))
+        for i in range(depth):
+            state[f"blocks.{i}.attn.relative_position_bias_table"] = shared.clone()
+        notes.append(f"copied the shared relative position table into each of the {depth} blocks")
+    elif per_block in state and SHARED_TABLE in target and SHARED_TABLE not in state:
+        raise CheckpointError(
+            "the checkpoint has a relative position table per block (a fine-tuned model) and the "
+            "model wants one shared table (pre-training): start pre-training from a pre-trained checkpoint."
+        )
+    for key, value in list(state.items()):
+        if key.endswith("relative_position_bias_table") and key in target and value.shape != target[key].shape:
+            if value.shape[1] != target[key].shape[1]:
+                continue  # a head-count mismatch is reported below as a shape error
+            src, dst = table_grid(value.shape[0]), table_grid(target[key].shape[0])
+            state[key] = resize_relative_position_table(value, src, dst)
+            if key.endswith("blocks.0.attn.relative_position_bias_table") or key == SHARED_TABLE:
+                notes.append(f"resized relative position tables from a {src[0]}x{src[1]} to a {dst[0]}x{dst[1]} grid")
+    dropped = [k for k in state if k not in target and k in _HEAD_KEYS]
+    for key in dropped:
+        del state[key]
+    if dropped:
+        notes.append(f"dropped {', '.join(dropped)} (not part of this model)")
+    for key in ("head.weight", "head.bias"):
+        if key in state and key in target and state[key].shape != target[key].shape:
+            notes.append(f"{key} {tuple(state.pop(key).shape)} does not fit {tuple(target[key].shape)}: "
+                         "the model's own is used")
+    for key in ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"):
+        if key in target and key not in state:
+            state[key] = target[key].clone()
+            notes.append(f"{key} starts from the model's initialisation")
+    return state, notes
+
+
+# Keys a model of one kind may lack that another kind's checkpoint holds.
+_HEAD_KEYS = {"mask_token", "lm_head.weight", "lm_head.bias", "norm.weight", "norm.bias",
+              "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Strictly load `state`; a mismatch names the missing, unexpected and misshapen keys."""
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    misshapen = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        for k in set(state) & set(target) if state[k].shape != target[k].shape
+    )
+    if missing or unexpected or misshapen:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_listing(unexpected)}")
+        if misshapen:
+            parts.append(f"shape mismatches (checkpoint vs model) {_listing(misshapen)}")
+        raise CheckpointError(
+            f"{source} does not fit the model: {'; '.join(parts)}. Check that the checkpoint is a "
+            "BEiT of the same size (preset, width, depth, heads, patch size)."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def load_pretrained(model: nn.Module, path: Path) -> list[str]:
+    """Read any supported checkpoint file into `model`, adapting it; returns the notes."""
+    state, notes = adapt_state_dict(read_state_dict(path), model)
+    load_weights(model, state, source=str(path))
+    return notes
+
+
+# ---------------------------------------------------------------- export
+
+
+def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A classifier's state dict in timm's `Beit` key layout (timm keeps the relative position
+    index buffers out of its state dicts, as this project does; the names are the released ones)."""
+    out = {k: v.detach().clone().contiguous() for k, v in state.items() if not k.endswith("relative_position_index")}
+    for key in ("mask_token", "lm_head.weight", "lm_head.bias"):
+        out.pop(key, None)
+    return out
