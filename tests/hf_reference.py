@@ -62,20 +62,32 @@ def to_huggingface(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def huggingface_twin(model: BeitForMIM | BeitClassifier):
-    """The transformers model of the same configuration, loaded with `model`'s weights."""
+def huggingface_twin(model: BeitForMIM | BeitClassifier, drop_path: float = 0.0):
+    """The transformers model of the same configuration, loaded with `model`'s weights
+    (in eval mode; stochastic depth `drop_path` applies when it is put in train mode)."""
     from transformers import BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling
 
     cfg: ModelConfig = model.cfg
     mim = isinstance(model, BeitForMIM)
     hf_cfg = BeitConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.width, num_hidden_layers=cfg.depth,
-        num_attention_heads=cfg.heads, intermediate_size=int(cfg.width * cfg.mlp_ratio),
-        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_act="gelu",
-        use_mask_token=mim, use_absolute_position_embeddings=False,
-        use_relative_position_bias=not mim, use_shared_relative_position_bias=mim,
-        layer_scale_init_value=cfg.layer_scale, layer_norm_eps=cfg.layer_norm_eps,
-        drop_path_rate=0.0, use_mean_pooling=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.width,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads,
+        intermediate_size=int(cfg.width * cfg.mlp_ratio),
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        hidden_act="gelu",
+        use_mask_token=mim,
+        use_absolute_position_embeddings=False,
+        use_relative_position_bias=not mim,
+        use_shared_relative_position_bias=mim,
+        layer_scale_init_value=cfg.layer_scale,
+        layer_norm_eps=cfg.layer_norm_eps,
+        drop_path_rate=drop_path,
+        use_mean_pooling=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
         num_labels=cfg.num_classes if not mim else 2,
         id2label={i: str(i) for i in range(cfg.num_classes if not mim else 2)},
     )

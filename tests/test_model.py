@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,10 +23,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def masks(batch: int, grid: tuple[int, int], count_: int, seed: int = 0) -> torch.Tensor:
-    import numpy as np
-
     rng = np.random.default_rng(seed)
-    return torch.from_numpy(__import__("numpy").stack([block_mask(rng, grid, count_).reshape(-1) for _ in range(batch)]))
+    return torch.from_numpy(np.stack([block_mask(rng, grid, count_).reshape(-1) for _ in range(batch)]))
 
 
 def test_base_parameter_counts_match_the_released_models():

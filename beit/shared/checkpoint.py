@@ -34,7 +34,7 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,14 @@ from torch import nn
 FORMAT = "beit-checkpoint"
 VERSION = 1
 
-# Globals besides tensors and plain containers that released BEiT checkpoints pickle.
-ALLOWED_GLOBALS: list[Any] = [argparse.Namespace]
+# Globals besides tensors and plain containers that released BEiT checkpoints pickle: the
+# training args, and numpy scalars (plain numbers) that training scripts often store.
+ALLOWED_GLOBALS: list[Any] = [
+    argparse.Namespace,
+    np.dtype,
+    getattr(np, "_core", getattr(np, "core", None)).multiarray.scalar,
+    *(type(np.dtype(kind)) for kind in ("float64", "float32", "int64", "int32", "bool")),
+]
 
 
 class CheckpointError(ValueError):
@@ -110,18 +116,19 @@ def _torch_load(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path.")
     try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. a note on the pickle protocol of old files
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         unsafe = _unsafe_globals(path)
         if unsafe:
             raise CheckpointError(
-                f"{path} was refused: its pickle would build {', '.join(unsafe)}, which is not a "
-                "tensor or plain data, and nothing in it was run. Load it only if you trust it, "
+                f"{path} was refused: its pickle would build {', '.join(unsafe)}, not tensors or "
+                "plain data, and nothing in it was run. Load it only if you trust it, "
                 "and save its state dict alone with torch.save(model.state_dict())."
             ) from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(error)}).") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as error:
+    except Exception as error:  # garbage makes the unpickler fail in many ways
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(error)}).") from None
 
 
@@ -137,6 +144,12 @@ def _unsafe_globals(path: Path) -> list[str]:
     except Exception:
         names = _scan_pickle_globals(path.read_bytes())
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed |= set(_get_allowed_globals())
+    except Exception:  # a private helper: fall back to the module names it admits
+        names = {n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))}
     return sorted(n for n in names if n not in allowed)
 
 
@@ -337,8 +350,9 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[
         notes.append(f"dropped {', '.join(dropped)} (not part of this model)")
     for key in ("head.weight", "head.bias"):
         if key in state and key in target and state[key].shape != target[key].shape:
-            notes.append(f"{key} {tuple(state.pop(key).shape)} does not fit {tuple(target[key].shape)}: "
-                         "the model's own is used")
+            notes.append(
+                f"{key} {tuple(state.pop(key).shape)} does not fit {tuple(target[key].shape)}: the model's own is used"
+            )
     for key in ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"):
         if key in target and key not in state:
             state[key] = target[key].clone()
@@ -347,8 +361,17 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[
 
 
 # Keys a model of one kind may lack that another kind's checkpoint holds.
-_HEAD_KEYS = {"mask_token", "lm_head.weight", "lm_head.bias", "norm.weight", "norm.bias",
-              "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+_HEAD_KEYS = {
+    "mask_token",
+    "lm_head.weight",
+    "lm_head.bias",
+    "norm.weight",
+    "norm.bias",
+    "fc_norm.weight",
+    "fc_norm.bias",
+    "head.weight",
+    "head.bias",
+}
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -358,7 +381,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
     unexpected = sorted(set(state) - set(target))
     misshapen = sorted(
         f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
-        for k in set(state) & set(target) if state[k].shape != target[k].shape
+        for k in set(state) & set(target)
+        if state[k].shape != target[k].shape
     )
     if missing or unexpected or misshapen:
         parts = []

@@ -55,7 +55,7 @@ def _convert(key: str, value: Any, kind: Any) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"config key {key}: expected {len(args)} values, got {len(value)}.")
-            return tuple(_convert(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_convert(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
         item = args[0] if args else Any
         return origin(_convert(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if kind is Any:
@@ -89,9 +89,7 @@ def _build(cls: type[T], table: dict[str, Any], prefix: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(table) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}: known keys here are {', '.join(sorted(names))}."
-        )
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}: known keys here are {', '.join(sorted(names))}.")
     return cls(**{name: _convert(prefix + name, value, hints[name]) for name, value in table.items()})
 
 

@@ -230,7 +230,10 @@ class BeitBackbone(nn.Module):
                 block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
     def encode(
-        self, pixels: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None,
+        self,
+        pixels: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
         return_layers: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """[B, 3, H, W] (+ mask [B, N]) -> [B, 1 + N, D] after the last block
@@ -248,8 +251,9 @@ class BeitBackbone(nn.Module):
         return layers if return_layers else x
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay besides biases and norms (released list)."""
-        return {"cls_token", "mask_token", "pos_embed"}
+        """Parameter names exempt from weight decay besides biases and norms (1-D parameters).
+        The released list: the mask token and relative position tables are decayed."""
+        return {"cls_token", "pos_embed"}
 
 
 class BeitForMIM(BeitBackbone):
