@@ -35,6 +35,9 @@ fi
 target="."
 [ "$extra" = "dev" ] && target=".[dev]"
 pip_install -e "$target"
+# The DALL-E release's own modules, for the tests that check our converter against them.
+# --no-deps: its requirements list torchvision, which does not work beside the CPU torch.
+[ "$extra" = "dev" ] && pip_install --no-deps "dall-e==0.1"
 
 # pillow-simd and pillow share the PIL module; anything that pulls pillow overwrites it.
 # Install pillow-simd last, alone, so the environment ends with the one we mean.

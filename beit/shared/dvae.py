@@ -1,0 +1,349 @@
+"""The visual tokenizer: the DALL-E discrete VAE (Ramesh et al., 2021), as released.
+
+Encoder: 7x7 conv to `n_hid`, then `group_count` groups of `blocks_per_group` residual
+blocks at widths n_hid x 1, 2, 4, 8 (for 4 groups), 2x2 max-pool after every group but the
+last (so the grid is the input over 2^(group_count-1): 8 for the released model), ReLU and a
+1x1 conv to `vocab_size` logits. Tokens = argmax over the logits. Decoder: 1x1 conv from the
+one-hot tokens to `n_init`, the groups in reverse with nearest 2x upsampling, ReLU and a 1x1
+conv to 6 channels; the reconstruction is unmap_pixels(sigmoid(first 3 channels)).
+Each residual block adds `post_gain * res_path(x)` with post_gain = 1 / (groups x blocks)^2.
+
+Encoder input is `map_pixels(x) = 0.8 x + 0.1` for x in [0, 1]. The released model (n_hid 256,
+2 blocks per group, 4 groups, vocab 8192, n_init 128) has a 53.8M-parameter encoder and a
+43.8M-parameter decoder.
+
+Tokenizer files are safetensors whose metadata holds {"beit_tokenizer": JSON of the
+architecture}; a JSON sidecar beside them repeats it with the file's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LOGIT_LAPLACE_EPS = 0.1
+
+
+def map_pixels(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] pixels -> the encoder's input range [0.1, 0.9]."""
+    return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
+
+
+def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
+    """The decoder's [0.1, 0.9] range -> [0, 1] pixels, clamped."""
+    return torch.clamp((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS), 0, 1)
+
+
+@dataclass(frozen=True)
+class DVAEConfig:
+    n_hid: int = 256
+    blocks_per_group: int = 2
+    group_count: int = 4
+    vocab_size: int = 8192
+    n_init: int = 128
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (self.group_count - 1)
+
+
+class _Block(nn.Module):
+    """A residual block; `kernels` are the four res-path kernel sizes (encoder 3,3,3,1; decoder 1,3,3,3)."""
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, int, int, int]):
+        super().__init__()
+        hidden = n_out // 4
+        self.post_gain = 1 / n_layers**2
+        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        widths = [n_in, hidden, hidden, hidden, n_out]
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        for i, k in enumerate(kernels):
+            layers[f"relu_{i + 1}"] = nn.ReLU()
+            layers[f"conv_{i + 1}"] = nn.Conv2d(widths[i], widths[i + 1], k, padding=(k - 1) // 2)
+        self.res_path = nn.Sequential(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+def _init_conv(module: nn.Module) -> None:
+    """The released init: normal(std = 1 / sqrt(fan_in)) weights, zero biases."""
+    if isinstance(module, nn.Conv2d):
+        fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        nn.init.normal_(module.weight, std=fan_in**-0.5)
+        nn.init.zeros_(module.bias)
+
+
+class Encoder(nn.Module):
+    """[B, 3, H, W] mapped pixels -> [B, vocab, H/8, W/8] logits (released names: blocks.group_1.block_1...)."""
+
+    def __init__(self, cfg: DVAEConfig):
+        super().__init__()
+        n_layers = cfg.group_count * cfg.blocks_per_group
+        widths = [cfg.n_hid * 2**g for g in range(cfg.group_count)]
+        blocks: OrderedDict[str, nn.Module] = OrderedDict(input=nn.Conv2d(3, cfg.n_hid, 7, padding=3))
+        n_in = cfg.n_hid
+        for g, width in enumerate(widths):
+            group: OrderedDict[str, nn.Module] = OrderedDict()
+            for b in range(cfg.blocks_per_group):
+                group[f"block_{b + 1}"] = _Block(n_in, width, n_layers, (3, 3, 3, 1))
+                n_in = width
+            if g < cfg.group_count - 1:
+                group["pool"] = nn.MaxPool2d(kernel_size=2)
+            blocks[f"group_{g + 1}"] = nn.Sequential(group)
+        blocks["output"] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(n_in, cfg.vocab_size, 1)))
+        self.blocks = nn.Sequential(blocks)
+        self.apply(_init_conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class Decoder(nn.Module):
+    """[B, vocab, h, w] one-hot (or soft) tokens -> [B, 6, 8h, 8w] statistics."""
+
+    def __init__(self, cfg: DVAEConfig):
+        super().__init__()
+        n_layers = cfg.group_count * cfg.blocks_per_group
+        widths = [cfg.n_hid * 2**g for g in reversed(range(cfg.group_count))]
+        blocks: OrderedDict[str, nn.Module] = OrderedDict(input=nn.Conv2d(cfg.vocab_size, cfg.n_init, 1))
+        n_in = cfg.n_init
+        for g, width in enumerate(widths):
+            group: OrderedDict[str, nn.Module] = OrderedDict()
+            for b in range(cfg.blocks_per_group):
+                group[f"block_{b + 1}"] = _Block(n_in, width, n_layers, (1, 3, 3, 3))
+                n_in = width
+            if g < cfg.group_count - 1:
+                group["upsample"] = nn.Upsample(scale_factor=2, mode="nearest")
+            blocks[f"group_{g + 1}"] = nn.Sequential(group)
+        blocks["output"] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(n_in, 6, 1)))
+        self.blocks = nn.Sequential(blocks)
+        self.apply(_init_conv)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.blocks(z)
+
+    def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, h, w] token ids -> [B, 6, 8h, 8w]. The input conv on a one-hot is a column
+        lookup, done as one (no [B, vocab, h, w] one-hot is built)."""
+        conv = self.blocks.input
+        x = conv.weight[:, :, 0, 0].t()[tokens] + conv.bias  # [B, h, w, n_init]
+        rest = nn.Sequential(*list(self.blocks.children())[1:])
+        return rest(x.permute(0, 3, 1, 2).contiguous())
+
+
+class DVAE(nn.Module):
+    """Encoder (+ optional decoder) of a discrete VAE tokenizer."""
+
+    def __init__(self, cfg: DVAEConfig = DVAEConfig(), with_decoder: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg) if with_decoder else None
+
+    @torch.no_grad()
+    def tokenize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] pixels in [0, 1] -> [B, H/8, W/8] token ids (int64)."""
+        return self.encoder(map_pixels(pixels)).argmax(1)
+
+    @torch.no_grad()
+    def reconstruct(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, h, w] token ids -> [B, 3, 8h, 8w] pixels in [0, 1]."""
+        if self.decoder is None:
+            raise ValueError("this tokenizer has no decoder: convert it with its decoder file to reconstruct.")
+        return unmap_pixels(torch.sigmoid(self.decoder.from_tokens(tokens)[:, :3].float()))
+
+
+def check_grid(input_size: int, cfg: DVAEConfig) -> int:
+    """The token grid side for `input_size` pixels, or a clear error when it does not divide."""
+    if input_size % cfg.downsample:
+        raise ValueError(
+            f"tokenizer input size {input_size} is not a multiple of the tokenizer's downsampling "
+            f"{cfg.downsample}: choose an input size that is."
+        )
+    return input_size // cfg.downsample
+
+
+# ---------------------------------------------------------------- tokenizer files
+
+
+def save_tokenizer(model: DVAE, path: Path, extra: dict | None = None) -> dict:
+    """Write `model` as safetensors with its architecture in the metadata, plus a JSON sidecar
+    (architecture, sha256, parameter counts). Returns the sidecar's content."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arch = {"kind": "dall-e-dvae", **asdict(model.cfg), "has_decoder": model.decoder is not None}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, tmp, metadata={"beit_tokenizer": json.dumps(arch)})
+    tmp.replace(path)
+    info = {
+        **arch,
+        **(extra or {}),
+        "sha256": sha256_file(path),
+        "encoder_parameters": sum(p.numel() for p in model.encoder.parameters()),
+        "decoder_parameters": sum(p.numel() for p in model.decoder.parameters()) if model.decoder else 0,
+    }
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_tokenizer(path: Path, device: torch.device | str = "cpu") -> DVAE:
+    """Read a tokenizer written by `save_tokenizer` (or `beit tokenizer convert`)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tokenizer {path} does not exist: pass a .safetensors file from `beit tokenizer`.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as error:
+        raise ValueError(
+            f"tokenizer {path} is not a safetensors file ({error}): convert released weights with "
+            "`beit tokenizer convert` or train one with `beit tokenizer train`."
+        ) from None
+    if "beit_tokenizer" not in meta:
+        raise ValueError(
+            f"tokenizer {path} has no beit tokenizer metadata: make it with `beit tokenizer convert` "
+            "or `beit tokenizer train`."
+        )
+    arch = json.loads(meta["beit_tokenizer"])
+    cfg = DVAEConfig(**{k: arch[k] for k in DVAEConfig.__dataclass_fields__})
+    model = DVAE(cfg, with_decoder=arch.get("has_decoder", True))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"tokenizer {path} does not match its recorded architecture (missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}): the file is damaged; convert or train it again."
+        )
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------- the released pickles
+
+_MODULE_CLASSES = [
+    "dall_e.encoder.Encoder",
+    "dall_e.encoder.EncoderBlock",
+    "dall_e.decoder.Decoder",
+    "dall_e.decoder.DecoderBlock",
+    "dall_e.utils.Conv2d",
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.pooling.MaxPool2d",
+    "torch.nn.modules.linear.Identity",
+    "torch.nn.modules.upsampling.Upsample",
+]
+
+
+class _Recorded:
+    """Stands in for a pickled module: keeps its attributes, runs nothing."""
+
+
+def _stand_ins() -> list[tuple[type, str]]:
+    return [(type(name.rsplit(".", 1)[1], (_Recorded,), {}), name) for name in _MODULE_CLASSES]
+
+
+def _read_module_pickle(path: Path) -> _Recorded:
+    """Read a whole-module pickle from the DALL-E release through PyTorch's weights-only
+    unpickler, with the known class names bound to inert stand-ins: any other global (code
+    that would run) is refused before anything is built."""
+    from beit.shared.checkpoint import CheckpointError, _unsafe_globals
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: pass the released encoder.pkl / decoder.pkl.")
+    stand_ins = _stand_ins()
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        known = {name for _, name in stand_ins}
+        unsafe = [n for n in _unsafe_globals(path) if n not in known]
+        if unsafe:
+            raise CheckpointError(
+                f"{path} was refused: its pickle would build {', '.join(unsafe)}, which is not part of "
+                "the DALL-E dVAE, and nothing in it was run."
+            ) from None
+        raise ValueError(f"{path} is not a pickled DALL-E dVAE module ({str(error).splitlines()[0]}).") from None
+    if not isinstance(obj, _Recorded):
+        raise ValueError(f"{path} is not a pickled DALL-E dVAE module (it holds a {type(obj).__name__}).")
+    return obj
+
+
+def _recorded_weights(module: _Recorded, prefix: str = "") -> dict[str, torch.Tensor]:
+    state = {}
+    for name, value in (module.__dict__.get("_parameters") or {}).items():
+        if value is not None:
+            state[prefix + {"w": "weight", "b": "bias"}.get(name, name)] = value.detach().float().contiguous()
+    for name, child in (module.__dict__.get("_modules") or {}).items():
+        if isinstance(child, _Recorded):
+            state.update(_recorded_weights(child, f"{prefix}{name}."))
+    return state
+
+
+def _group_count(module: _Recorded) -> int:
+    """`group_count` is a class constant in the release, not pickled: count the groups."""
+    blocks = module.__dict__["_modules"]["blocks"].__dict__["_modules"]
+    return sum(name.startswith("group_") for name in blocks)
+
+
+def convert_dall_e(encoder_path: Path, decoder_path: Path | None = None) -> DVAE:
+    """Build this project's DVAE from the released `encoder.pkl` (and `decoder.pkl`)."""
+    encoder = _read_module_pickle(encoder_path)
+    if type(encoder).__name__ != "Encoder":
+        raise ValueError(
+            f"{encoder_path} holds a DALL-E {type(encoder).__name__}, not the Encoder: check the order "
+            "of the files (encoder first)."
+        )
+    e = encoder.__dict__
+    cfg = DVAEConfig(
+        n_hid=e["n_hid"],
+        blocks_per_group=e["n_blk_per_group"],
+        group_count=_group_count(encoder),
+        vocab_size=e["vocab_size"],
+    )
+    if e.get("input_channels", 3) != 3:
+        raise ValueError(f"{encoder_path}: the encoder takes {e['input_channels']} channels; beit needs RGB (3).")
+    states = {"encoder": _recorded_weights(encoder)}
+    if decoder_path is not None:
+        decoder = _read_module_pickle(decoder_path)
+        if type(decoder).__name__ != "Decoder":
+            raise ValueError(f"{decoder_path} holds a DALL-E {type(decoder).__name__}, not the Decoder.")
+        d = decoder.__dict__
+        theirs = (d["n_hid"], d["n_blk_per_group"], _group_count(decoder), d["vocab_size"])
+        ours = (cfg.n_hid, cfg.blocks_per_group, cfg.group_count, cfg.vocab_size)
+        if theirs != ours:
+            raise ValueError(
+                f"{decoder_path} does not belong to {encoder_path}: decoder (n_hid, blocks, groups, vocab) "
+                f"= {theirs}, encoder = {ours}."
+            )
+        cfg = DVAEConfig(**{**asdict(cfg), "n_init": d["n_init"]})
+        states["decoder"] = _recorded_weights(decoder)
+    model = DVAE(cfg, with_decoder=decoder_path is not None)
+    for part, state in states.items():
+        target = getattr(model, part)
+        missing, unexpected = target.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"the released {part} does not have the DALL-E layout: missing {missing[:4]}, "
+                f"unexpected {unexpected[:4]}."
+            )
+    return model.eval()

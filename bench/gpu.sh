@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one call of under 10 minutes on a lent GPU machine:
+# the GPU-marked tests and every GPU benchmark, with JSON results under $OUT (default bench/results/gpu).
+#   bash bench/gpu.sh
+# On the device machine, make DALI and other missing wheels importable first (../shared/device/README.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench/results/gpu}
+mkdir -p "$out"
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$out/device.txt"
+peer=()
+python3 -c "import transformers" 2>/dev/null || peer=(--no-peer)
+python3 -m pytest -q -m gpu tests 2>&1 | tail -5 | tee "$out/gpu-tests.txt"
+python3 bench/train_step.py --models base --batch 256 "${peer[@]}" --json "$out/train_step_base.json" 2>&1 | tee "$out/train_step_base.txt"
+python3 bench/train_step.py --models base --batch 256 --compile "${peer[@]}" --json "$out/train_step_base_compile.json" 2>&1 | tee "$out/train_step_base_compile.txt"
+python3 bench/train_step.py --models tiny --batch 256 "${peer[@]}" --json "$out/train_step_tiny.json" 2>&1 | tee "$out/train_step_tiny.txt"

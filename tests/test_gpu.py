@@ -1,0 +1,27 @@
+"""GPU checks (skipped without CUDA): the model's bf16 step runs through SDPA and agrees with fp32."""
+
+import numpy as np
+import pytest
+import torch
+
+from beit.shared.masking import block_mask
+from beit.shared.model import BeitForMIM, ModelConfig, mim_loss
+
+pytestmark = pytest.mark.gpu
+
+
+def test_bf16_mim_step_on_cuda_matches_fp32():
+    torch.manual_seed(0)
+    model = BeitForMIM(ModelConfig(preset="small", drop_path=0.0)).cuda()
+    rng = np.random.default_rng(0)
+    mask = torch.from_numpy(np.stack([block_mask(rng).reshape(-1) for _ in range(8)])).cuda()
+    pixels = torch.randn(8, 3, 224, 224, device="cuda")
+    targets = torch.randint(0, 8192, (8, 196), device="cuda")
+    with torch.no_grad():
+        reference = mim_loss(model(pixels, mask), targets, mask)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = mim_loss(model(pixels, mask), targets, mask)
+    loss.backward()
+    assert abs(loss.item() - reference.item()) < 0.02 * reference.item()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
