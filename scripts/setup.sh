@@ -21,7 +21,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # (sed drops the notices this machine's pip prints about local index folders it skips)
 pip_install() {
-  "$venv/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | sed "/^WARNING: Location 'file:/d"
+  "$venv/bin/python" -m pip install --disable-pip-version-check --no-warn-conflicts -q "$@" 2>&1 | sed "/^WARNING: Location 'file:/d"
 }
 
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then

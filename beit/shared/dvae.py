@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -47,6 +49,9 @@ class DVAEConfig:
     group_count: int = 4
     vocab_size: int = 8192
     n_init: int = 128
+    # Self-trained tokenizers: logits = scale * cosine(features, code vector) instead of the
+    # released 1x1 conv, which keeps training from collapsing onto a few codes.
+    cosine_logits: bool = False
 
     @property
     def downsample(self) -> int:
@@ -100,9 +105,20 @@ class Encoder(nn.Module):
         blocks["output"] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(n_in, cfg.vocab_size, 1)))
         self.blocks = nn.Sequential(blocks)
         self.apply(_init_conv)
+        self.cosine = cfg.cosine_logits
+        if self.cosine:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
+        features = self.blocks[:-1](x)
+        # The logits are computed in fp32 even under autocast, as the release did (its output
+        # conv never used fp16): low-precision logits would flip argmax ties between codes.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            features = torch.relu(features.float())
+            if not self.cosine:
+                return self.blocks.output.conv(features)
+            codes = F.normalize(self.blocks.output.conv.weight, dim=1)
+            return F.conv2d(F.normalize(features, dim=1), codes) * self.logit_scale.exp()
 
 
 class Decoder(nn.Module):
@@ -144,13 +160,20 @@ class DVAE(nn.Module):
     def __init__(self, cfg: DVAEConfig = DVAEConfig(), with_decoder: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.input_size = 112  # the pixel size it is meant for; a tokenizer file records its own
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg) if with_decoder else None
 
     @torch.no_grad()
-    def tokenize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] pixels in [0, 1] -> [B, H/8, W/8] token ids (int64)."""
-        return self.encoder(map_pixels(pixels)).argmax(1)
+    def tokenize(self, pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[B, 3, H, W] pixels in [0, 1] -> [B, H/8, W/8] token ids (int64). `dtype`
+        (torch.bfloat16 or float16) runs the encoder's body under autocast, channels-last."""
+        x = map_pixels(pixels.float())
+        if dtype is None:
+            return self.encoder(x).argmax(1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            return self.encoder(x).argmax(1)
 
     @torch.no_grad()
     def reconstruct(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -173,14 +196,20 @@ def check_grid(input_size: int, cfg: DVAEConfig) -> int:
 # ---------------------------------------------------------------- tokenizer files
 
 
-def save_tokenizer(model: DVAE, path: Path, extra: dict | None = None) -> dict:
-    """Write `model` as safetensors with its architecture in the metadata, plus a JSON sidecar
-    (architecture, sha256, parameter counts). Returns the sidecar's content."""
+def save_tokenizer(model: DVAE, path: Path, input_size: int = 112, extra: dict | None = None) -> dict:
+    """Write `model` as safetensors with its architecture and intended input size in the
+    metadata, plus a JSON sidecar (the same, sha256, parameter counts). Returns the sidecar's content."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arch = {"kind": "dall-e-dvae", **asdict(model.cfg), "has_decoder": model.decoder is not None}
+    check_grid(input_size, model.cfg)
+    arch = {
+        "kind": "dall-e-dvae",
+        **asdict(model.cfg),
+        "has_decoder": model.decoder is not None,
+        "input_size": input_size,
+    }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, tmp, metadata={"beit_tokenizer": json.dumps(arch)})
@@ -228,6 +257,7 @@ def load_tokenizer(path: Path, device: torch.device | str = "cpu") -> DVAE:
     arch = json.loads(meta["beit_tokenizer"])
     cfg = DVAEConfig(**{k: arch[k] for k in DVAEConfig.__dataclass_fields__})
     model = DVAE(cfg, with_decoder=arch.get("has_decoder", True))
+    model.input_size = arch.get("input_size", 112)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

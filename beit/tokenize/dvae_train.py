@@ -1,0 +1,277 @@
+"""Train your own dVAE tokenizer (for images unlike the DALL-E data, or without its weights).
+
+    beit tokenizer train IMAGES -o tokenizer.safetensors [--steps 2000] [--config F --set k=v]
+
+IMAGES is a folder (searched recursively) or a text file listing image paths. Training views are
+random resized crops of `input_size` pixels with random flips, decoded and cropped by DALI (on
+the GPU when there is one). The model is the DALL-E dVAE of `beit.shared.dvae`, smaller by
+default, with the encoder's logits computed as a scaled cosine similarity to normalised code
+vectors (`cosine_logits`), which keeps the codebook from collapsing onto a few codes.
+
+Loss per step, with q = softmax(encoder logits) over the codebook at each grid position:
+- reconstruction of the (mapped) pixels from Gumbel-softmax samples of q, temperature
+  annealed from `temperature_start` to `temperature_end`: logit-Laplace NLL (the DALL-E
+  loss), or L1 / MSE;
+- `kl_weight` x KL(q || uniform) per position (the DALL-E prior term), and
+- `usage_weight` x KL(mean of q over the batch || uniform), which pushes the batch-average
+  code usage toward uniform; both weights warm up linearly over `warmup_steps`.
+
+Checkpoints (`OUT.ckpt.pt`) are written atomically every `checkpoint_every` steps; running the
+same command again resumes from the last one. At the end the tokenizer is written to OUT with
+a JSON sidecar holding its codebook use (perplexity and dead codes) and PSNR on held-out crops.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from beit.shared.checkpoint import load_checkpoint, save_checkpoint
+from beit.shared.dvae import DVAE, DVAEConfig, check_grid, map_pixels, save_tokenizer, unmap_pixels
+from beit.shared.images import list_images
+
+
+@dataclass
+class DVAETrainConfig:
+    input_size: int = 64
+    n_hid: int = 64
+    blocks_per_group: int = 1
+    group_count: int = 4
+    vocab_size: int = 1024
+    n_init: int = 64
+    cosine_logits: bool = True
+    loss: Literal["logit-laplace", "l1", "mse"] = "logit-laplace"
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    temperature_start: float = 1.0
+    temperature_end: float = 1.0 / 16
+    kl_weight: float = 0.0
+    usage_weight: float = 0.3
+    warmup_steps: int = 200
+    min_crop_area: float = 0.08
+    held_out: float = 0.1
+    eval_batches: int = 4
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    threads: int = 2
+    device: str = "auto"
+
+
+def temperature_at(step: int, cfg: DVAETrainConfig) -> float:
+    """Exponential annealing from temperature_start to temperature_end over the run."""
+    progress = min(step / max(cfg.steps - 1, 1), 1.0)
+    return cfg.temperature_start * (cfg.temperature_end / cfg.temperature_start) ** progress
+
+
+def warmup_at(step: int, cfg: DVAETrainConfig) -> float:
+    return min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+
+
+def lr_at(step: int, cfg: DVAETrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 1% of lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def reconstruction_loss(stats: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """stats [B, 6, H, W] from the decoder, target [B, 3, H, W] mapped pixels in (0.1, 0.9)."""
+    mu, log_b = stats[:, :3], stats[:, 3:]
+    if kind == "logit-laplace":
+        logit = torch.log(target) - torch.log1p(-target)
+        nll = math.log(2.0) + log_b + torch.log(target * (1 - target)) + (logit - mu).abs() * torch.exp(-log_b)
+        return nll.mean()
+    prediction = torch.sigmoid(mu)
+    return F.l1_loss(prediction, target) if kind == "l1" else F.mse_loss(prediction, target)
+
+
+def codebook_use(counts: torch.Tensor) -> tuple[float, int]:
+    """(perplexity of the code histogram, number of codes never used)."""
+    p = counts.float() / counts.sum().clamp(min=1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    return math.exp(entropy), int((counts == 0).sum())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1]."""
+    mse = F.mse_loss(a.float(), b.float()).item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def crop_pipeline(files: list[Path], cfg: DVAETrainConfig, seed: int, device_id: int | None):
+    """DALI: decode, random resized crop to input_size, random flip, [0, 1] CHW float.
+    Decoding runs 'mixed' on a GPU, on the CPU otherwise."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.threads, device_id=device_id, seed=seed, exec_dynamic=True)
+    def pipeline():
+        encoded, _ = fn.readers.file(files=[str(f) for f in files], random_shuffle=True, seed=seed, name="reader")
+        images = fn.decoders.image(encoded, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
+        images = fn.random_resized_crop(
+            images, size=[cfg.input_size] * 2, random_area=[cfg.min_crop_area, 1.0], antialias=True
+        )
+        return fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[0.0] * 3,
+            std=[255.0] * 3,
+            mirror=fn.random.coin_flip(),
+        )
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+def _batch(pipe, device: torch.device) -> torch.Tensor:
+    (images,) = pipe.run()
+    if hasattr(images, "as_cpu"):
+        images = images.as_cpu()
+    return torch.from_numpy(np.stack([np.asarray(images[i]) for i in range(len(images))])).to(device)
+
+
+def split_files(files: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """A fixed held-out share of the images (at least one when there are two or more)."""
+    order = np.random.default_rng(seed).permutation(len(files))
+    held = max(1, round(len(files) * fraction)) if len(files) > 1 and fraction > 0 else 0
+    return [files[i] for i in sorted(order[held:])], [files[i] for i in sorted(order[:held])]
+
+
+def evaluate(model: DVAE, pipe, batches: int, device: torch.device) -> dict:
+    """Hard-token reconstructions of held-out centre crops: PSNR against the crops and
+    against their mean colour (the constant baseline), and code usage."""
+    model.eval()
+    counts = torch.zeros(model.cfg.vocab_size, dtype=torch.long)
+    errors, baseline = [], []
+    with torch.no_grad():
+        for _ in range(batches):
+            pixels = _batch(pipe, device)
+            tokens = model.tokenize(pixels)
+            counts += torch.bincount(tokens.flatten().cpu(), minlength=model.cfg.vocab_size)
+            errors.append(F.mse_loss(model.reconstruct(tokens), pixels).item())
+            mean = pixels.mean(dim=(0, 2, 3), keepdim=True).expand_as(pixels)
+            baseline.append(F.mse_loss(mean, pixels).item())
+    perplexity, dead = codebook_use(counts)
+    model.train()
+    return {
+        "psnr": 10 * math.log10(1 / np.mean(errors)),
+        "baseline_psnr": 10 * math.log10(1 / np.mean(baseline)),
+        "perplexity": perplexity,
+        "dead_codes": dead,
+        "codes_used": model.cfg.vocab_size - dead,
+    }
+
+
+def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = True, progress: bool = True) -> dict:
+    """Train a dVAE on `images` and write it to `out`; returns the final report."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    device_id = device.index or 0 if device.type == "cuda" else None
+    model_cfg = DVAEConfig(
+        n_hid=cfg.n_hid,
+        blocks_per_group=cfg.blocks_per_group,
+        group_count=cfg.group_count,
+        vocab_size=cfg.vocab_size,
+        n_init=cfg.n_init,
+        cosine_logits=cfg.cosine_logits,
+    )
+    check_grid(cfg.input_size, model_cfg)
+    files = list_images(images)
+    train_files, held_files = split_files(files, cfg.held_out, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = DVAE(model_cfg).to(device, memory_format=torch.channels_last).train()  # faster convs, CPU and GPU
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    checkpoint = out.with_suffix(".ckpt.pt")
+    step = 0
+    if resume and checkpoint.exists():
+        state, meta = load_checkpoint(checkpoint)
+        if meta.get("config") != asdict(cfg):
+            raise ValueError(
+                f"{checkpoint} was written with another config: rerun with the same settings, "
+                "or pass --no-resume to start over."
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = meta["step"]
+        print(f"resuming from {checkpoint} at step {step}", flush=True)
+    # A fresh pipeline seed per start, so a resumed run does not replay the crops it has seen.
+    pipe = crop_pipeline(train_files, cfg, cfg.seed * 1000 + step, device_id)
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="dvae", unit="step")
+    start, seen = time.perf_counter(), 0
+    counts = torch.zeros(cfg.vocab_size, dtype=torch.long, device=device)
+    while step < cfg.steps:
+        pixels = _batch(pipe, device).contiguous(memory_format=torch.channels_last)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        target = map_pixels(pixels)
+        logits = model.encoder(target)
+        soft = F.gumbel_softmax(logits, tau=temperature_at(step, cfg), dim=1)
+        stats = model.decoder(soft)
+        recon = reconstruction_loss(stats, target, cfg.loss)
+        log_q = logits.log_softmax(1)
+        log_k = math.log(cfg.vocab_size)
+        kl = (log_q.exp() * log_q).sum(1).mean() + log_k
+        usage = log_q.exp().mean(dim=(0, 2, 3))
+        usage_kl = (usage * usage.clamp(min=1e-12).log()).sum() + log_k
+        warm = warmup_at(step, cfg)
+        loss = recon + warm * (cfg.kl_weight * kl + cfg.usage_weight * usage_kl)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        seen += pixels.shape[0]
+        counts += torch.bincount(logits.argmax(1).flatten(), minlength=cfg.vocab_size)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            with torch.no_grad():
+                error = F.mse_loss(unmap_pixels(torch.sigmoid(stats[:, :3])), pixels).item()
+            perplexity, _ = codebook_use(counts.cpu())
+            counts.zero_()
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}",
+                psnr=f"{10 * math.log10(1 / max(error, 1e-10)):.1f}",
+                ppl=f"{perplexity:.0f}",
+                img_s=f"{seen / (time.perf_counter() - start):.0f}",
+            )
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save_checkpoint(
+                checkpoint,
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                {"kind": "dvae-train", "step": step, "config": asdict(cfg), "images": str(images)},
+            )
+    bar.close()
+
+    report = {"steps": step, "train_images": len(train_files), "held_out_images": len(held_files)}
+    if held_files:
+        # random crops of the held-out images, as the model saw in training, from a fixed seed
+        eval_pipe = crop_pipeline(held_files, cfg, cfg.seed + 12345, device_id)
+        report["held_out"] = evaluate(model, eval_pipe, cfg.eval_batches, device)
+    info = save_tokenizer(
+        model.cpu(),
+        out,
+        input_size=cfg.input_size,
+        extra={"trained_on": str(images), "train_config": asdict(cfg), "report": report},
+    )
+    checkpoint.unlink(missing_ok=True)
+    checkpoint.with_suffix(".json").unlink(missing_ok=True)
+    return {**report, "sha256": info["sha256"]}
