@@ -12,7 +12,7 @@ $(VENV)/.setup-done: pyproject.toml scripts/setup.sh
 setup: $(VENV)/.setup-done
 
 demo: setup
-	$(PY) bench/train_step.py --demo
+	bash scripts/demo.sh
 
 test: setup
 	$(PY) -m pytest -q

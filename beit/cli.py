@@ -105,6 +105,8 @@ def tokenizer_train(
         _fail(error)
     held = report.get("held_out")
     summary = f"wrote {out} after {report['steps']} steps on {report['train_images']} images"
+    if report["failed_images"]:
+        summary += f" ({len(report['failed_images'])} skipped: they could not be decoded)"
     if held:
         summary += (
             f"; held-out crops: PSNR {held['psnr']:.1f} dB (mean-colour baseline {held['baseline_psnr']:.1f} dB), "

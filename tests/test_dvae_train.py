@@ -117,3 +117,21 @@ def test_bad_inputs(tmp_path, photos):
     assert result.returncode == 1 and "unknown config key temprature_end" in result.stderr
     result = beit("tokenizer", "reconstruct", tmp_path / "missing.safetensors", photos / "coffee.jpg")
     assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_bad_image_files_are_skipped_and_recorded(photos, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted(photos.iterdir())[:6]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "truncated.jpg").write_bytes((photos / "coffee.jpg").read_bytes()[:3000])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image")
+    out = tmp_path / "tok.safetensors"
+    result = beit("tokenizer", "train", folder, "-o", out, "--steps", "3", *SMALL, "--set", "held_out=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 skipped" in result.stdout
+    failed = json.loads(out.with_suffix(".json").read_text())["report"]["failed_images"]
+    assert set(failed) == {str(folder / n) for n in ("truncated.jpg", "empty.png", "notes.jpg")}
+    assert "truncated" in failed[str(folder / "truncated.jpg")]
+    assert failed[str(folder / "empty.png")] == "empty file"

@@ -25,3 +25,24 @@ def test_bf16_mim_step_on_cuda_matches_fp32():
     assert abs(loss.item() - reference.item()) < 0.02 * reference.item()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_dvae_low_precision_tokens_agree_with_fp32_on_cuda():
+    """The released architecture on real photo crops: fp16 (as released) and bf16 argmax
+    against fp32, channels-last. Random weights have smaller logit margins than trained ones,
+    so this is the harder case."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from dvae import photo_batch
+
+    from beit.shared.dvae import DVAE, DVAEConfig
+
+    torch.manual_seed(0)
+    torch.backends.cudnn.allow_tf32 = False  # an fp32 reference, not TF32
+    model = DVAE(DVAEConfig(), with_decoder=False).eval().cuda()
+    pixels = photo_batch(64, 112).cuda()
+    reference = model.tokenize(pixels)
+    assert (model.tokenize(pixels, dtype=torch.float16) == reference).float().mean() >= 0.99
+    assert (model.tokenize(pixels, dtype=torch.bfloat16) == reference).float().mean() >= 0.98

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from beit.shared.checkpoint import load_checkpoint, save_checkpoint
+from beit.shared.decode import ImageBatches
 from beit.shared.dvae import DVAE, DVAEConfig, check_grid, map_pixels, save_tokenizer, unmap_pixels
 from beit.shared.images import list_images
 
@@ -109,37 +110,80 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def crop_pipeline(files: list[Path], cfg: DVAETrainConfig, seed: int, device_id: int | None):
-    """DALI: decode, random resized crop to input_size, random flip, [0, 1] CHW float.
-    Decoding runs 'mixed' on a GPU, on the CPU otherwise."""
+def crop_builder(cfg: DVAETrainConfig):
+    """A DALI pipeline factory for `ImageBatches`: decode ('mixed' on a GPU), random resized
+    crop to input_size, random flip, [0, 1] CHW float."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.threads, device_id=device_id, seed=seed, exec_dynamic=True)
-    def pipeline():
-        encoded, _ = fn.readers.file(files=[str(f) for f in files], random_shuffle=True, seed=seed, name="reader")
-        images = fn.decoders.image(encoded, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
-        images = fn.random_resized_crop(
-            images, size=[cfg.input_size] * 2, random_area=[cfg.min_crop_area, 1.0], antialias=True
+    def build(batch_size: int, device_id: int | None, seed: int):
+        @pipeline_def(
+            batch_size=batch_size,
+            num_threads=cfg.threads,
+            device_id=device_id,
+            seed=seed,
+            exec_dynamic=True,
+            prefetch_queue_depth=1,
         )
-        return fn.crop_mirror_normalize(
-            images,
-            dtype=types.FLOAT,
-            output_layout="CHW",
-            mean=[0.0] * 3,
-            std=[255.0] * 3,
-            mirror=fn.random.coin_flip(),
-        )
+        def pipeline():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            images = fn.decoders.image(
+                encoded, device="mixed" if device_id is not None else "cpu", output_type=types.RGB
+            )
+            images = fn.random_resized_crop(
+                images, size=[cfg.input_size] * 2, random_area=[cfg.min_crop_area, 1.0], antialias=True
+            )
+            return fn.crop_mirror_normalize(
+                images,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[0.0] * 3,
+                std=[255.0] * 3,
+                mirror=fn.random.coin_flip(),
+            )
 
-    pipe = pipeline()
-    pipe.build()
-    return pipe
+        return pipeline()
+
+    return build
 
 
-def _batch(pipe, device: torch.device) -> torch.Tensor:
-    (images,) = pipe.run()
-    if hasattr(images, "as_cpu"):
-        images = images.as_cpu()
-    return torch.from_numpy(np.stack([np.asarray(images[i]) for i in range(len(images))])).to(device)
+class CropStream:
+    """Batches of crops in a deterministic order: a fresh permutation of the files every epoch
+    (from seed and epoch), batch k always the k-th slice of that stream, so a resumed run
+    continues where it stopped. Files that fail to decode are skipped and recorded."""
+
+    def __init__(self, files: list[Path], cfg: DVAETrainConfig, seed: int, device: torch.device, start_batch: int = 0):
+        self.files, self.cfg, self.seed, self.device = files, cfg, seed, device
+        device_id = (device.index or 0) if device.type == "cuda" else None
+        self.batches = ImageBatches(crop_builder(cfg), cfg.batch_size, device_id, seed + start_batch)
+        self.position = start_batch * cfg.batch_size
+
+    def _file_at(self, position: int) -> Path:
+        epoch, index = divmod(position, len(self.files))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+        return self.files[order[index]]
+
+    def next(self) -> torch.Tensor:
+        arrays: list[np.ndarray] = []
+        while len(arrays) < self.cfg.batch_size:
+            if len(self.batches.failed) == len(self.files):
+                raise ValueError("none of the images could be decoded: " + _failures(self.batches.failed))
+            wanted = []
+            while len(wanted) < self.cfg.batch_size - len(arrays):
+                path = self._file_at(self.position)
+                self.position += 1
+                if path not in self.batches.failed:
+                    wanted.append(path)
+            before = set(self.batches.failed)
+            out, _ = self.batches.run(wanted)
+            for path in set(self.batches.failed) - before:
+                print(f"skipping {path}: {self.batches.failed[path]}", flush=True)
+            arrays.extend(out)
+        return torch.from_numpy(np.stack(arrays)).to(self.device)
+
+
+def _failures(failed: dict[Path, str], limit: int = 3) -> str:
+    shown = "; ".join(f"{path}: {reason}" for path, reason in list(failed.items())[:limit])
+    return shown + (f" and {len(failed) - limit} more" if len(failed) > limit else "")
 
 
 def split_files(files: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -149,7 +193,7 @@ def split_files(files: list[Path], fraction: float, seed: int) -> tuple[list[Pat
     return [files[i] for i in sorted(order[held:])], [files[i] for i in sorted(order[:held])]
 
 
-def evaluate(model: DVAE, pipe, batches: int, device: torch.device) -> dict:
+def evaluate(model: DVAE, stream: CropStream, batches: int) -> dict:
     """Hard-token reconstructions of held-out centre crops: PSNR against the crops and
     against their mean colour (the constant baseline), and code usage."""
     model.eval()
@@ -157,7 +201,7 @@ def evaluate(model: DVAE, pipe, batches: int, device: torch.device) -> dict:
     errors, baseline = [], []
     with torch.no_grad():
         for _ in range(batches):
-            pixels = _batch(pipe, device)
+            pixels = stream.next()
             tokens = model.tokenize(pixels)
             counts += torch.bincount(tokens.flatten().cpu(), minlength=model.cfg.vocab_size)
             errors.append(F.mse_loss(model.reconstruct(tokens), pixels).item())
@@ -184,7 +228,6 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
         if cfg.device == "auto" and torch.cuda.is_available()
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
-    device_id = device.index or 0 if device.type == "cuda" else None
     model_cfg = DVAEConfig(
         n_hid=cfg.n_hid,
         blocks_per_group=cfg.blocks_per_group,
@@ -213,14 +256,13 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
         optimizer.load_state_dict(state["optimizer"])
         step = meta["step"]
         print(f"resuming from {checkpoint} at step {step}", flush=True)
-    # A fresh pipeline seed per start, so a resumed run does not replay the crops it has seen.
-    pipe = crop_pipeline(train_files, cfg, cfg.seed * 1000 + step, device_id)
+    stream = CropStream(train_files, cfg, cfg.seed, device, start_batch=step)
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="dvae", unit="step")
     start, seen = time.perf_counter(), 0
     counts = torch.zeros(cfg.vocab_size, dtype=torch.long, device=device)
     while step < cfg.steps:
-        pixels = _batch(pipe, device).contiguous(memory_format=torch.channels_last)
+        pixels = stream.next().contiguous(memory_format=torch.channels_last)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         target = map_pixels(pixels)
@@ -261,11 +303,16 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
             )
     bar.close()
 
-    report = {"steps": step, "train_images": len(train_files), "held_out_images": len(held_files)}
+    report = {
+        "steps": step,
+        "train_images": len(train_files),
+        "held_out_images": len(held_files),
+        "failed_images": {str(k): v for k, v in stream.batches.failed.items()},
+    }
     if held_files:
         # random crops of the held-out images, as the model saw in training, from a fixed seed
-        eval_pipe = crop_pipeline(held_files, cfg, cfg.seed + 12345, device_id)
-        report["held_out"] = evaluate(model, eval_pipe, cfg.eval_batches, device)
+        held_stream = CropStream(held_files, cfg, cfg.seed + 12345, device)
+        report["held_out"] = evaluate(model, held_stream, cfg.eval_batches)
     info = save_tokenizer(
         model.cpu(),
         out,
