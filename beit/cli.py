@@ -18,6 +18,8 @@ tokenizer_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(tokenizer_app, name="tokenizer")
+store_app = typer.Typer(help="Token stores: what one holds, and whether its tokens check out.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
 
 _PENDING = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -32,10 +34,46 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(1)
 
 
-@app.command(context_settings=_PENDING)
-def tokenize(ctx: typer.Context) -> None:
+@app.command()
+def tokenize(
+    source: Annotated[Path, typer.Argument(help="ImageFolder tree, folder of images, or .txt list (path [label])")],
+    store: Annotated[str, typer.Argument(help="token store to write: a folder, or an fsspec URL zarr can open")],
+    tokenizer: Annotated[Path, typer.Option(help="tokenizer .safetensors (beit tokenizer convert/train)")],
+    views: Annotated[Optional[int], typer.Option(help="views per image (default 10)")] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option(help="seed of the views (default 0)")] = None,  # noqa: UP045
+    batch_size: Annotated[Optional[int], typer.Option(help="images per batch (default 16)")] = None,  # noqa: UP045
+    embed_images: Annotated[bool, typer.Option("--embed-images", help="store the source files too")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="exit non-zero if any image failed")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a STORE made differently")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of TokenizeConfig keys")] = None,  # noqa: UP045
+    set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set view.jitter=0.3")] = [],  # noqa: B006
+) -> None:
     """Stage 1: decode images, draw V views each, and cache their dVAE tokens in a Zarr store."""
-    _pending("tokenize")
+    from beit.shared.config import ConfigError, load_config
+    from beit.shared.store import StoreError
+    from beit.tokenize.run import TokenizeConfig
+    from beit.tokenize.run import tokenize as run_tokenize
+
+    explicit = {"views": views, "seed": seed, "batch_size": batch_size}
+    overrides = [*set_, *(f"{k}={v}" for k, v in explicit.items() if v is not None)]
+    overrides += ["embed_images=true"] * embed_images + ["strict=true"] * strict
+    try:
+        cfg = load_config(TokenizeConfig, config, overrides)
+        summary = run_tokenize(source, store, tokenizer, cfg, overwrite=overwrite)
+    except (ConfigError, StoreError, ValueError) as error:
+        _fail(error)
+    if summary.get("already_complete") or "done" not in summary:
+        return
+    typer.echo(
+        f"tokenized {summary['done']} of {summary['images']} images x {cfg.views} views into {store} "
+        f"({summary['views_per_s']:.0f} views/s on rank 0); {summary['failed']} failed"
+    )
+    for key, error in summary["failures"][:10]:
+        typer.echo(f"  failed: {key}: {error}")
+    if summary["failed"] > 10:
+        typer.echo(f"  ... and {summary['failed'] - 10} more (beit store info {store})")
+    if cfg.strict and summary["failed"]:
+        raise typer.Exit(3)
 
 
 @app.command(context_settings=_PENDING)
@@ -136,3 +174,74 @@ def tokenizer_reconstruct(
     for path, value in zip(images, psnrs, strict=True):
         typer.echo(f"{path}: PSNR {value:.2f} dB")
     typer.echo(f"wrote {out}; mean PSNR {sum(psnrs) / len(psnrs):.2f} dB over {len(psnrs)} images")
+
+
+@store_app.command("info")
+def store_info(
+    store: Annotated[str, typer.Argument(help="token store (folder or URL)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Images, views, grid, vocab, tokenizer, failed items, token usage and size of a store."""
+    import json
+
+    from beit.shared.store import StoreError
+    from beit.tokenize.inspect_store import store_info as info_of
+
+    try:
+        info = info_of(store)
+    except (StoreError, ValueError) as error:
+        _fail(error)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    usage = info["token_usage"]
+    size = info["bytes_on_disk"]
+    lines = [
+        f"store      {info['store']} ({'complete' if info['complete'] else 'INCOMPLETE'}; {info['writer']}, "
+        f"{info['created']})",
+        f"images     {info['images']}: {info['done']} done, {info['failed']} failed, {info['pending']} pending; "
+        f"{info['classes']} classes; source {info['source']['kind']} "
+        f"(fingerprint {info['source']['fingerprint'][:12]})",
+        f"views      {info['views_per_image']} per image, seed {info['views']['seed']}, "
+        f"{info['views']['image_size']} px patches / {info['views']['tokenizer_size']} px tokenizer",
+        f"tokens     grid {info['grid'][0]}x{info['grid'][1]}, vocab {info['vocab_size']}: "
+        f"{usage['codes_used']} codes used, perplexity {usage['perplexity']:.0f}, "
+        f"top code {usage['top_codes'][0][0] if usage['top_codes'] else '-'} "
+        f"({usage['top_codes'][0][1] * 100 if usage['top_codes'] else 0:.1f}%)",
+        f"tokenizer  {info['tokenizer']['kind']}, sha256 {info['tokenizer']['sha256'][:16]}",
+        f"size       {size / 2**20:.1f} MiB on disk" if size is not None else "size       (remote)",
+    ]
+    lines += [f"failed     {key}: {error}" for key, error in info["failures"]]
+    typer.echo("\n".join(lines))
+
+
+@store_app.command("verify")
+def store_verify(
+    store: Annotated[str, typer.Argument(help="token store (folder or URL)")],
+    sample: Annotated[int, typer.Option(help="images to check")] = 64,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="the store's tokenizer (default: the recorded path)")
+    ] = None,  # noqa: UP045
+) -> None:
+    """Re-render a sample of views from their recorded parameters, re-tokenize, compare with the store."""
+    from beit.shared.store import StoreError, TokenStore
+    from beit.tokenize.inspect_store import verify_store
+
+    try:
+        if tokenizer is None:
+            recorded = TokenStore.open(store).attrs.get("tokenizer_path")
+            if not recorded or not Path(recorded).exists():
+                raise StoreError(f"{store} does not record a tokenizer file that exists here: pass --tokenizer.")
+            tokenizer = Path(recorded)
+        report = verify_store(store, tokenizer, sample=sample)
+    except (StoreError, ValueError) as error:
+        _fail(error)
+    typer.echo(
+        f"{report['views_checked']} views of {report['images_checked']} images re-rendered from {report['source']} "
+        f"on {report['device']}: {report['token_agreement'] * 100:.2f}% of tokens and "
+        f"{report['views_identical'] * 100:.2f}% of views identical to the store"
+    )
+    for key in report["unreadable_sources"]:
+        typer.echo(f"  could not read the source of {key}")
+    if report["token_agreement"] != 1.0:
+        raise typer.Exit(4)

@@ -18,13 +18,17 @@ import numpy as np
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ")
 
 
-def precheck(path: Path) -> str | None:
-    """Why `path` cannot be an image, or None when it may be one (cheap: reads 16 bytes)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as error:
-        return f"unreadable: {error.strerror or error}"
+def precheck(path: Path | bytes) -> str | None:
+    """Why `path` (or in-memory file bytes) cannot be an image, or None when it may be one
+    (cheap: reads 16 bytes)."""
+    if isinstance(path, (bytes, bytearray)):
+        head = bytes(path[:16])
+    else:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError as error:
+            return f"unreadable: {error.strerror or error}"
     if not head:
         return "empty file"
     if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
@@ -32,13 +36,15 @@ def precheck(path: Path) -> str | None:
     return "not an image (unknown file signature)"
 
 
-def _decode_error(path: Path, error: BaseException) -> str:
+def _decode_error(path: Path | bytes, error: BaseException) -> str:
     """One line on why `path` failed: PIL's diagnosis when it has one (DALI's exception text
     does not carry the codec's reason), else DALI's own line."""
     try:
+        import io
+
         from PIL import Image
 
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path) as image:
             image.load()
     except Exception as pil_error:
         return f"cannot be decoded: {str(pil_error).strip() or type(pil_error).__name__}"
@@ -47,13 +53,19 @@ def _decode_error(path: Path, error: BaseException) -> str:
     return "cannot be decoded by DALI: " + (useful or lines or [type(error).__name__])[-1]
 
 
+def _key(item: Path | bytes) -> Path | str:
+    return "<bytes>" if isinstance(item, (bytes, bytearray)) else item
+
+
 class ImageBatches:
-    """Runs `build(batch_size, device_id, seed)` (a function returning a DALI pipeline whose
-    external source is named "encoded" and that returns one output) on batches of files.
+    """Runs a DALI pipeline from `build(batch_size, device_id, seed)` on batches of files.
+    The pipeline reads the encoded file through an external source named "encoded", and may
+    take more per-sample inputs through other named external sources.
 
         batches = ImageBatches(build, batch_size=64, device_id=None, seed=0)
-        array = batches.run(files)      # numpy [len(files) minus failures, ...] and the files used
-        batches.failed                  # {path: error text}
+        outputs, kept = batches.run(files, {"view0": [...], ...})
+        # outputs: one numpy array [len(kept), ...] per pipeline output; kept: the indices
+        # into `files` that succeeded. batches.failed: {path: error text}
     """
 
     def __init__(self, build: Callable, batch_size: int, device_id: int | None, seed: int):
@@ -72,52 +84,69 @@ class ImageBatches:
             self._pipe.build()
         return self._pipe
 
-    def _run(self, pipe, data: list[np.ndarray]) -> list[np.ndarray]:
-        pipe.feed_input("encoded", data)
-        (out,) = pipe.run()
-        if hasattr(out, "as_cpu"):
-            out = out.as_cpu()
-        return [np.asarray(out[i]) for i in range(len(out))]
+    @staticmethod
+    def _run(pipe, feeds: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
+        for name, data in feeds.items():
+            pipe.feed_input(name, data)
+        outputs = []
+        for out in pipe.run():
+            if hasattr(out, "as_cpu"):
+                out = out.as_cpu()
+            outputs.append(np.stack([np.asarray(out[i]) for i in range(len(out))]))
+        return outputs
 
-    def _decodes_alone(self, path: Path, data: np.ndarray) -> str | None:
-        """None when `path` decodes on its own, else the error text."""
+    def _decodes_alone(self, path: Path, feeds: dict[str, list[np.ndarray]]) -> str | None:
+        """None when `path` runs through the pipeline on its own, else the error text."""
         try:
             if self._single is None:
                 self._single = self.build(1, self.device_id, self.seed)
                 self._single.build()
-            self._run(self._single, [data])
+            self._run(self._single, feeds)
             return None
         except Exception as error:  # DALI raises RuntimeError subclasses with C++ context
             self._single = None  # a failed pipeline cannot run again
             return _decode_error(path, error)
 
-    def run(self, files: list[Path]) -> tuple[list[np.ndarray], list[Path]]:
-        """Decode and transform `files` (at most batch_size); failed files are left out and recorded."""
-        data, kept = [], []
-        for path in files:
+    def run(
+        self, files: list[Path | bytes], inputs: dict[str, list[np.ndarray]] | None = None
+    ) -> tuple[list[np.ndarray], list[int]]:
+        """Run `files` (paths or file contents; at most batch_size) with their per-sample
+        `inputs`; failed files are left out of the outputs and recorded in `failed` (contents
+        under the key '<bytes>')."""
+        inputs = inputs or {}
+        blobs, kept = [], []
+        for i, path in enumerate(files):
             reason = precheck(path)
             if reason is None:
                 try:
-                    data.append(np.fromfile(path, dtype=np.uint8))
-                    kept.append(path)
+                    if isinstance(path, (bytes, bytearray)):
+                        blobs.append(np.frombuffer(path, dtype=np.uint8))
+                    else:
+                        blobs.append(np.fromfile(path, dtype=np.uint8))
+                    kept.append(i)
                     continue
                 except OSError as error:
                     reason = f"unreadable: {error.strerror or error}"
-            self.failed[path] = reason
-        if not data:
+            self.failed[_key(path)] = reason
+        if not kept:
             return [], []
+        feeds = {"encoded": blobs, **{name: [values[i] for i in kept] for name, values in inputs.items()}}
         try:
-            return self._run(self._pipeline(), data), kept
+            return self._run(self._pipeline(), feeds), kept
         except Exception:
             self._pipe = None
             self._rebuilds += 1
             good = []
-            for path, blob in zip(kept, data, strict=True):
-                reason = self._decodes_alone(path, blob)
+            for position, i in enumerate(kept):
+                single = {name: [values[position]] for name, values in feeds.items()}
+                reason = self._decodes_alone(files[i], single)
                 if reason is None:
-                    good.append(path)
+                    good.append(i)
                 else:
-                    self.failed[path] = reason
+                    self.failed[_key(files[i])] = reason
             if len(good) == len(kept):
                 raise  # no single file is to blame: a real pipeline error
-            return self.run(good)
+            outputs, kept_good = self.run(
+                [files[i] for i in good], {n: [v[i] for i in good] for n, v in inputs.items()}
+            )
+            return outputs, [good[k] for k in kept_good]

@@ -174,10 +174,11 @@ class CropStream:
                 if path not in self.batches.failed:
                     wanted.append(path)
             before = set(self.batches.failed)
-            out, _ = self.batches.run(wanted)
+            outputs, kept = self.batches.run(wanted)
             for path in set(self.batches.failed) - before:
                 print(f"skipping {path}: {self.batches.failed[path]}", flush=True)
-            arrays.extend(out)
+            if kept:
+                arrays.extend(outputs[0])
         return torch.from_numpy(np.stack(arrays)).to(self.device)
 
 

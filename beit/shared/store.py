@@ -1,0 +1,272 @@
+"""The token store: what `beit tokenize` writes and `beit pretrain` reads. Zarr v3, format 1.
+
+One Zarr group per tokenization, N images with V views each and a gh x gw token grid:
+
+    tokens   uint16  [N, V, gh, gw]   the tokenizer's argmax for each view
+    views    float32 [N, V, 8]        each view's parameters, in the order of `views.PARAMS`:
+                                      x, y, w, h (crop box in source pixels, after EXIF
+                                      orientation), flip, brightness, contrast, saturation
+    labels   int32   [N]              class index, -1 = none
+    keys     string  [N]              the image's path relative to the source root (or as listed)
+    status   uint8   [N]              0 pending, 1 done, 2 failed
+    errors   string  [N]              why a failed image failed ("" otherwise)
+    images   bytes   [N]              optional (--embed-images): the source file, so the store
+                                      is self-contained
+
+All arrays are chunked along N in chunks of `chunk_images` images, the unit of work: one writer
+(rank) owns a whole chunk, writes its tokens, views, errors (and images), and its status last.
+A chunk whose status is not all done/failed is pending and is done again on resume; the views
+are a pure function of (seed, image, view) and so come out the same.
+
+Group attributes (everything needed to know what a store is without the command that made it):
+
+    format "beit-token-store", version 1, writer ("beit X.Y.Z"), created (UTC ISO time)
+    tokenizer   {kind, sha256, vocab_size, input_size, grid, downsample, arch}
+    views       {count V, seed, config (ViewConfig), params, jitter, renderer}
+    source      {kind, root, images, fingerprint (sha256 of sorted relative paths and sizes), classes}
+    class_names [...]
+    chunk_images, grid [gh, gw], counts {images, done, failed} (when complete)
+    complete    true, written last
+
+`TokenStore.open` refuses a store of another format or version, or an incomplete one, naming
+both sides. For training, `tokens` is read whole into memory (or a memmap): random zarr reads
+are far slower.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "beit-token-store"
+VERSION = 1
+PENDING, DONE, FAILED = 0, 1, 2
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked; the message names the difference and the fix."""
+
+
+def _zarr():
+    import zarr
+
+    warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+    return zarr
+
+
+def _differences(stored: Any, wanted: Any, prefix: str) -> list[str]:
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        out = []
+        for key in sorted(set(stored) | set(wanted)):
+            out += _differences(stored.get(key), wanted.get(key), f"{prefix}.{key}")
+        return out
+    if stored != wanted:
+        return [f"{prefix}: the store has {stored!r}, this run has {wanted!r}"]
+    return []
+
+
+class TokenStore:
+    """A token store on disk (a local path or an fsspec URL zarr can open)."""
+
+    def __init__(self, group, location: str):
+        self.group = group
+        self.location = location
+        self.attrs = dict(group.attrs)
+
+    # ---------------------------------------------------------------- opening and creating
+
+    @classmethod
+    def open(cls, location: str | Path, mode: str = "r", require_complete: bool = True) -> TokenStore:
+        zarr = _zarr()
+        location = str(location)
+        try:
+            group = zarr.open_group(location, mode=mode)
+        except Exception as error:
+            raise StoreError(
+                f"{location} is not a token store ({error}): pass a folder written by `beit tokenize`."
+            ) from None
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise StoreError(
+                f"{location} is not a beit token store (format {attrs.get('format')!r}, expected {FORMAT!r})."
+            )
+        if attrs.get("version") != VERSION:
+            raise StoreError(
+                f"{location} is token store format version {attrs.get('version')}, this beit reads version "
+                f"{VERSION}: tokenize again with this beit, or use the release that wrote it."
+            )
+        if require_complete and not attrs.get("complete"):
+            raise StoreError(
+                f"{location} is incomplete ({attrs.get('counts', {}).get('done', 'some')} images not done): run the "
+                "same `beit tokenize` command again to finish it."
+            )
+        return cls(group, location)
+
+    @classmethod
+    def prepare(
+        cls,
+        location: str | Path,
+        identity: dict,
+        keys: list[str],
+        labels: list[int],
+        class_names: list[str],
+        chunk_images: int,
+        embed_images: bool,
+        overwrite: bool,
+    ) -> TokenStore:
+        """Create the store, or reopen one made by the same tokenizer, views and source to finish
+        it. `identity` = {tokenizer, views, source, grid}; any difference is refused unless `overwrite`."""
+        zarr = _zarr()
+        location = str(location)
+        try:
+            existing = zarr.open_group(location, mode="r")
+        except Exception:
+            existing = None
+        if existing is not None and not overwrite:
+            attrs = dict(existing.attrs)
+            ours_unfinished = attrs.get("format") == FORMAT and attrs.get("creating") is not False
+            if ours_unfinished or (not attrs and not list(existing.keys())):
+                existing = None  # a creation that was killed half-way (or an empty group): start it again
+        if existing is not None and not overwrite:
+            if attrs.get("format") != FORMAT:
+                raise StoreError(
+                    f"{location} exists and is not a beit token store: choose another path, or --overwrite."
+                )
+            stored = {k: attrs.get(k) for k in identity}
+            diffs = _differences(stored, json.loads(json.dumps(identity)), "store")
+            if attrs.get("chunk_images") != chunk_images:
+                diffs.append(
+                    f"store.chunk_images: the store has {attrs.get('chunk_images')}, this run has {chunk_images}"
+                )
+            if diffs:
+                raise StoreError(
+                    f"{location} was made differently ({'; '.join(diffs[:3])}"
+                    + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+                    + "): use another STORE path, or --overwrite to replace it."
+                )
+            return cls(zarr.open_group(location, mode="r+"), location)
+
+        n = len(keys)
+        group = zarr.open_group(location, mode="w")
+        group.update_attributes({"format": FORMAT, "version": VERSION, "creating": True})
+        gh, gw = identity["grid"]
+        views = identity["views"]["count"]
+        chunk = (min(chunk_images, max(n, 1)),)
+        compressors = [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+        group.create_array(
+            "tokens",
+            shape=(n, views, gh, gw),
+            chunks=chunk + (views, gh, gw),
+            dtype="uint16",
+            fill_value=0,
+            compressors=compressors,
+        )
+        group.create_array("views", shape=(n, views, 8), chunks=chunk + (views, 8), dtype="float32", fill_value=0.0)
+        group.create_array("labels", shape=(n,), chunks=chunk, dtype="int32", fill_value=-1)
+        group.create_array("keys", shape=(n,), chunks=chunk, dtype=str)
+        group.create_array("status", shape=(n,), chunks=chunk, dtype="uint8", fill_value=PENDING)
+        group.create_array("errors", shape=(n,), chunks=chunk, dtype=str)
+        if embed_images:
+            group.create_array("images", shape=(n,), chunks=chunk, dtype="variable_length_bytes")
+        group["labels"][:] = np.asarray(labels, dtype=np.int32)
+        group["keys"][:] = np.asarray(keys, dtype=object)
+        from beit import __version__
+
+        group.update_attributes(
+            {  # one write: zarr's attrs.update writes key by key
+                "format": FORMAT,
+                "version": VERSION,
+                "writer": f"beit {__version__}",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **json.loads(json.dumps(identity)),
+                "class_names": list(class_names),
+                "chunk_images": chunk[0],
+                "embedded_images": embed_images,
+                "complete": False,
+                "creating": False,
+            }
+        )
+        return cls(group, location)
+
+    # ---------------------------------------------------------------- what it holds
+
+    def __len__(self) -> int:
+        return self.group["tokens"].shape[0]
+
+    @property
+    def views_per_image(self) -> int:
+        return self.group["tokens"].shape[1]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.group["tokens"].shape[2:])
+
+    @property
+    def chunk_images(self) -> int:
+        return self.group["status"].chunks[0]
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """(start, stop) of every chunk of images."""
+        c = self.chunk_images
+        return [(start, min(start + c, len(self))) for start in range(0, len(self), c)]
+
+    def chunk_done(self, start: int, stop: int) -> bool:
+        """Whether a chunk has no pending image. A chunk whose status a crash left unreadable is pending."""
+        try:
+            return bool(np.all(self.group["status"][start:stop] != PENDING))
+        except Exception:
+            return False
+
+    def status(self) -> np.ndarray:
+        return self.group["status"][:]
+
+    # ---------------------------------------------------------------- writing
+
+    def write_chunk(
+        self,
+        start: int,
+        tokens: np.ndarray,
+        views: np.ndarray,
+        status: np.ndarray,
+        errors: list[str],
+        images: list[bytes] | None = None,
+    ) -> None:
+        """Write one whole chunk (all arrays), its status last."""
+        stop = start + len(status)
+        self.group["tokens"][start:stop] = tokens.astype(np.uint16)
+        self.group["views"][start:stop] = views.astype(np.float32)
+        self.group["errors"][start:stop] = np.asarray(errors, dtype=object)
+        if images is not None and "images" in self.group:
+            self.group["images"][start:stop] = np.asarray(images, dtype=object)
+        self.group["status"][start:stop] = status.astype(np.uint8)
+
+    def mark_complete(self) -> dict:
+        status = self.status()
+        if np.any(status == PENDING):
+            raise StoreError(f"{self.location} still has {int(np.sum(status == PENDING))} pending images.")
+        counts = {"images": len(status), "done": int(np.sum(status == DONE)), "failed": int(np.sum(status == FAILED))}
+        self.group.update_attributes(
+            {"counts": counts, "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        )
+        self.group.update_attributes({"complete": True})  # last, on its own
+        self.attrs = dict(self.group.attrs)
+        return counts
+
+    # ---------------------------------------------------------------- reading
+
+    def failures(self) -> list[tuple[str, str]]:
+        status = self.status()
+        failed = np.flatnonzero(status == FAILED)
+        if not len(failed):
+            return []
+        keys, errors = self.group["keys"], self.group["errors"]
+        return [(str(keys[i]), str(errors[i])) for i in failed]
+
+    def tokens(self) -> np.ndarray:
+        """All tokens, [N, V, gh, gw] uint16, in memory."""
+        return self.group["tokens"][:]

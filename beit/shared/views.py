@@ -1,0 +1,191 @@
+"""A view: one augmentation of one source image, fully described by recorded parameters, and
+the one place that renders a view from them (stage 1 at the tokenizer's size, stage 2 at the
+patch size, `beit store verify` again at either).
+
+Parameters, per view, float32 [8] (`PARAMS`):
+
+    x, y, w, h      crop box in source pixels (after EXIF orientation), integers
+    flip            1 = mirror horizontally, 0 = not
+    brightness, contrast, saturation    colour jitter factors in [1 - jitter, 1 + jitter]
+
+drawn by `draw_views` from a counter-based generator keyed by (seed, image index, view index)
+alone: never by batch position, rank or resume point, so any shard or restart draws the same
+views. The box follows RandomResizedCrop (scale (0.08, 1), aspect (3/4, 4/3) log-uniform,
+10 attempts, then the centre-crop fallback); flip has p = 0.5.
+
+Rendering (`render`, DALI): slice the decoded image by the integer box, resize to the output
+size (Lanczos for the tokenizer's 112 px, bicubic for the 224 px patches, antialiased),
+colour jitter (DALI color_twist: brightness and contrast scale about mid-grey, saturation in
+HSV; applied after crop and resize, to each rendering: the operations are pointwise, so they
+commute with crop and resize up to rounding), then flip and conversion to float CHW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PARAMS = ("x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")
+JITTER_PLACEMENT = "after crop and resize, before flip; DALI color_twist (brightness, contrast about 128, saturation)"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ViewConfig:
+    """How views are drawn and rendered (DESIGN.md section 3)."""
+
+    image_size: int = 224
+    tokenizer_size: int = 0  # 0: the tokenizer's own input size (112 for the DALL-E dVAE)
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    attempts: int = 10
+    flip_p: float = 0.5
+    jitter: float = 0.4
+
+
+# ---------------------------------------------------------------- drawing parameters
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective scramble of uint64s."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seed: int, images: np.ndarray, views: np.ndarray, count: int) -> np.ndarray:
+    """[n, count] float64 in [0, 1): a pure function of (seed, image, view, j)."""
+    with np.errstate(over="ignore"):
+        key = _mix(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + _GOLDEN)
+        key = _mix(key + np.asarray(images, dtype=np.uint64) * _GOLDEN)
+        key = _mix(key + np.asarray(views, dtype=np.uint64) * _GOLDEN)
+        j = np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN
+        bits = _mix(key[:, None] + j[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def draw_views(seed: int, image_indices: np.ndarray, sizes: np.ndarray, views: int, cfg: ViewConfig) -> np.ndarray:
+    """float32 [n, views, 8] parameters for images `image_indices` of (height, width) `sizes`."""
+    image_indices = np.asarray(image_indices)
+    n = len(image_indices)
+    img = np.repeat(image_indices, views)
+    view = np.tile(np.arange(views), n)
+    height = np.repeat(np.asarray(sizes)[:, 0], views).astype(np.float64)
+    width = np.repeat(np.asarray(sizes)[:, 1], views).astype(np.float64)
+    u = uniforms(seed, img, view, 4 * cfg.attempts + 4)
+
+    area = height * width
+    log_lo, log_hi = np.log(cfg.ratio[0]), np.log(cfg.ratio[1])
+    box = np.zeros((n * views, 4))
+    done = np.zeros(n * views, dtype=bool)
+    for a in range(cfg.attempts):
+        target = area * (cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * u[:, 4 * a])
+        aspect = np.exp(log_lo + (log_hi - log_lo) * u[:, 4 * a + 1])
+        w = np.round(np.sqrt(target * aspect))
+        h = np.round(np.sqrt(target / aspect))
+        ok = ~done & (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        y = np.floor(u[:, 4 * a + 2] * (height - h + 1))
+        x = np.floor(u[:, 4 * a + 3] * (width - w + 1))
+        box[ok] = np.stack([x, y, w, h], axis=1)[ok]
+        done |= ok
+    # the fallback: a centre crop at the nearest allowed aspect ratio
+    rest = ~done
+    in_ratio = width / height
+    w = np.where(
+        in_ratio < cfg.ratio[0], width, np.where(in_ratio > cfg.ratio[1], np.round(height * cfg.ratio[1]), width)
+    )
+    h = np.where(in_ratio < cfg.ratio[0], np.round(width / cfg.ratio[0]), height)
+    box[rest] = np.stack([np.floor((width - w) / 2), np.floor((height - h) / 2), w, h], axis=1)[rest]
+
+    base = 4 * cfg.attempts
+    flip = (u[:, base] < cfg.flip_p).astype(np.float64)
+    colour = 1.0 + cfg.jitter * (2.0 * u[:, base + 1 : base + 4] - 1.0)
+    params = np.concatenate([box, flip[:, None], colour], axis=1).astype(np.float32)
+    return params.reshape(n, views, len(PARAMS))
+
+
+# ---------------------------------------------------------------- rendering (DALI)
+
+
+def render(images, params, size: int, kind: str):
+    """DALI graph fragment: decoded HWC uint8 `images` + a float32 [8] `params` node (CPU) ->
+    float32 CHW [3, size, size]. kind 'tokenizer': Lanczos, values in [0, 1];
+    kind 'patches': bicubic, normalised with the ImageNet mean and std."""
+    from nvidia.dali import fn, types
+
+    anchor = fn.cast(params[0:2], dtype=types.INT32)
+    shape = fn.cast(params[2:4], dtype=types.INT32)
+    flip = fn.cast(params[4], dtype=types.INT32)
+    crop = fn.slice(images, anchor, shape, axis_names="WH", normalized_anchor=False, normalized_shape=False)
+    interp = types.INTERP_LANCZOS3 if kind == "tokenizer" else types.INTERP_CUBIC
+    resized = fn.resize(crop, size=[size, size], interp_type=interp, antialias=True)
+    coloured = fn.color_twist(resized, brightness=params[5], contrast=params[6], saturation=params[7])
+    if kind == "tokenizer":
+        mean, std = [0.0] * 3, [255.0] * 3
+    else:
+        mean, std = [255.0 * m for m in IMAGENET_MEAN], [255.0 * s for s in IMAGENET_STD]
+    return fn.crop_mirror_normalize(coloured, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, mirror=flip)
+
+
+def decode(encoded, device_id: int | None):
+    """DALI graph fragment: encoded bytes -> RGB HWC uint8, EXIF orientation applied
+    ('mixed' decoding on a GPU, CPU otherwise)."""
+    from nvidia.dali import fn, types
+
+    return fn.decoders.image(encoded, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
+
+
+def shape_builder(threads: int = 2):
+    """Pipeline factory for `ImageBatches`: encoded bytes -> (height, width) after EXIF orientation."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    def build(batch_size: int, device_id: int | None, seed: int):
+        @pipeline_def(
+            batch_size=batch_size,
+            num_threads=threads,
+            device_id=None,
+            seed=seed,
+            exec_dynamic=True,
+            prefetch_queue_depth=1,
+        )
+        def pipeline():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            return fn.peek_image_shape(encoded, dtype=types.INT64)[0:2]
+
+        return pipeline()
+
+    return build
+
+
+def render_builder(views: int, size: int, kind: str, threads: int = 2):
+    """Pipeline factory for `ImageBatches`: one decode of each image, then `views` renderings
+    from the parameter inputs "view0" .. "view{views-1}" (float32 [8] each) -> `views` outputs
+    [3, size, size] float32 per image."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    def build(batch_size: int, device_id: int | None, seed: int):
+        @pipeline_def(
+            batch_size=batch_size,
+            num_threads=threads,
+            device_id=device_id,
+            seed=seed,
+            exec_dynamic=True,
+            prefetch_queue_depth=1,
+        )
+        def pipeline():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            images = decode(encoded, device_id)
+            outputs = []
+            for v in range(views):
+                params = fn.external_source(name=f"view{v}", dtype=types.FLOAT, ndim=1)
+                outputs.append(render(images, params, size, kind))
+            return tuple(outputs)
+
+        return pipeline()
+
+    return build

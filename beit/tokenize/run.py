@@ -1,0 +1,225 @@
+"""Stage 1: tokenize V augmented views of every image into a token store.
+
+    beit tokenize SOURCE STORE --tokenizer tok.safetensors [--views 10] [--seed 0] [--embed-images]
+    torchrun --nproc_per_node 4 -m beit tokenize SOURCE STORE --tokenizer tok.safetensors
+
+Per batch of images: DALI peeks each image's size (after EXIF orientation); the views'
+parameters are drawn for (seed, image, view) (`beit.shared.views`); DALI decodes each image
+once and renders its V tokenizer views (crop box, Lanczos to the tokenizer's size, colour
+jitter, flip); the dVAE tokenizes them (fp16 on a GPU, fp32 on the CPU). Work is done a store
+chunk at a time, chunks dealt round-robin to torchrun ranks; a chunk is written whole, its
+status last, so a killed run resumes where it stopped and gives the same store. Files that
+cannot be decoded are marked failed with their error and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from beit.shared.decode import ImageBatches
+from beit.shared.dist import init_dist
+from beit.shared.dvae import check_grid, load_tokenizer, sha256_file
+from beit.shared.images import read_source
+from beit.shared.store import DONE, FAILED, TokenStore
+from beit.shared.views import JITTER_PLACEMENT, PARAMS, ViewConfig, draw_views, render_builder, shape_builder
+
+
+@dataclass
+class TokenizeConfig:
+    views: int = 10
+    seed: int = 0
+    batch_size: int = 16  # images per DALI batch (each rendered V times)
+    chunk_images: int = 256  # images per store chunk: the unit of work, resume and sharding
+    patch_size: int = 16
+    view: ViewConfig = field(default_factory=ViewConfig)
+    embed_images: bool = False
+    strict: bool = False
+    threads: int = 2
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+
+
+RENDERER = {
+    "tokenizer": "DALI slice + resize(Lanczos3, antialias) + color_twist + flip, [0,1] then map_pixels",
+    "patches": "DALI slice + resize(cubic, antialias) + color_twist + flip, ImageNet mean/std",
+}
+
+
+def _device(cfg: TokenizeConfig, local_rank: int) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(cfg.device)
+
+
+def tokenize(
+    source: Path,
+    store_path: str,
+    tokenizer_path: Path,
+    cfg: TokenizeConfig,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Run stage 1; returns the summary (also written as JSON next to a local store)."""
+    from tqdm import tqdm
+
+    dist = init_dist()
+    device = _device(cfg, dist.local_rank)
+    device_id = device.index if device.type == "cuda" else None
+    dtype = {
+        "auto": torch.float16 if device.type == "cuda" else None,
+        "fp32": None,
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+    }[cfg.precision]
+
+    src = read_source(source)
+    tokenizer = load_tokenizer(tokenizer_path, device)
+    view_cfg = ViewConfig(**{**asdict(cfg.view), "tokenizer_size": cfg.view.tokenizer_size or tokenizer.input_size})
+    token_side = check_grid(view_cfg.tokenizer_size, tokenizer.cfg)
+    if view_cfg.image_size % cfg.patch_size:
+        raise ValueError(f"view.image_size {view_cfg.image_size} is not a multiple of patch_size {cfg.patch_size}.")
+    patch_side = view_cfg.image_size // cfg.patch_size
+    if token_side != patch_side:
+        raise ValueError(
+            f"the token grid ({view_cfg.tokenizer_size} px / {tokenizer.cfg.downsample} = {token_side}) does not match "
+            f"the patch grid ({view_cfg.image_size} px / {cfg.patch_size} = {patch_side}): set view.tokenizer_size to "
+            f"{patch_side * tokenizer.cfg.downsample} or view.image_size to {token_side * cfg.patch_size}."
+        )
+    identity = {
+        "tokenizer": {
+            "kind": "dall-e-dvae",
+            "sha256": sha256_file(tokenizer_path),
+            "vocab_size": tokenizer.cfg.vocab_size,
+            "input_size": view_cfg.tokenizer_size,
+            "grid": [token_side, token_side],
+            "downsample": tokenizer.cfg.downsample,
+            "arch": asdict(tokenizer.cfg),
+        },
+        "views": {
+            "count": cfg.views,
+            "seed": cfg.seed,
+            "config": asdict(view_cfg),
+            "params": list(PARAMS),
+            "jitter": JITTER_PLACEMENT,
+            "renderer": RENDERER,
+            "patch_size": cfg.patch_size,
+        },
+        "source": {k: v for k, v in src.describe().items() if k != "root"},
+        "grid": [token_side, token_side],
+    }
+
+    if dist.main:
+        store = TokenStore.prepare(
+            store_path, identity, src.keys, src.labels, src.class_names, cfg.chunk_images, cfg.embed_images, overwrite
+        )
+        store.group.update_attributes(
+            {"source_root": str(src.root.resolve()), "tokenizer_path": str(Path(tokenizer_path).resolve())}
+        )
+    dist.barrier()
+    if not dist.main:
+        store = TokenStore.open(store_path, mode="r+", require_complete=False)
+    if store.attrs.get("complete"):
+        dist.close()
+        summary = {"store": str(store_path), "already_complete": True, **store.attrs.get("counts", {})}
+        if dist.main:
+            print(f"{store_path} is already complete ({summary.get('done', 0)} images tokenized): nothing to do.")
+        return summary
+
+    pending = [c for c in store.chunks() if not store.chunk_done(*c)]
+    mine = pending[dist.rank :: dist.world]
+    shapes = ImageBatches(shape_builder(cfg.threads), cfg.batch_size, None, cfg.seed)
+    renders = ImageBatches(
+        render_builder(cfg.views, view_cfg.tokenizer_size, "tokenizer", cfg.threads),
+        cfg.batch_size,
+        device_id,
+        cfg.seed,
+    )
+    timing = {"peek": 0.0, "decode_render": 0.0, "encoder": 0.0, "write": 0.0}
+    done_images = failed_images = 0
+    start_time = time.perf_counter()
+    bar = tqdm(
+        total=sum(stop - start for start, stop in mine),
+        disable=not progress,
+        unit="img",
+        desc=f"tokenize[{dist.rank}]" if dist.world > 1 else "tokenize",
+    )
+    for start, stop in mine:
+        n = stop - start
+        tokens = np.zeros((n, cfg.views, token_side, token_side), dtype=np.uint16)
+        params = np.zeros((n, cfg.views, len(PARAMS)), dtype=np.float32)
+        status = np.full(n, FAILED, dtype=np.uint8)
+        files = src.files[start:stop]
+        for b0 in range(0, n, cfg.batch_size):
+            batch = files[b0 : b0 + cfg.batch_size]
+            t0 = time.perf_counter()
+            peeked, kept = shapes.run(batch)
+            t1 = time.perf_counter()
+            timing["peek"] += t1 - t0
+            if not kept:
+                continue
+            sizes = peeked[0]
+            drawn = draw_views(cfg.seed, np.asarray([start + b0 + k for k in kept]), sizes, cfg.views, view_cfg)
+            feeds = {f"view{v}": [drawn[j, v] for j in range(len(kept))] for v in range(cfg.views)}
+            outputs, rendered = renders.run([batch[k] for k in kept], feeds)
+            t2 = time.perf_counter()
+            timing["decode_render"] += t2 - t1
+            if not rendered:
+                continue
+            pixels = torch.from_numpy(np.stack(outputs, axis=1)).to(device)  # [m, V, 3, s, s]
+            ids = tokenizer.tokenize(pixels.flatten(0, 1), dtype=dtype).view(
+                len(rendered), cfg.views, token_side, token_side
+            )
+            rows = [b0 + kept[r] for r in rendered]
+            tokens[rows] = ids.cpu().numpy().astype(np.uint16)
+            params[rows] = drawn[rendered]
+            status[rows] = DONE
+            timing["encoder"] += time.perf_counter() - t2
+        t3 = time.perf_counter()
+        errors = [
+            "" if s == DONE else shapes.failed.get(f) or renders.failed.get(f) or "failed"
+            for f, s in zip(files, status, strict=True)
+        ]
+        images = (
+            [f.read_bytes() if s == DONE else b"" for f, s in zip(files, status, strict=True)]
+            if cfg.embed_images
+            else None
+        )
+        store.write_chunk(start, tokens, params, status, errors, images)
+        timing["write"] += time.perf_counter() - t3
+        done_images += int(np.sum(status == DONE))
+        failed_images += int(np.sum(status == FAILED))
+        elapsed = time.perf_counter() - start_time
+        bar.update(n)
+        bar.set_postfix(
+            img_s=f"{(done_images + failed_images) / elapsed:.1f}",
+            views_s=f"{done_images * cfg.views / elapsed:.0f}",
+            failed=failed_images,
+        )
+    bar.close()
+    elapsed = time.perf_counter() - start_time
+    dist.barrier()
+    summary = {
+        "store": str(store_path),
+        "rank_images": done_images + failed_images,
+        "seconds": elapsed,
+        "images_per_s": (done_images + failed_images) / max(elapsed, 1e-9),
+        "views_per_s": done_images * cfg.views / max(elapsed, 1e-9),
+        "time": timing,
+        "device": str(device),
+        "world_size": dist.world,
+    }
+    if dist.main:
+        counts = store.mark_complete()
+        summary.update(counts)
+        summary["failures"] = store.failures()
+        if not str(store_path).startswith(("s3:", "gs:", "gcs:", "az:", "abfs:", "http:", "https:", "memory:")):
+            Path(f"{str(store_path).rstrip('/')}.metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    dist.close()
+    return summary

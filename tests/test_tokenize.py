@@ -1,0 +1,263 @@
+"""Stage 1 end to end: real photos, real DALI CPU pipelines, real zarr stores, real subprocesses."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from photos import COLOUR, GREY, copy_photos
+from PIL import Image
+
+from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
+from beit.shared.store import DONE, FAILED, TokenStore
+
+# A 64 px patch view (4x4 patches of 16) and a 32 px tokenizer view (4x4 tokens of 8).
+SMALL = ["--views", "3", "--set", "view.image_size=64", "--set", "chunk_images=2", "--batch-size", "4"]
+
+
+def beit(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "beit", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """An ImageFolder tree of 12 real photos in two classes, as 120 px JPEGs, and a tokenizer."""
+    root = tmp_path_factory.mktemp("data")
+    source = root / "source"
+    for name, names in (("colour", COLOUR[:6]), ("grey", GREY[:6])):
+        for path in copy_photos(root / "raw", names):
+            image = Image.open(path).convert("RGB")
+            scale = 120 / min(image.size)
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+            (source / name).mkdir(parents=True, exist_ok=True)
+            image.save(source / name / f"{path.stem}.jpg", quality=90)
+    torch.manual_seed(0)
+    tokenizer = root / "tok.safetensors"
+    save_tokenizer(
+        DVAE(DVAEConfig(n_hid=16, blocks_per_group=1, group_count=4, vocab_size=128, n_init=8, cosine_logits=True)),
+        tokenizer,
+        input_size=32,
+    )
+    return source, tokenizer
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    source, tokenizer = data
+    store = tmp_path_factory.mktemp("ref") / "store"
+    result = beit("tokenize", source, store, "--tokenizer", tokenizer, *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return store, result.stdout
+
+
+def arrays(store: Path) -> dict:
+    group = zarr.open_group(str(store), mode="r")
+    return {name: group[name][:] for name in ("tokens", "views", "labels", "keys", "status", "errors")}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    first, second = arrays(a), arrays(b)
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
+
+
+def test_the_store_says_what_it_is(data, reference):
+    source, tokenizer = data
+    store, stdout = reference
+    assert "tokenized 12 of 12 images x 3 views" in stdout
+    opened = TokenStore.open(store)
+    attrs = opened.attrs
+    assert attrs["format"] == "beit-token-store" and attrs["version"] == 1 and attrs["complete"] is True
+    assert attrs["tokenizer"]["sha256"] and attrs["tokenizer"]["vocab_size"] == 128
+    assert attrs["tokenizer"]["grid"] == [4, 4] and attrs["grid"] == [4, 4]
+    assert attrs["views"]["count"] == 3 and attrs["views"]["seed"] == 0
+    assert attrs["views"]["params"] == ["x", "y", "w", "h", "flip", "brightness", "contrast", "saturation"]
+    assert attrs["views"]["config"]["image_size"] == 64 and attrs["views"]["config"]["tokenizer_size"] == 32
+    assert "after crop and resize" in attrs["views"]["jitter"]
+    assert attrs["source"]["kind"] == "imagefolder" and len(attrs["source"]["fingerprint"]) == 64
+    assert attrs["class_names"] == ["colour", "grey"]
+    assert attrs["counts"] == {"images": 12, "done": 12, "failed": 0}
+    a = arrays(store)
+    assert a["tokens"].shape == (12, 3, 4, 4) and a["tokens"].dtype == np.uint16
+    assert list(a["labels"]) == [0] * 6 + [1] * 6
+    assert a["keys"][0].startswith("colour/") and a["keys"][-1].startswith("grey/")
+    assert np.all(a["status"] == DONE)
+    views = a["views"]
+    for i, key in enumerate(a["keys"]):
+        width, height = Image.open(source / key).size
+        x, y, w, h = views[i, :, 0], views[i, :, 1], views[i, :, 2], views[i, :, 3]
+        assert np.all((x >= 0) & (y >= 0) & (x + w <= width) & (y + h <= height) & (w > 0) & (h > 0))
+    assert set(np.unique(views[..., 4])) <= {0.0, 1.0}
+    assert np.all((views[..., 5:] >= 0.6) & (views[..., 5:] <= 1.4))
+    assert len(np.unique(a["tokens"])) > 8  # the tokenizer is not degenerate
+    metrics = json.loads(Path(f"{store}.metrics.json").read_text())
+    assert metrics["done"] == 12 and metrics["views_per_s"] > 0 and set(metrics["time"]) >= {"encoder", "write"}
+
+
+def test_info_and_verify(reference, data, tmp_path):
+    store, _ = reference
+    result = beit("store", "info", store)
+    assert result.returncode == 0, result.stderr
+    assert "12 done, 0 failed" in result.stdout and "grid 4x4, vocab 128" in result.stdout
+    result = beit("store", "verify", store, "--sample", "6")
+    assert result.returncode == 0, result.stderr
+    assert "18 views of 6 images" in result.stdout and "100.00% of tokens" in result.stdout
+
+    # a store whose tokens do not match its views is caught
+    tampered = tmp_path / "tampered"
+    subprocess.run(["cp", "-r", str(store), str(tampered)], check=True)
+    group = zarr.open_group(str(tampered), mode="r+")
+    group["tokens"][:] = (group["tokens"][:] + 1) % 128
+    result = beit("store", "verify", tampered, "--sample", "4", "--tokenizer", data[1])
+    assert result.returncode == 4 and "0.00% of tokens" in result.stdout
+
+
+def test_rerun_is_a_no_op_and_a_different_run_is_refused(data, reference, tmp_path):
+    source, tokenizer = data
+    store, _ = reference
+    result = beit("tokenize", source, store, "--tokenizer", tokenizer, *SMALL)
+    assert result.returncode == 0 and "already complete" in result.stdout and "nothing to do" in result.stdout
+    result = beit("tokenize", source, store, "--tokenizer", tokenizer, *SMALL, "--seed", "1")
+    assert result.returncode == 1
+    assert "store.views.seed: the store has 0, this run has 1" in result.stderr and "--overwrite" in result.stderr
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(store), str(copy)], check=True)
+    result = beit("tokenize", source, copy, "--tokenizer", tokenizer, *SMALL, "--seed", "1", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert TokenStore.open(copy).attrs["views"]["seed"] == 1
+    assert not np.array_equal(arrays(copy)["views"], arrays(store)["views"])
+
+
+def test_resume_after_sigkill_at_several_points_equals_an_uninterrupted_run(data, reference, tmp_path):
+    source, tokenizer = data
+    store = tmp_path / "store"
+    command = [sys.executable, "-m", "beit", "tokenize", str(source), str(store), "--tokenizer", str(tokenizer), *SMALL]
+
+    def status_chunks() -> int:
+        folder = store / "status" / "c"
+        return len(list(folder.iterdir())) if folder.exists() else 0
+
+    for kill_after in (0, 2, 4):  # during start-up / creation, then after 2 and 4 of 6 chunks
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            if (kill_after == 0 and (store / "zarr.json").exists()) or (kill_after and status_chunks() >= kill_after):
+                break
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not TokenStore.open(store, require_complete=False).attrs.get("complete")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_store(store, reference[0])
+
+
+def test_two_ranks_make_the_same_store_as_one(data, reference, tmp_path):
+    source, tokenizer = data
+    store = tmp_path / "store"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "beit",
+            "tokenize",
+            str(source),
+            str(store),
+            "--tokenizer",
+            str(tokenizer),
+            *SMALL,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_store(store, reference[0])
+
+
+def exif_rotated_jpeg(path: Path) -> None:
+    """A 48x96 (w x h) JPEG whose EXIF says 'rotate 90 degrees clockwise' (orientation 6)."""
+    image = Image.new("RGB", (48, 96), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif.tobytes(), quality=90)
+
+
+def test_odd_and_bad_images(data, tmp_path):
+    _, tokenizer = data
+    photo = Image.open(copy_photos(tmp_path / "raw", ["astronaut.png"])[0]).convert("RGB").resize((96, 96))
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    photo.convert("L").save(folder / "grey.jpg")
+    photo.convert("CMYK").save(folder / "cmyk.jpg")
+    photo.convert("P").save(folder / "palette.png")
+    photo.convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257).save(folder / "sixteen.png")
+    exif_rotated_jpeg(folder / "rotated.jpg")
+    photo.resize((8, 8)).save(folder / "tiny.png")
+    photo.resize((12000, 9000), Image.NEAREST).save(folder / "huge.jpg", quality=80)
+    (folder / "truncated.jpg").write_bytes((folder / "grey.jpg").read_bytes()[:400])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("this is not a picture")
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"odd/{p.name}\n" for p in sorted(folder.iterdir())) + "odd/missing.jpg\n")
+
+    store = tmp_path / "store"
+    result = beit("tokenize", listing, store, "--tokenizer", tokenizer, *SMALL, "--embed-images", "--strict")
+    assert result.returncode == 3, result.stderr[-3000:]  # --strict: failures make it exit non-zero
+    assert "tokenized 8 of 12 images" in result.stdout and "4 failed" in result.stdout
+    a = arrays(store)
+    status = dict(zip(a["keys"], a["status"], strict=True))
+    errors = dict(zip(a["keys"], a["errors"], strict=True))
+    for name in (
+        "grey.jpg",
+        "cmyk.jpg",
+        "palette.png",
+        "rgba.png",
+        "sixteen.png",
+        "rotated.jpg",
+        "tiny.png",
+        "huge.jpg",
+    ):
+        assert status[f"odd/{name}"] == DONE, (name, errors[f"odd/{name}"])
+    assert errors["odd/empty.jpg"] == "empty file"
+    assert "truncated" in errors["odd/truncated.jpg"]
+    assert "not an image" in errors["odd/text.png"]
+    assert "unreadable" in errors["odd/missing.jpg"]
+    assert all(status[k] == FAILED for k in ("odd/empty.jpg", "odd/truncated.jpg", "odd/text.png", "odd/missing.jpg"))
+    # EXIF orientation is applied: the views of the 48x96 (portrait) file lie in a 96x48 landscape image
+    views = a["views"][list(a["keys"]).index("odd/rotated.jpg")]
+    assert np.all(views[:, 0] + views[:, 2] <= 96) and np.all(views[:, 1] + views[:, 3] <= 48)
+    assert np.any(views[:, 2] > 48)
+    huge = a["views"][list(a["keys"]).index("odd/huge.jpg")]
+    assert np.all(huge[:, 0] + huge[:, 2] <= 12000) and np.all(huge[:, 1] + huge[:, 3] <= 9000)
+    # embedded images make the store self-contained: verify reads them, not the files
+    for path in folder.iterdir():
+        path.unlink()
+    result = beit("store", "verify", store, "--sample", "8")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "from embedded images" in result.stdout and "100.00% of tokens" in result.stdout
+
+
+def test_bad_arguments_are_one_clear_error(data, tmp_path):
+    source, tokenizer = data
+    result = beit("tokenize", source, tmp_path / "s", "--tokenizer", tokenizer, "--set", "view.image_size=96")
+    assert result.returncode == 1 and "does not match the patch grid" in result.stderr
+    result = beit("tokenize", tmp_path / "nowhere", tmp_path / "s", "--tokenizer", tokenizer)
+    assert result.returncode == 1 and "neither a folder of images nor a .txt file" in result.stderr
+    result = beit("tokenize", source, tmp_path / "s", "--tokenizer", tmp_path / "none.safetensors")
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    result = beit("store", "info", tmp_path / "not-a-store")
+    assert result.returncode == 1 and "not a token store" in result.stderr
