@@ -164,8 +164,12 @@ def tokenizer_reconstruct(
     from beit.shared.dvae import check_grid, load_tokenizer
     from beit.tokenize.reconstruct import reconstruction_grid
 
+    if out.suffix.lower() != ".png":
+        _fail(ValueError(f"--out {out} must end in .png."))
     try:
         model = load_tokenizer(tokenizer)
+        if model.decoder is None:
+            raise ValueError(f"tokenizer {tokenizer} has no decoder: convert it with its decoder.pkl to reconstruct.")
         if size is not None:
             check_grid(size, model.cfg)
         psnrs = reconstruction_grid(model, images, out, size)
@@ -219,9 +223,7 @@ def store_info(
 def store_verify(
     store: Annotated[str, typer.Argument(help="token store (folder or URL)")],
     sample: Annotated[int, typer.Option(help="images to check")] = 64,
-    tokenizer: Annotated[
-        Path | None, typer.Option(help="the store's tokenizer (default: the recorded path)")
-    ] = None,  # noqa: UP045
+    tokenizer: Annotated[Path | None, typer.Option(help="the store's tokenizer (default: the recorded path)")] = None,  # noqa: UP045
 ) -> None:
     """Re-render a sample of views from their recorded parameters, re-tokenize, compare with the store."""
     from beit.shared.store import StoreError, TokenStore

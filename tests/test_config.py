@@ -23,6 +23,8 @@ class Run:
     out: Path = Path("runs/x")
     compile: bool = False
     resume_from: str | None = None
+    init: Path | None = Path("default.pt")
+    name: str = "run"
 
 
 def test_file_then_overrides(tmp_path):
@@ -38,9 +40,15 @@ def test_file_then_overrides(tmp_path):
 
 
 def test_saved_config_loads_back_equal(tmp_path):
-    cfg = load_config(Run, None, ["model.preset=small", "optim.schedule=constant", "resume_from=abc"])
+    cfg = load_config(Run, None, ["model.preset=small", "optim.schedule=constant", "resume_from=abc", "init=none"])
+    assert cfg.init is None
     (tmp_path / "saved.toml").write_text(to_toml(cfg))
     assert load_config(Run, tmp_path / "saved.toml") == cfg
+
+
+def test_text_fields_take_text_that_looks_like_numbers():
+    cfg = load_config(Run, None, ["name=2024", "out=123", "resume_from=7"])
+    assert cfg.name == "2024" and cfg.out == Path("123") and cfg.resume_from == "7"
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The dVAE tokenizer: released architecture, conversion of the released pickles, tokenizer files."""
 
+import json
 import os
 import subprocess
 import sys
@@ -122,3 +123,31 @@ def test_encoder_only_tokenizer_round_trips_and_refuses_to_reconstruct(tmp_path)
     assert torch.equal(back.tokenize(pixels), model.eval().tokenize(pixels))
     with pytest.raises(ValueError, match="has no decoder"):
         back.reconstruct(torch.zeros(1, 4, 4, dtype=torch.long))
+
+
+def test_the_tokenizer_identity_is_its_encoder(tmp_path):
+    from beit.shared.dvae import encoder_sha256
+
+    torch.manual_seed(1)
+    model = DVAE(DVAEConfig(n_hid=16, blocks_per_group=1, vocab_size=64, n_init=8))
+    a = save_tokenizer(model, tmp_path / "a.safetensors", input_size=32)
+    encoder_only = DVAE(model.cfg, with_decoder=False)
+    encoder_only.encoder.load_state_dict(model.encoder.state_dict())
+    b = save_tokenizer(encoder_only.to(memory_format=torch.channels_last), tmp_path / "b.safetensors", input_size=64)
+    assert a["sha256"] != b["sha256"] and a["encoder_sha256"] == b["encoder_sha256"]
+    other = DVAE(model.cfg)
+    assert encoder_sha256(other) != a["encoder_sha256"]
+
+
+def test_damaged_tokenizer_files_are_one_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    model = DVAE(DVAEConfig(n_hid=16, blocks_per_group=1, vocab_size=64, n_init=8))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    arch = {"n_hid": 16, "blocks_per_group": 1, "group_count": 4, "vocab_size": 128, "n_init": 8}
+    save_file(state, tmp_path / "wrong.safetensors", metadata={"beit_tokenizer": json.dumps(arch)})
+    with pytest.raises(ValueError, match=r"wrong.safetensors is damaged.*do not fit its recorded architecture"):
+        load_tokenizer(tmp_path / "wrong.safetensors")
+    save_file(state, tmp_path / "junk.safetensors", metadata={"beit_tokenizer": "{not json"})
+    with pytest.raises(ValueError, match=r"junk.safetensors is damaged.*its metadata"):
+        load_tokenizer(tmp_path / "junk.safetensors")

@@ -103,7 +103,8 @@ def test_training_resumes_after_sigkill(photos, tmp_path):
     assert not out.exists()
     result = beit(*args)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "resuming from" in result.stdout and "at step 10" in result.stdout or "at step 20" in result.stdout
+    assert "resuming from" in result.stdout
+    assert "at step 10" in result.stdout or "at step 20" in result.stdout or "at step 30" in result.stdout
     assert json.loads(out.with_suffix(".json").read_text())["report"]["steps"] == 40
 
 

@@ -47,10 +47,12 @@ VERSION = 1
 
 # Globals besides tensors and plain containers that released BEiT checkpoints pickle: the
 # training args, and numpy scalars (plain numbers) that training scripts often store.
+_SCALAR = getattr(np, "_core", getattr(np, "core", None)).multiarray.scalar
 ALLOWED_GLOBALS: list[Any] = [
     argparse.Namespace,
     np.dtype,
-    getattr(np, "_core", getattr(np, "core", None)).multiarray.scalar,
+    _SCALAR,
+    (_SCALAR, "numpy.core.multiarray.scalar"),  # the name numpy 1.x (2021's checkpoints) pickled
     *(type(np.dtype(kind)) for kind in ("float64", "float32", "int64", "int32", "bool")),
 ]
 
@@ -127,9 +129,9 @@ def _torch_load(path: Path) -> Any:
                 "plain data, and nothing in it was run. Load it only if you trust it, "
                 "and save its state dict alone with torch.save(model.state_dict())."
             ) from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(error)}).") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(error)}): check the path.") from None
     except Exception as error:  # garbage makes the unpickler fail in many ways
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(error)}).") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(error)}): check the path.") from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -143,7 +145,7 @@ def _unsafe_globals(path: Path) -> list[str]:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:
         names = _scan_pickle_globals(path.read_bytes())
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
     try:
         from torch._weights_only_unpickler import _get_allowed_globals
 
@@ -269,7 +271,8 @@ def _axis_operator(src_size: int, dst_size: int) -> np.ndarray:
         t = dst_size // 2
         return _spline_operator(_geometric_positions(src_size, dst_size), np.arange(-t, t + 0.1, 1.0))
     # Shrinking: the least-squares inverse of growing dst -> src, so that growing a table
-    # and shrinking it back returns it (the released code only grows).
+    # and shrinking it back returns it. (The released bisection assumes growing: asked to
+    # shrink, it pins q at 1.01 and reads roughly the centre of the table.)
     return np.linalg.pinv(_axis_operator(dst_size, src_size))
 
 
@@ -279,8 +282,9 @@ def resize_relative_position_table(
     """Resize a [(2gh-1)(2gw-1) + 3, heads] table from patch grid `src_grid` to `dst_grid`.
     Growing is the released method: per head, the table's values are placed at geometric-
     progression positions and a bicubic interpolating spline is read at unit steps (unilm's
-    scipy interp2d(kind='cubic'), written here without scipy). Shrinking is its least-squares
-    inverse. The three cls rows are kept as they are."""
+    scipy interp2d(kind='cubic'), written here without scipy). Shrinking departs from the
+    release on purpose: it is the least-squares inverse of growing, so 14 -> 24 -> 14 returns
+    the table. The three cls rows are kept as they are."""
     if tuple(src_grid) == tuple(dst_grid):
         return table
     src_h, src_w = 2 * src_grid[0] - 1, 2 * src_grid[1] - 1

@@ -34,8 +34,8 @@ def _convert(key: str, value: Any, kind: Any) -> Any:
     origin = typing.get_origin(kind)
     args = typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None  # TOML has no null: "none" spells it, on the command line and in saved configs
         errors = []
         for option in args:
             if option is type(None):
@@ -76,9 +76,13 @@ def _convert(key: str, value: Any, kind: Any) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # --set name=2024 reads as a number: the field wants its text
     elif kind is Path:
         if isinstance(value, (str, Path)):
             return Path(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return Path(str(value))
     else:
         raise ConfigError(f"config key {key}: unsupported annotation {kind!r}.")
     raise ConfigError(f"config key {key}: expected {kind.__name__}, got {type(value).__name__} {value!r}.")
@@ -161,11 +165,11 @@ def _toml_value(value: Any) -> str:
 
 
 def to_toml(cfg: Any) -> str:
-    """TOML text that `load_config` reads back into an equal config (None values are left out)."""
+    """TOML text that `load_config` reads back into an equal config (None is written "none")."""
     lines: list[str] = []
 
     def table(data: dict[str, Any], name: str) -> None:
-        scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and v is not None}
+        scalars = {k: "none" if v is None else v for k, v in data.items() if not isinstance(v, dict)}
         if name and scalars:
             lines.append(f"\n[{name}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -218,11 +219,26 @@ def save_tokenizer(model: DVAE, path: Path, input_size: int = 112, extra: dict |
         **arch,
         **(extra or {}),
         "sha256": sha256_file(path),
+        "encoder_sha256": encoder_sha256(model),
         "encoder_parameters": sum(p.numel() for p in model.encoder.parameters()),
         "decoder_parameters": sum(p.numel() for p in model.decoder.parameters()) if model.decoder else 0,
     }
     path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def encoder_sha256(model: DVAE) -> str:
+    """The tokenizer's identity: sha256 over its encoder's tensors (sorted names, dtypes,
+    shapes, bytes) and the architecture fields that shape its tokens. Files holding the same
+    encoder have the same identity, with or without a decoder."""
+    digest = hashlib.sha256()
+    arch = {k: v for k, v in asdict(model.cfg).items() if k != "n_init"}
+    digest.update(json.dumps(arch, sort_keys=True).encode())
+    for name, tensor in sorted(model.encoder.state_dict().items()):
+        array = np.ascontiguousarray(tensor.detach().float().cpu().numpy())  # any layout, same bytes
+        digest.update(f"{name}|{tuple(array.shape)}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -254,16 +270,24 @@ def load_tokenizer(path: Path, device: torch.device | str = "cpu") -> DVAE:
             f"tokenizer {path} has no beit tokenizer metadata: make it with `beit tokenizer convert` "
             "or `beit tokenizer train`."
         )
-    arch = json.loads(meta["beit_tokenizer"])
-    cfg = DVAEConfig(**{k: arch[k] for k in DVAEConfig.__dataclass_fields__})
-    model = DVAE(cfg, with_decoder=arch.get("has_decoder", True))
-    model.input_size = arch.get("input_size", 112)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    damaged = f"tokenizer {path} is damaged or not from this beit"
+    try:
+        arch = json.loads(meta["beit_tokenizer"])
+        cfg = DVAEConfig(**{k: arch[k] for k in DVAEConfig.__dataclass_fields__ if k in arch})
+        model = DVAE(cfg, with_decoder=arch.get("has_decoder", True))
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{damaged} (its metadata: {error}): convert or train it again.") from None
+    model.input_size = int(arch.get("input_size", 112))
+    target = model.state_dict()
+    problems = sorted(set(target) ^ set(state)) + sorted(
+        k for k in set(target) & set(state) if target[k].shape != state[k].shape
+    )
+    if problems:
         raise ValueError(
-            f"tokenizer {path} does not match its recorded architecture (missing {missing[:4]}, "
-            f"unexpected {unexpected[:4]}): the file is damaged; convert or train it again."
+            f"{damaged}: its tensors do not fit its recorded architecture ({', '.join(problems[:3])}"
+            f"{' and more' if len(problems) > 3 else ''}): convert or train it again."
         )
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 

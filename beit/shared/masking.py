@@ -51,6 +51,7 @@ def block_mask(
     if not 0 < count <= gh * gw:
         raise ValueError(f"mask count {count} must be between 1 and the {gh * gw} patches of a {gh}x{gw} grid.")
     max_block = count if max_block is None else max_block
+    min_block = min(min_block, count)  # a block may not need to exceed the whole mask
     log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
     mask = np.zeros((gh, gw), dtype=bool)
     masked = 0

@@ -211,12 +211,14 @@ class BeitBackbone(nn.Module):
         block_grid = None if shared_bias else cfg.grid
         self.blocks = nn.ModuleList(Block(cfg, rate, block_grid) for rate in rates)
 
-    def init_weights(self) -> None:
-        """The released init: trunc-normal(std) for linear and conv weights and the learned
-        tokens, zero biases, unit norms, then attn.proj and mlp.fc2 divided by sqrt(2 * layer_id)."""
+    def init_weights(self, conv: bool) -> None:
+        """The released init: trunc-normal(std) for linear weights (and the patch-embed conv when
+        `conv`: the pre-training model does this, the fine-tuning one keeps PyTorch's default) and
+        the learned tokens, zero biases, unit norms, then attn.proj and mlp.fc2 divided by
+        sqrt(2 * layer_id)."""
         std = self.cfg.init_std
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if isinstance(module, nn.Linear) or (conv and isinstance(module, nn.Conv2d)):
                 nn.init.trunc_normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -264,7 +266,7 @@ class BeitForMIM(BeitBackbone):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.cfg.width))
         self.norm = nn.LayerNorm(self.cfg.width, eps=self.cfg.layer_norm_eps)
         self.lm_head = nn.Linear(self.cfg.width, self.cfg.vocab_size)
-        self.init_weights()
+        self.init_weights(conv=True)
         nn.init.trunc_normal_(self.mask_token, std=self.cfg.init_std)
 
     def forward(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -277,6 +279,8 @@ class BeitForMIM(BeitBackbone):
 def mim_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over masked positions only. logits [M, vocab] from `BeitForMIM`,
     targets [B, N] token ids, mask [B, N] bool."""
+    if logits.shape[0] == 0:
+        raise ValueError("no masked patches in this batch: a MIM loss needs at least one (check the mask count).")
     return F.cross_entropy(logits.float(), targets[mask].long())
 
 
@@ -287,7 +291,7 @@ class BeitClassifier(BeitBackbone):
         super().__init__(cfg, shared_bias=False)
         self.fc_norm = nn.LayerNorm(self.cfg.width, eps=self.cfg.layer_norm_eps)
         self.head = nn.Linear(self.cfg.width, self.cfg.num_classes)
-        self.init_weights()
+        self.init_weights(conv=False)
         with torch.no_grad():
             self.head.weight.mul_(head_init_scale)
             self.head.bias.mul_(head_init_scale)

@@ -21,9 +21,11 @@ are a pure function of (seed, image, view) and so come out the same.
 Group attributes (everything needed to know what a store is without the command that made it):
 
     format "beit-token-store", version 1, writer ("beit X.Y.Z"), created (UTC ISO time)
-    tokenizer   {kind, sha256, vocab_size, input_size, grid, downsample, arch}
+    tokenizer   {kind, sha256 (of the encoder's weights and architecture, `dvae.encoder_sha256`),
+                 vocab_size, input_size, grid, downsample, arch}
     views       {count V, seed, config (ViewConfig), params, jitter, renderer}
-    source      {kind, root, images, fingerprint (sha256 of sorted relative paths and sizes), classes}
+    source      {kind, images, fingerprint (sha256 of sorted relative paths and sizes), classes}
+    source_root, tokenizer_path     where the images and the tokenizer were (hints for verify)
     class_names [...]
     chunk_images, grid [gh, gw], counts {images, done, failed} (when complete)
     complete    true, written last

@@ -240,6 +240,10 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
     check_grid(cfg.input_size, model_cfg)
     files = list_images(images)
     train_files, held_files = split_files(files, cfg.held_out, cfg.seed)
+    if not train_files:
+        raise ValueError(
+            f"held_out={cfg.held_out} leaves none of the {len(files)} images of {images} for training: lower held_out."
+        )
     torch.manual_seed(cfg.seed)
     model = DVAE(model_cfg).to(device, memory_format=torch.channels_last).train()  # faster convs, CPU and GPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -247,11 +251,14 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
     checkpoint = out.with_suffix(".ckpt.pt")
     step = 0
     if resume and checkpoint.exists():
-        state, meta = load_checkpoint(checkpoint)
-        if meta.get("config") != asdict(cfg):
+        try:
+            state, meta = load_checkpoint(checkpoint)
+        except ValueError as error:
+            raise ValueError(f"{error} Pass --no-resume to start over.") from None
+        if meta.get("config") != asdict(cfg) or meta.get("images") != str(images):
             raise ValueError(
-                f"{checkpoint} was written with another config: rerun with the same settings, "
-                "or pass --no-resume to start over."
+                f"{checkpoint} was written for other images or another config: rerun with the same "
+                "IMAGES and settings, or pass --no-resume to start over."
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

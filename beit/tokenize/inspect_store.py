@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from beit.shared.decode import ImageBatches
-from beit.shared.dvae import load_tokenizer, sha256_file
+from beit.shared.dvae import encoder_sha256, load_tokenizer
 from beit.shared.store import DONE, StoreError, TokenStore
 from beit.shared.views import render_builder
 
@@ -71,15 +71,15 @@ def verify_store(
     """Render `sample` done images' recorded views again, tokenize them, compare with the store."""
     store = TokenStore.open(location)
     attrs = store.attrs
-    if sha256_file(tokenizer_path) != attrs["tokenizer"]["sha256"]:
-        raise StoreError(
-            f"{tokenizer_path} is not the tokenizer {location} was made with (sha256 "
-            f"{attrs['tokenizer']['sha256'][:16]}...): pass that tokenizer to --tokenizer."
-        )
     torch_device = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
     tokenizer = load_tokenizer(tokenizer_path, torch_device)
+    if encoder_sha256(tokenizer) != attrs["tokenizer"]["sha256"]:
+        raise StoreError(
+            f"{tokenizer_path} is not the tokenizer {location} was made with (encoder sha256 "
+            f"{attrs['tokenizer']['sha256'][:16]}...): pass that tokenizer to --tokenizer."
+        )
     status = store.status()
     done = np.flatnonzero(status == DONE)
     chosen = np.sort(np.random.default_rng(seed).choice(done, size=min(sample, len(done)), replace=False))

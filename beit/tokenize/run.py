@@ -25,7 +25,7 @@ import torch
 
 from beit.shared.decode import ImageBatches
 from beit.shared.dist import init_dist
-from beit.shared.dvae import check_grid, load_tokenizer, sha256_file
+from beit.shared.dvae import check_grid, encoder_sha256, load_tokenizer
 from beit.shared.images import read_source
 from beit.shared.store import DONE, FAILED, TokenStore
 from beit.shared.views import JITTER_PLACEMENT, PARAMS, ViewConfig, draw_views, render_builder, shape_builder
@@ -95,7 +95,7 @@ def tokenize(
     identity = {
         "tokenizer": {
             "kind": "dall-e-dvae",
-            "sha256": sha256_file(tokenizer_path),
+            "sha256": encoder_sha256(tokenizer),
             "vocab_size": tokenizer.cfg.vocab_size,
             "input_size": view_cfg.tokenizer_size,
             "grid": [token_side, token_side],
