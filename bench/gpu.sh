@@ -15,3 +15,4 @@ python3 bench/train_step.py --models base --batch 256 "${peer[@]}" --json "$out/
 python3 bench/train_step.py --models base --batch 256 --compile "${peer[@]}" --json "$out/train_step_base_compile.json" 2>&1 | tee "$out/train_step_base_compile.txt"
 python3 bench/train_step.py --models tiny --batch 256 "${peer[@]}" --json "$out/train_step_tiny.json" 2>&1 | tee "$out/train_step_tiny.txt"
 python3 bench/dvae.py --batch 256 --json "$out/dvae_released.json" 2>&1 | tee "$out/dvae_released.txt"
+python3 bench/tokenize_throughput.py --released --images 2000 --json "$out/tokenize_released.json" 2>&1 | tee "$out/tokenize_released.txt"

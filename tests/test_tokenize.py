@@ -187,6 +187,17 @@ def test_two_ranks_make_the_same_store_as_one(data, reference, tmp_path):
     assert_same_store(store, reference[0])
 
 
+def test_a_store_at_an_fsspec_url(data, reference, tmp_path):
+    source, tokenizer = data
+    url = f"file://{tmp_path}/remote/store"
+    result = beit("tokenize", source, url, "--tokenizer", tokenizer, *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_store(tmp_path / "remote" / "store", reference[0])
+    assert (tmp_path / "remote" / "store.metrics.json").exists()
+    result = beit("store", "verify", url, "--sample", "3")
+    assert result.returncode == 0 and "100.00% of tokens" in result.stdout
+
+
 def exif_rotated_jpeg(path: Path) -> None:
     """A 48x96 (w x h) JPEG whose EXIF says 'rotate 90 degrees clockwise' (orientation 6)."""
     image = Image.new("RGB", (48, 96), (200, 30, 30))

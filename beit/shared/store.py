@@ -61,6 +61,17 @@ def _zarr():
     return zarr
 
 
+def _open_group(location: str, mode: str):
+    """zarr.open_group for a local path or an fsspec URL (file:// gets its folders made)."""
+    zarr = _zarr()
+    options = {"auto_mkdir": True} if location.startswith("file://") else None
+    return (
+        zarr.open_group(location, mode=mode, storage_options=options)
+        if options
+        else zarr.open_group(location, mode=mode)
+    )
+
+
 def _differences(stored: Any, wanted: Any, prefix: str) -> list[str]:
     if isinstance(stored, dict) and isinstance(wanted, dict):
         out = []
@@ -84,10 +95,9 @@ class TokenStore:
 
     @classmethod
     def open(cls, location: str | Path, mode: str = "r", require_complete: bool = True) -> TokenStore:
-        zarr = _zarr()
         location = str(location)
         try:
-            group = zarr.open_group(location, mode=mode)
+            group = _open_group(location, mode)
         except Exception as error:
             raise StoreError(
                 f"{location} is not a token store ({error}): pass a folder written by `beit tokenize`."
@@ -126,7 +136,7 @@ class TokenStore:
         zarr = _zarr()
         location = str(location)
         try:
-            existing = zarr.open_group(location, mode="r")
+            existing = _open_group(location, "r")
         except Exception:
             existing = None
         if existing is not None and not overwrite:
@@ -151,10 +161,10 @@ class TokenStore:
                     + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
                     + "): use another STORE path, or --overwrite to replace it."
                 )
-            return cls(zarr.open_group(location, mode="r+"), location)
+            return cls(_open_group(location, "r+"), location)
 
         n = len(keys)
-        group = zarr.open_group(location, mode="w")
+        group = _open_group(location, "w")
         group.update_attributes({"format": FORMAT, "version": VERSION, "creating": True})
         gh, gw = identity["grid"]
         views = identity["views"]["count"]

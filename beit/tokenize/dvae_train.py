@@ -37,6 +37,7 @@ from beit.shared.checkpoint import load_checkpoint, save_checkpoint
 from beit.shared.decode import ImageBatches
 from beit.shared.dvae import DVAE, DVAEConfig, check_grid, map_pixels, save_tokenizer, unmap_pixels
 from beit.shared.images import list_images
+from beit.shared.progress import progress_bar
 
 
 @dataclass
@@ -221,8 +222,6 @@ def evaluate(model: DVAE, stream: CropStream, batches: int) -> dict:
 
 def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = True, progress: bool = True) -> dict:
     """Train a dVAE on `images` and write it to `out`; returns the final report."""
-    from tqdm import tqdm
-
     out = Path(out)
     device = torch.device(
         "cuda"
@@ -266,7 +265,7 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
         print(f"resuming from {checkpoint} at step {step}", flush=True)
     stream = CropStream(train_files, cfg, cfg.seed, device, start_batch=step)
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="dvae", unit="step")
+    bar = progress_bar(total=cfg.steps, initial=step, disable=not progress, desc="dvae", unit="step")
     start, seen = time.perf_counter(), 0
     counts = torch.zeros(cfg.vocab_size, dtype=torch.long, device=device)
     while step < cfg.steps:

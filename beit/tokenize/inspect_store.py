@@ -16,7 +16,7 @@ from beit.shared.views import render_builder
 
 
 def _size_on_disk(location: str) -> int | None:
-    path = Path(location)
+    path = Path(location.removeprefix("file://"))
     if not path.exists():
         return None
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

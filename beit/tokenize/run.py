@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import fsspec
 import numpy as np
 import torch
 
@@ -27,6 +28,7 @@ from beit.shared.decode import ImageBatches
 from beit.shared.dist import init_dist
 from beit.shared.dvae import check_grid, encoder_sha256, load_tokenizer
 from beit.shared.images import read_source
+from beit.shared.progress import progress_bar
 from beit.shared.store import DONE, FAILED, TokenStore
 from beit.shared.views import JITTER_PLACEMENT, PARAMS, ViewConfig, draw_views, render_builder, shape_builder
 
@@ -67,8 +69,6 @@ def tokenize(
     progress: bool = True,
 ) -> dict:
     """Run stage 1; returns the summary (also written as JSON next to a local store)."""
-    from tqdm import tqdm
-
     dist = init_dist()
     device = _device(cfg, dist.local_rank)
     device_id = device.index if device.type == "cuda" else None
@@ -144,7 +144,7 @@ def tokenize(
     timing = {"peek": 0.0, "decode_render": 0.0, "encoder": 0.0, "write": 0.0}
     done_images = failed_images = 0
     start_time = time.perf_counter()
-    bar = tqdm(
+    bar = progress_bar(
         total=sum(stop - start for start, stop in mine),
         disable=not progress,
         unit="img",
@@ -219,7 +219,9 @@ def tokenize(
         counts = store.mark_complete()
         summary.update(counts)
         summary["failures"] = store.failures()
-        if not str(store_path).startswith(("s3:", "gs:", "gcs:", "az:", "abfs:", "http:", "https:", "memory:")):
-            Path(f"{str(store_path).rstrip('/')}.metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with fsspec.open(  # a local path or the store's own URL scheme: the metrics sit beside the store
+            f"{str(store_path).rstrip('/')}.metrics.json", "w"
+        ) as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
     dist.close()
     return summary
