@@ -76,10 +76,51 @@ def tokenize(
         raise typer.Exit(3)
 
 
-@app.command(context_settings=_PENDING)
-def pretrain(ctx: typer.Context) -> None:
+@app.command()
+def pretrain(
+    store: Annotated[str, typer.Argument(help="token store made by `beit tokenize`")],
+    out: Annotated[Path, typer.Option("--out", help="run folder: config, metrics.jsonl, checkpoint.pt")],
+    model: Annotated[Optional[str], typer.Option(help="tiny | small | base | large")] = None,  # noqa: UP045
+    epochs: Annotated[Optional[int], typer.Option(help="default 800")] = None,  # noqa: UP045
+    batch_size: Annotated[Optional[int], typer.Option(help="per rank (default 64)")] = None,  # noqa: UP045
+    lr: Annotated[Optional[float], typer.Option(help="effective learning rate")] = None,  # noqa: UP045
+    blr: Annotated[Optional[float], typer.Option(help="lr at an effective batch of 2048 (1.5e-3)")] = None,  # noqa: UP045
+    warmup_epochs: Annotated[Optional[float], typer.Option(help="default 10")] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
+    targets: Annotated[Optional[str], typer.Option(help="cached | online | pixels")] = None,  # noqa: UP045
+    mask: Annotated[Optional[str], typer.Option(help="block | random")] = None,  # noqa: UP045
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of PretrainConfig keys")] = None,  # noqa: UP045
+    set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set model.depth=6")] = [],  # noqa: B006
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="start over, ignoring a checkpoint in --out")] = False,
+) -> None:
     """Stage 2: pre-train a BEiT ViT from a token store's views and cached tokens."""
-    _pending("pretrain")
+    from beit.shared.checkpoint import CheckpointError
+    from beit.shared.config import ConfigError, load_config
+    from beit.shared.store import StoreError
+    from beit.train.pretrain import PretrainConfig
+    from beit.train.pretrain import pretrain as run_pretrain
+
+    explicit = {
+        "model.preset": model,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "blr": blr,
+        "warmup_epochs": warmup_epochs,
+        "seed": seed,
+        "targets": targets,
+        "mask": mask,
+    }
+    overrides = [*set_, *(f"{k}={v}" for k, v in explicit.items() if v is not None)]
+    try:
+        cfg = load_config(PretrainConfig, config, overrides)
+        result = run_pretrain(store, out, cfg, resume=not no_resume)
+    except (ConfigError, StoreError, CheckpointError, ValueError) as error:
+        _fail(error)
+    typer.echo(
+        f"pre-trained {result['steps']} steps (effective batch {result['effective_batch']}, lr "
+        f"{result['effective_lr']:.3g}); checkpoint {result['checkpoint']}"
+    )
 
 
 @app.command(context_settings=_PENDING)

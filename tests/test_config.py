@@ -81,3 +81,12 @@ def test_bad_files(tmp_path):
     (tmp_path / "typo.toml").write_text("[optim]\nlearning_rate = 3e-4\n")
     with pytest.raises(ConfigError, match="unknown config key optim.learning_rate"):
         load_config(Run, tmp_path / "typo.toml")
+
+
+def test_a_table_refines_the_fields_own_default():
+    @dataclass
+    class Outer:
+        model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny", image_size=0))
+
+    cfg = load_config(Outer, None, ["model.depth=2"])
+    assert (cfg.model.preset, cfg.model.image_size, cfg.model.depth) == ("tiny", 0, 2)

@@ -94,7 +94,14 @@ def _build(cls: type[T], table: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(table) - names)
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]}: known keys here are {', '.join(sorted(names))}.")
-    return cls(**{name: _convert(prefix + name, value, hints[name]) for name, value in table.items()})
+    values = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in table.items():
+        factory = fields[name].default_factory
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]) and factory is not dataclasses.MISSING:
+            value = {**to_dict(factory()), **value}  # a table refines the field's own default, not the class's
+        values[name] = _convert(prefix + name, value, hints[name])
+    return cls(**values)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -162,10 +162,11 @@ def shape_builder(threads: int = 2):
     return build
 
 
-def render_builder(views: int, size: int, kind: str, threads: int = 2):
+def render_builder(views: int, size: int, kind: str, threads: int = 2, twin: tuple[int, str] | None = None):
     """Pipeline factory for `ImageBatches`: one decode of each image, then `views` renderings
     from the parameter inputs "view0" .. "view{views-1}" (float32 [8] each) -> `views` outputs
-    [3, size, size] float32 per image."""
+    [3, size, size] float32 per image; with `twin` = (size, kind), each view is rendered a
+    second time at that size too (outputs view0, twin0, view1, twin1, ...)."""
     from nvidia.dali import fn, pipeline_def, types
 
     def build(batch_size: int, device_id: int | None, seed: int):
@@ -184,6 +185,8 @@ def render_builder(views: int, size: int, kind: str, threads: int = 2):
             for v in range(views):
                 params = fn.external_source(name=f"view{v}", dtype=types.FLOAT, ndim=1)
                 outputs.append(render(images, params, size, kind))
+                if twin is not None:
+                    outputs.append(render(images, params, *twin))
             return tuple(outputs)
 
         return pipeline()

@@ -1,0 +1,164 @@
+"""Pre-training batches from a token store: the pixels of recorded views, their cached tokens,
+and blockwise masks.
+
+The plan is a pure function of (seed, epoch, step), so any rank and any restart gets the same
+samples. Epoch e visits the store's done images (never the failed ones) in a permutation drawn
+from (seed, e); each image shows one of its V views, cycling through all V in an order drawn
+afresh every V epochs. Global step s of an epoch takes positions [s*B*W, (s+1)*B*W) of that
+order (B per-rank batch, W ranks; the tail that does not fill a global batch is left for the
+next epoch's fresh order); rank r takes the r-th B of them. Masks come from a generator keyed
+by (seed, epoch, image).
+
+Pixels are rendered by `beit.shared.views.render` at the store's patch size (bicubic, ImageNet
+normalisation) from the original files (the store's source_root + key) or, when the files are
+not there, from the store's embedded images; with `twin`, the tokenizer-size view is rendered
+too (for online targets and for checking the store). Tokens are read once into memory.
+A background thread prepares the next batches while the model trains.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from beit.shared.decode import ImageBatches
+from beit.shared.masking import block_mask, random_mask
+from beit.shared.store import DONE, StoreError, TokenStore
+from beit.shared.views import render_builder
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor  # [B, 3, S, S] float32, ImageNet-normalised
+    tokens: torch.Tensor  # [B, gh * gw] int64, the cached targets
+    mask: torch.Tensor  # [B, gh * gw] bool, True = masked
+    images: np.ndarray  # [B] store indices
+    twin: torch.Tensor | None = None  # [B, 3, s, s] in [0, 1], the tokenizer-size view
+
+
+class PretrainData:
+    def __init__(
+        self,
+        location: str,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        mask: str = "block",
+        mask_count: int = 0,
+        min_block: int = 0,
+        twin: bool = False,
+        threads: int = 2,
+        device_id: int | None = None,
+    ):
+        self.store = TokenStore.open(location)
+        attrs = self.store.attrs
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.tokens = self.store.tokens()  # [N, V, gh, gw], in memory: random zarr reads are slow
+        self.grid = self.store.grid
+        patches = self.grid[0] * self.grid[1]
+        # 0: BEiT's 75 patches and 16-patch minimum blocks of a 14x14 grid, scaled to this grid
+        self.mask_kind = mask
+        self.mask_count = mask_count or max(1, round(75 * patches / 196))
+        self.min_block = min_block or max(1, round(16 * patches / 196))
+        self.views = self.store.views_per_image
+        self.params = self.store.group["views"][:]
+        self.done = np.flatnonzero(self.store.status() == DONE)
+        self.steps_per_epoch = len(self.done) // (batch_size * world)
+        if self.steps_per_epoch == 0:
+            raise StoreError(
+                f"{location} has {len(self.done)} tokenized images, fewer than one global batch "
+                f"({batch_size} x {world} ranks): lower --batch-size."
+            )
+        self.image_size = attrs["views"]["config"]["image_size"]
+        self.tokenizer_size = attrs["tokenizer"]["input_size"]
+        root = Path(attrs.get("source_root", "."))
+        keys = self.store.group["keys"][:]
+        self.files = [root / str(k) for k in keys]
+        self.embedded = None
+        if "images" in self.store.group and not all(self.files[i].exists() for i in self.done[:16]):
+            self.embedded = self.store.group["images"][:]  # the source files are gone: use the store's copies
+        twin_render = (self.tokenizer_size, "tokenizer") if twin else None
+        self.renders = ImageBatches(
+            render_builder(1, self.image_size, "patches", threads, twin=twin_render), batch_size, device_id, seed
+        )
+
+    # ---------------------------------------------------------------- the plan
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return self.done[np.random.default_rng([self.seed, epoch]).permutation(len(self.done))]
+
+    def view_of(self, image: int, epoch: int) -> int:
+        cycle, turn = divmod(epoch, self.views)
+        return int(np.random.default_rng([self.seed, image, cycle, 1]).permutation(self.views)[turn])
+
+    def mask_of(self, image: int, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, image, 2])
+        if self.mask_kind == "random":
+            return random_mask(rng, self.grid, self.mask_count)
+        return block_mask(rng, self.grid, self.mask_count, min_block=self.min_block)
+
+    def images_at(self, step: int) -> tuple[int, np.ndarray]:
+        """(epoch, this rank's store indices) for global step `step`."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.batch_size * self.world + self.rank * self.batch_size
+        return epoch, self.epoch_order(epoch)[start : start + self.batch_size]
+
+    # ---------------------------------------------------------------- batches
+
+    def batch(self, step: int) -> Batch:
+        epoch, images = self.images_at(step)
+        views = [self.view_of(int(i), epoch) for i in images]
+        items = [bytes(self.embedded[i]) if self.embedded is not None else self.files[i] for i in images]
+        feeds = {"view0": [self.params[i, v] for i, v in zip(images, views, strict=True)]}
+        outputs, kept = self.renders.run(items, feeds)
+        if len(kept) != len(images):
+            bad = [str(self.files[images[j]]) for j in range(len(images)) if j not in kept]
+            raise StoreError(
+                f"could not read {', '.join(bad[:3])} although the store tokenized it: the source changed "
+                "since tokenization; restore it, or tokenize again with --embed-images."
+            )
+        tokens = np.stack([self.tokens[i, v] for i, v in zip(images, views, strict=True)]).reshape(len(images), -1)
+        mask = np.stack([self.mask_of(int(i), epoch).reshape(-1) for i in images])
+        return Batch(
+            pixels=torch.from_numpy(outputs[0]),
+            tokens=torch.from_numpy(tokens.astype(np.int64)),
+            mask=torch.from_numpy(mask),
+            images=images,
+            twin=torch.from_numpy(outputs[1]) if len(outputs) > 1 else None,
+        )
+
+    def stream(self, start_step: int, depth: int = 2):
+        """Batches from global step `start_step` on, prepared `depth` ahead in a thread."""
+        out: queue.Queue = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+
+        def work():
+            step = start_step
+            try:
+                while not stop.is_set():
+                    out.put((step, self.batch(step)))
+                    step += 1
+            except BaseException as error:  # hand it to the consumer
+                out.put((None, error))
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            while True:
+                step, item = out.get()
+                if step is None:
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)

@@ -1,0 +1,296 @@
+"""Stage 2: pre-train a BEiT ViT from a token store.
+
+    beit pretrain STORE --out runs/pt --model base --epochs 800 --batch-size 64
+    torchrun --nproc_per_node 8 -m beit pretrain STORE --out runs/pt --model base
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m beit pretrain STORE --out runs/pt
+
+Each step: the pixels of one recorded view per image (rendered by DALI from the source), its
+cached token grid as the target, a blockwise mask; the ViT predicts the tokens of the masked
+patches (cross-entropy); AdamW with the released parameter groups, warm-up + cosine, gradient
+clipping, bf16 autocast on a GPU. No step runs the tokenizer, except with `targets = "online"`
+(the reference code's way: the dVAE on the 112 px twin of the view at every step); `targets =
+"pixels"` regresses each masked patch's normalised pixels instead (the paper's ablation), and
+`mask = "random"` replaces blockwise masking.
+
+RUN_DIR gets config.toml (the resolved config), metrics.jsonl (one object per logged step) and
+checkpoint.pt (+ .json), written atomically every `checkpoint_every` steps and at the end.
+Running the same command again resumes from it: same data position, RNG states and optimizer,
+so on the CPU a resumed run's losses equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from beit.shared.checkpoint import load_checkpoint, save_checkpoint
+from beit.shared.config import to_dict, to_toml
+from beit.shared.dist import init_dist
+from beit.shared.model import BeitForMIM, ModelConfig, mim_loss
+from beit.shared.progress import progress_bar
+from beit.shared.store import StoreError
+from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from beit.train.data import PretrainData
+
+
+@dataclass
+class PretrainConfig:
+    # image_size / vocab_size 0: take them from the store
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="base", image_size=0, vocab_size=0))
+    epochs: int = 800
+    batch_size: int = 64  # per rank
+    accumulation: int = 1
+    lr: float | None = None  # the effective lr; none: blr x effective batch / 2048
+    blr: float = 1.5e-3  # lr at an effective batch of 2048
+    min_lr: float = 1e-5
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 3.0
+    seed: int = 0
+    targets: Literal["cached", "online", "pixels"] = "cached"
+    mask: Literal["block", "random"] = "block"
+    mask_count: int = 0  # 0: 75 of 196 patches, scaled to the grid
+    log_every: int = 20
+    checkpoint_every: int = 1000
+    compile: bool = False
+    threads: int = 2
+    device: str = "auto"
+
+
+def lr_at(step: int, base: float, minimum: float, warmup: int, total: int) -> float:
+    """Linear warm-up from 0 to `base` over `warmup` steps, then cosine to `minimum` at `total`."""
+    if step < warmup:
+        return base * step / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The released groups: no weight decay on biases, norms (1-D parameters) and the names
+    the model lists (cls token)."""
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 or name.endswith(".bias") or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def pixel_targets(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, 3, H, W] ImageNet-normalised -> [B, N, patch*patch*3] per-patch normalised pixels."""
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
+    x = pixels * std + mean
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, patch * patch * c)
+    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+
+
+def _check_model(cfg: PretrainConfig, data: PretrainData, location: str) -> ModelConfig:
+    model_cfg = ModelConfig(**to_dict(cfg.model))
+    store_vocab = data.store.attrs["tokenizer"]["vocab_size"]
+    model_cfg.image_size = model_cfg.image_size or data.image_size
+    model_cfg.vocab_size = model_cfg.vocab_size or store_vocab
+    model_cfg = model_cfg.resolved()
+    if model_cfg.grid != data.grid:
+        raise StoreError(
+            f"the model's patch grid {model_cfg.grid} ({model_cfg.image_size} px / {model_cfg.patch_size}) does not "
+            f"match {location}'s token grid {data.grid}: set model.image_size={data.image_size} (or leave it 0)."
+        )
+    if cfg.targets != "pixels" and model_cfg.vocab_size != store_vocab:
+        raise StoreError(
+            f"model.vocab_size {model_cfg.vocab_size} does not match {location}'s tokenizer vocabulary {store_vocab}: "
+            "leave model.vocab_size 0 to take it from the store."
+        )
+    if cfg.targets == "pixels":
+        model_cfg.vocab_size = model_cfg.patch_size**2 * 3  # the head regresses a patch's pixels
+    return model_cfg
+
+
+def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, progress: bool = True) -> dict:
+    dist = init_dist()
+    device = torch.device(
+        (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    device_id = device.index if device.type == "cuda" else None
+    out = Path(out)
+    data = PretrainData(
+        store,
+        cfg.batch_size,
+        cfg.seed,
+        dist.rank,
+        dist.world,
+        cfg.mask,
+        cfg.mask_count,
+        twin=cfg.targets == "online",
+        threads=cfg.threads,
+        device_id=device_id,
+    )
+    model_cfg = _check_model(cfg, data, store)
+    tokenizer = None
+    if cfg.targets == "online":
+        from beit.shared.dvae import encoder_sha256, load_tokenizer
+
+        path = data.store.attrs.get("tokenizer_path")
+        if not path or not Path(path).exists():
+            raise StoreError(f"--targets online needs {store}'s tokenizer, and its recorded path {path} is gone.")
+        tokenizer = load_tokenizer(path, device)
+        if encoder_sha256(tokenizer) != data.store.attrs["tokenizer"]["sha256"]:
+            raise StoreError(f"{path} is no longer the tokenizer {store} was made with.")
+
+    torch.manual_seed(cfg.seed)
+    model = BeitForMIM(model_cfg).to(device)
+    effective_batch = cfg.batch_size * dist.world * cfg.accumulation
+    lr = cfg.lr if cfg.lr is not None else cfg.blr * effective_batch / 2048
+    steps_per_epoch = data.steps_per_epoch // cfg.accumulation
+    total = max(1, round(cfg.epochs * steps_per_epoch))
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda"
+    )
+    identity = {
+        "config": to_dict(cfg),
+        "store_fingerprint": data.store.attrs["source"]["fingerprint"],
+        "tokenizer": data.store.attrs["tokenizer"]["sha256"],
+        "world_size": dist.world,
+    }
+
+    step = 0
+    checkpoint = out / "checkpoint.pt"
+    if resume and checkpoint.exists():
+        state, meta = load_checkpoint(checkpoint)
+        theirs = {k: meta.get(k) for k in identity}
+        if json.loads(json.dumps(theirs)) != json.loads(json.dumps(identity)):
+            changed = [k for k in identity if json.dumps(theirs[k]) != json.dumps(identity[k])]
+            raise StoreError(
+                f"{checkpoint} is from another run ({', '.join(changed)} differ): use another --out, or --no-resume "
+                "to start over here."
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        step = meta["step"]
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(to_toml(cfg))
+        _truncate_metrics(out / "metrics.jsonl", step)
+    trained = model
+    if dist.world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device_id is not None else None
+        )
+    forward = torch.compile(trained) if cfg.compile else trained
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    stream = data.stream(step * cfg.accumulation)
+    bar = progress_bar(total=total, initial=step, disable=not (progress and dist.main), unit="step", desc="pretrain")
+    sums = torch.zeros(3, device=device)  # loss, correct, predictions since the last log
+    wait, logged_at = 0.0, step
+    last_log, images_since = time.perf_counter(), 0
+    while step < total:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, lr, cfg.min_lr, warmup, total)
+        for micro in range(cfg.accumulation):
+            t0 = time.perf_counter()
+            batch = next(stream)
+            wait += time.perf_counter() - t0
+            pixels = batch.pixels.to(device, non_blocking=True)
+            mask = batch.mask.to(device, non_blocking=True)
+            if cfg.targets == "online":
+                targets = tokenizer.tokenize(
+                    batch.twin.to(device), dtype=torch.float16 if device.type == "cuda" else None
+                )
+                targets = targets.flatten(1)
+            else:
+                targets = batch.tokens.to(device, non_blocking=True)
+            sync = micro == cfg.accumulation - 1 or dist.world == 1
+            context = trained.no_sync() if not sync else contextlib.nullcontext()  # no all-reduce mid-accumulation
+            with context, autocast:
+                output = forward(pixels, mask)
+                if cfg.targets == "pixels":
+                    loss = F.mse_loss(output.float(), pixel_targets(pixels, model_cfg.patch_size)[mask])
+                else:
+                    loss = mim_loss(output, targets, mask)
+            (loss / cfg.accumulation).backward()
+            with torch.no_grad():
+                sums[0] += loss.detach()
+                if cfg.targets != "pixels":
+                    sums[1] += (output.argmax(-1) == targets[mask]).sum()
+                    sums[2] += mask.sum()
+            images_since += pixels.shape[0]
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            values = sums.tolist()  # the one host synchronisation, at logging intervals
+            elapsed = time.perf_counter() - last_log
+            row = {
+                "step": step,
+                "epoch": step / max(steps_per_epoch, 1),
+                "loss": values[0] / ((step - logged_at) * cfg.accumulation),
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm),
+                "images_per_s": images_since * dist.world / elapsed,
+                "data_wait": wait / elapsed,
+            }
+            if cfg.targets != "pixels":
+                row["mim_accuracy"] = values[1] / max(values[2], 1)
+            if dist.main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}",
+                    acc=f"{row.get('mim_accuracy', 0):.3f}",
+                    img_s=f"{row['images_per_s']:.0f}",
+                    wait=f"{row['data_wait']:.2f}",
+                )
+            sums.zero_()
+            wait, images_since, last_log, logged_at = 0.0, 0, time.perf_counter(), step
+        if step % cfg.checkpoint_every == 0 or step == total:
+            if dist.main:
+                rng = {"torch": torch.get_rng_state()}
+                if device.type == "cuda":
+                    rng["cuda"] = torch.cuda.get_rng_state()
+                save_checkpoint(
+                    checkpoint,
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng},
+                    {
+                        "kind": "pretrain",
+                        "step": step,
+                        "epoch": step / max(steps_per_epoch, 1),
+                        "data_position": {"micro_batch": step * cfg.accumulation},
+                        "effective_lr": lr,
+                        "effective_batch": effective_batch,
+                        "seed": cfg.seed,
+                        "model": to_dict(model_cfg),
+                        "store": store,
+                        **identity,
+                    },
+                )
+            dist.barrier()
+    bar.close()
+    stream.close()
+    dist.close()
+    return {"steps": step, "effective_lr": lr, "effective_batch": effective_batch, "checkpoint": str(checkpoint)}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint: they are logged again."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
