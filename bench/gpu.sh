@@ -16,3 +16,4 @@ python3 bench/train_step.py --models base --batch 256 --compile "${peer[@]}" --j
 python3 bench/train_step.py --models tiny --batch 256 "${peer[@]}" --json "$out/train_step_tiny.json" 2>&1 | tee "$out/train_step_tiny.txt"
 python3 bench/dvae.py --batch 256 --json "$out/dvae_released.json" 2>&1 | tee "$out/dvae_released.txt"
 python3 bench/tokenize_throughput.py --released --images 2000 --json "$out/tokenize_released.json" 2>&1 | tee "$out/tokenize_released.txt"
+python3 bench/pretrain_throughput.py --models base --batch 256 --images 4096 --steps 30 --json "$out/pretrain_base.json" 2>&1 | tee "$out/pretrain_base.txt"

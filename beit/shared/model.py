@@ -269,19 +269,26 @@ class BeitForMIM(BeitBackbone):
         self.init_weights(conv=True)
         nn.init.trunc_normal_(self.mask_token, std=self.cfg.init_std)
 
-    def forward(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """pixels [B, 3, H, W], mask [B, N] bool -> logits [M, vocab] for the M masked patches,
-        in row-major order of (sample, patch)."""
+        in row-major order of (sample, patch). `index` (the M flat positions of `mask`, made
+        where the mask was made) spares the GPU a host synchronisation on mask.nonzero()."""
         x = self.norm(self.encode(pixels, mask, self.mask_token))[:, 1:]
-        return self.lm_head(x[mask])
+        if index is None:
+            index = mask.flatten().nonzero().squeeze(1)
+        return self.lm_head(x.flatten(0, 1).index_select(0, index))
 
 
-def mim_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mim_loss(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cross-entropy over masked positions only. logits [M, vocab] from `BeitForMIM`,
-    targets [B, N] token ids, mask [B, N] bool."""
+    targets [B, N] token ids, mask [B, N] bool (or `index`, its M flat positions)."""
     if logits.shape[0] == 0:
         raise ValueError("no masked patches in this batch: a MIM loss needs at least one (check the mask count).")
-    return F.cross_entropy(logits.float(), targets[mask].long())
+    if index is None:
+        index = mask.flatten().nonzero().squeeze(1)
+    return F.cross_entropy(logits.float(), targets.flatten().index_select(0, index).long())
 
 
 class BeitClassifier(BeitBackbone):

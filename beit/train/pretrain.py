@@ -150,6 +150,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
 
     torch.manual_seed(cfg.seed)
     model = BeitForMIM(model_cfg).to(device)
+    torch.manual_seed(cfg.seed + dist.rank)  # one weight init everywhere, stochastic depth per rank
     effective_batch = cfg.batch_size * dist.world * cfg.accumulation
     lr = cfg.lr if cfg.lr is not None else cfg.blr * effective_batch / 2048
     steps_per_epoch = data.steps_per_epoch // cfg.accumulation
@@ -208,6 +209,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
             wait += time.perf_counter() - t0
             pixels = batch.pixels.to(device, non_blocking=True)
             mask = batch.mask.to(device, non_blocking=True)
+            index = batch.mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # no device sync
             if cfg.targets == "online":
                 targets = tokenizer.tokenize(
                     batch.twin.to(device), dtype=torch.float16 if device.type == "cuda" else None
@@ -218,17 +220,18 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
             sync = micro == cfg.accumulation - 1 or dist.world == 1
             context = trained.no_sync() if not sync else contextlib.nullcontext()  # no all-reduce mid-accumulation
             with context, autocast:
-                output = forward(pixels, mask)
+                output = forward(pixels, mask, index)
                 if cfg.targets == "pixels":
-                    loss = F.mse_loss(output.float(), pixel_targets(pixels, model_cfg.patch_size)[mask])
+                    patches = pixel_targets(pixels, model_cfg.patch_size)
+                    loss = F.mse_loss(output.float(), patches.flatten(0, 1).index_select(0, index))
                 else:
-                    loss = mim_loss(output, targets, mask)
+                    loss = mim_loss(output, targets, mask, index)
             (loss / cfg.accumulation).backward()
             with torch.no_grad():
                 sums[0] += loss.detach()
                 if cfg.targets != "pixels":
-                    sums[1] += (output.argmax(-1) == targets[mask]).sum()
-                    sums[2] += mask.sum()
+                    sums[1] += (output.argmax(-1) == targets.flatten().index_select(0, index)).sum()
+                    sums[2] += index.numel()
             images_since += pixels.shape[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optimizer.step()
