@@ -288,3 +288,18 @@ def store_verify(
         typer.echo(f"  could not read the source of {key}")
     if report["token_agreement"] != 1.0:
         raise typer.Exit(4)
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="run folders (their metrics.jsonl are overlaid)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("curves.png"),
+) -> None:
+    """Draw a run's training curves (loss, masked-token accuracy, lr, grad norm, images/s, data wait)."""
+    from beit.train.plot import plot_run
+
+    try:
+        drawn = plot_run(runs, out)
+    except ValueError as error:
+        _fail(error)
+    typer.echo(f"wrote {out}: {', '.join(drawn)}")

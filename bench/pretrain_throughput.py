@@ -65,15 +65,18 @@ def main() -> None:
     save_tokenizer(DVAE(DVAEConfig(), with_decoder=False), tokenizer, input_size=112)
     store = work / "store.zarr"
     if not store.exists():
-        tokenize(work / "images", str(store), tokenizer, TokenizeConfig(views=2, batch_size=min(batch, 64),
-                                                                        chunk_images=256, threads=threads),
-                 progress=False)
+        tokenize(
+            work / "images",
+            str(store),
+            tokenizer,
+            TokenizeConfig(views=2, batch_size=min(batch, 64), chunk_images=256, threads=threads),
+            progress=False,
+        )
     device = torch.cuda.get_device_name() if cuda else f"CPU, {threads} cores"
     peak = matmul_peak(torch.device("cuda")) if cuda else None
     print(f"device: {device}; batch {batch}; {steps} timed steps after {steps} warm-up steps; released-size dVAE")
 
-    data = PretrainData(str(store), batch, seed=0, twin=False, threads=threads,
-                        device_id=0 if cuda else None)
+    data = PretrainData(str(store), batch, seed=0, twin=False, threads=threads, device_id=0 if cuda else None)
     for step in range(2):
         data.batch(step)
     start = time.perf_counter()
@@ -82,17 +85,31 @@ def main() -> None:
     pipeline = batch * steps / (time.perf_counter() - start)
     print(f"input pipeline alone: {pipeline:8.1f} images/s")
 
-    results = {"device": device, "batch": batch, "steps": steps, "pipeline_images_per_s": pipeline,
-               "peak_flops": peak, "date": time.strftime("%Y-%m-%d"), "models": {}}
+    results = {
+        "device": device,
+        "batch": batch,
+        "steps": steps,
+        "pipeline_images_per_s": pipeline,
+        "peak_flops": peak,
+        "date": time.strftime("%Y-%m-%d"),
+        "models": {},
+    }
     for preset in args.models.split(","):
         epochs = 2 * steps / data.steps_per_epoch
         rates = {}
         for targets in ("cached", "online"):
             run = work / f"run-{preset}-{targets}"
             shutil.rmtree(run, ignore_errors=True)
-            cfg = PretrainConfig(model=ModelConfig(preset=preset, image_size=0, vocab_size=0), epochs=epochs,
-                                 batch_size=batch, warmup_epochs=0, targets=targets, log_every=steps,
-                                 checkpoint_every=10**9, threads=threads)
+            cfg = PretrainConfig(
+                model=ModelConfig(preset=preset, image_size=0, vocab_size=0),
+                epochs=epochs,
+                batch_size=batch,
+                warmup_epochs=0,
+                targets=targets,
+                log_every=steps,
+                checkpoint_every=10**9,
+                threads=threads,
+            )
             pretrain(str(store), run, cfg, resume=False, progress=False)
             row = timed_interval(run)
             rates[targets] = row
@@ -101,8 +118,10 @@ def main() -> None:
                 flops = train_flops_per_image(ModelConfig(preset=preset), 74.5)
                 row["mfu"] = flops * row["images_per_s"] / peak
                 mfu = f", MFU {row['mfu'] * 100:.1f}%"
-            print(f"{preset:>6} {targets:>6}: {row['images_per_s']:8.1f} images/s, data wait "
-                  f"{row['data_wait'] * 100:.0f}%{mfu}")
+            print(
+                f"{preset:>6} {targets:>6}: {row['images_per_s']:8.1f} images/s, data wait "
+                f"{row['data_wait'] * 100:.0f}%{mfu}"
+            )
         ratio = rates["cached"]["images_per_s"] / rates["online"]["images_per_s"]
         print(f"{preset:>6} cached / online: {ratio:.2f}x")
         results["models"][preset] = {**rates, "ratio": ratio}

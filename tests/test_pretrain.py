@@ -117,6 +117,12 @@ def test_a_few_hundred_steps_lower_the_loss_and_beat_the_majority_token(store, t
     # about 0.46 against a majority-token rate of 0.34; the thresholds leave room for noise.
     assert rows[-1]["loss"] < 0.4 * np.log(128) and rows[-1]["loss"] < 0.8 * rows[0]["loss"]
     assert rows[-1]["mim_accuracy"] > majority + 0.06, (rows[-1], majority)
+    picture = tmp_path / "curves.png"
+    result = beit("plot", run, "-o", picture)
+    assert result.returncode == 0 and "loss, mim_accuracy, lr, grad_norm" in result.stdout, result.stderr
+    assert Image.open(picture).size[0] > 600
+    result = beit("plot", tmp_path, "-o", picture)
+    assert result.returncode == 1 and "has no metrics.jsonl" in result.stderr
 
 
 def test_resume_after_sigkill_repeats_the_uninterrupted_losses(store, tmp_path):
