@@ -123,10 +123,49 @@ def pretrain(
     )
 
 
-@app.command(context_settings=_PENDING)
-def finetune(ctx: typer.Context) -> None:
-    """Fine-tune (or linearly probe) a pre-trained BEiT for classification."""
-    _pending("finetune")
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Argument(help="folder with train/ and val/ ImageFolder trees")],
+    init: Annotated[str, typer.Option(help="pre-trained checkpoint (beit, unilm .pth, timm) or 'none'")],
+    out: Annotated[Path, typer.Option("--out", help="run folder")],
+    model: Annotated[Optional[str], typer.Option(help="tiny | small | base | large")] = None,  # noqa: UP045
+    epochs: Annotated[Optional[int], typer.Option(help="default 100")] = None,  # noqa: UP045
+    batch_size: Annotated[Optional[int], typer.Option(help="per rank (default 64)")] = None,  # noqa: UP045
+    lr: Annotated[Optional[float], typer.Option(help="effective learning rate")] = None,  # noqa: UP045
+    blr: Annotated[Optional[float], typer.Option(help="lr at an effective batch of 1024 (4e-3)")] = None,  # noqa: UP045
+    layer_decay: Annotated[Optional[float], typer.Option(help="layer-wise lr decay (0.65)")] = None,  # noqa: UP045
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of FinetuneConfig keys")] = None,  # noqa: UP045
+    set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set mixup=0")] = [],  # noqa: B006
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="start over, ignoring a checkpoint in --out")] = False,
+) -> None:
+    """Fine-tune a pre-trained BEiT for classification (layer decay, mixup/cutmix, RandAugment)."""
+    from beit.shared.checkpoint import CheckpointError
+    from beit.shared.config import ConfigError, load_config
+    from beit.train.finetune import FinetuneConfig
+    from beit.train.finetune import finetune as run_finetune
+
+    explicit = {
+        "model.preset": model,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "blr": blr,
+        "layer_decay": layer_decay,
+    }
+    overrides = [*set_, f"init={init}", *(f"{k}={v}" for k, v in explicit.items() if v is not None)]
+    try:
+        cfg = load_config(FinetuneConfig, config, overrides)
+        result = run_finetune(data, out, cfg, resume=not no_resume)
+    except (ConfigError, CheckpointError, ValueError) as error:
+        _fail(error)
+    for note in result["notes"]:
+        typer.echo(f"init: {note}")
+    last = result["last"]
+    typer.echo(
+        f"fine-tuned {result['steps']} steps; val top-1 {last.get('top1', float('nan')) * 100:.2f}% "
+        f"(best {result['best_top1'] * 100:.2f}%), top-5 {last.get('top5', float('nan')) * 100:.2f}%; "
+        f"checkpoints in {out}"
+    )
 
 
 @tokenizer_app.command("convert")
@@ -303,3 +342,82 @@ def plot(
     except ValueError as error:
         _fail(error)
     typer.echo(f"wrote {out}: {', '.join(drawn)}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="a fine-tuned checkpoint (best.pt / checkpoint.pt)")],
+    data: Annotated[Path, typer.Argument(help="an ImageFolder tree with the checkpoint's classes")],
+    per_class: Annotated[bool, typer.Option("--per-class", help="print accuracy per class")] = False,
+    batch_size: Annotated[int, typer.Option()] = 64,
+) -> None:
+    """Top-1 / top-5 accuracy and loss of a fine-tuned checkpoint on a labelled set."""
+    import torch
+
+    from beit.shared.checkpoint import CheckpointError, load_checkpoint
+    from beit.shared.images import read_source
+    from beit.shared.model import BeitClassifier, ModelConfig
+    from beit.train.finetune import ClassificationData, FinetuneConfig
+    from beit.train.finetune import evaluate as run_evaluate
+
+    try:
+        state, meta = load_checkpoint(checkpoint)
+        if meta.get("kind") != "finetune":
+            raise ValueError(f"{checkpoint} is a {meta.get('kind')} checkpoint: evaluate a fine-tuned one.")
+        model = BeitClassifier(ModelConfig(**meta["model"]))
+        model.load_state_dict(state["model"])
+        source = read_source(data)
+        names = meta["class_names"]
+        unknown = sorted(set(source.class_names) - set(names))
+        if unknown:
+            raise ValueError(f"{data} has classes the checkpoint does not know ({', '.join(unknown[:5])}).")
+        source.labels = [names.index(source.class_names[label]) for label in source.labels]
+        cfg = FinetuneConfig(batch_size=batch_size)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        loader = ClassificationData(
+            source, model.cfg.image_size, batch_size, False, cfg, device_id=0 if device.type == "cuda" else None
+        )
+        result = run_evaluate(model.to(device), loader, device, len(names))
+    except (CheckpointError, ValueError) as error:
+        _fail(error)
+    typer.echo(
+        f"{result['images']} images: top-1 {result['top1'] * 100:.2f}%, top-5 {result['top5'] * 100:.2f}%, "
+        f"loss {result['loss']:.4f}"
+    )
+    if per_class:
+        for name, (hit, count) in zip(names, result["per_class"], strict=True):
+            if count:
+                typer.echo(f"  {name:<24} {hit / count * 100:6.2f}%  ({hit}/{count})")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="a beit checkpoint (fine-tuned classifier)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="file to write")],
+    format: Annotated[str, typer.Option(help="timm (torch.save state dict) | safetensors")] = "timm",
+) -> None:
+    """Write a classifier's weights in timm's BEiT key layout (loadable by timm's beit_* models)."""
+    import torch
+
+    from beit.shared.checkpoint import CheckpointError, load_checkpoint, to_timm
+
+    try:
+        state, meta = load_checkpoint(checkpoint)
+        if meta.get("kind") != "finetune":
+            raise ValueError(f"{checkpoint} is a {meta.get('kind')} checkpoint: export a fine-tuned classifier.")
+        weights = to_timm(state["model"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if format == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(weights, out)
+        elif format == "timm":
+            torch.save(weights, out)
+        else:
+            raise ValueError(f"--format {format} is not one of timm, safetensors.")
+    except (CheckpointError, ValueError) as error:
+        _fail(error)
+    typer.echo(
+        f"wrote {out}: {len(weights)} tensors in timm's layout ({meta['model'].get('preset')}, "
+        f"{meta['model']['num_classes']} classes)"
+    )

@@ -186,7 +186,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(cfg))
-        _truncate_metrics(out / "metrics.jsonl", step)
+        truncate_metrics(out / "metrics.jsonl", step)
     trained = model
     if dist.world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
@@ -291,7 +291,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
     return {"steps": step, "effective_lr": lr, "effective_batch": effective_batch, "checkpoint": str(checkpoint)}
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop rows logged after the checkpoint: they are logged again."""
     if not path.exists():
         return

@@ -1,0 +1,191 @@
+"""Fine-tuning, evaluation and export on real labelled photos, on the CPU."""
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from photos import COLOUR, GREY, copy_photos
+from PIL import Image
+
+from beit.shared.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
+from beit.shared.model import BeitClassifier, BeitForMIM, ModelConfig
+from beit.train.finetune import layer_decay_groups
+
+MODEL = dict(preset="tiny", image_size=64, width=96, heads=3, depth=2, vocab_size=128)
+ARGS = [
+    "--model",
+    "tiny",
+    "--set",
+    "model.image_size=64",
+    "--set",
+    "model.width=96",
+    "--set",
+    "model.heads=3",
+    "--set",
+    "model.depth=2",
+    "--batch-size",
+    "4",
+    "--lr",
+    "1e-3",
+    "--set",
+    "warmup_epochs=1",
+    "--set",
+    "log_every=1",
+]
+
+
+def beit(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "beit", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """colour vs grey photos: train/ 12 images, val/ 4, as 96 px JPEGs."""
+    root = tmp_path_factory.mktemp("ft")
+    for cls, names in (("colour", COLOUR[:8]), ("grey", GREY[:7] + ["chessboard_GRAY.png"])):
+        for i, path in enumerate(copy_photos(root / "raw", names)):
+            split = "val" if i % 4 == 0 else "train"
+            (root / "data" / split / cls).mkdir(parents=True, exist_ok=True)
+            image = Image.open(path).convert("RGB")
+            scale = 96 / min(image.size)
+            image.resize((round(image.width * scale), round(image.height * scale))).save(
+                root / "data" / split / cls / f"{path.stem}.jpg", quality=90
+            )
+    torch.manual_seed(0)
+    pretrained = root / "pt.pt"
+    save_checkpoint(pretrained, {"model": BeitForMIM(ModelConfig(**MODEL)).state_dict()}, {"kind": "pretrain"})
+    return root / "data", pretrained
+
+
+def test_layer_wise_learning_rates_follow_the_released_formula():
+    model = BeitClassifier(ModelConfig(**{**MODEL, "depth": 4, "num_classes": 5}))
+    groups = layer_decay_groups(model, lr=1.0, weight_decay=0.05, decay=0.65)
+
+    def released_layer_id(name: str) -> int:  # unilm's get_num_layer_for_vit, with num_max_layer = depth + 2
+        if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("rel_pos_bias"):
+            return 5
+        if name.startswith("blocks"):
+            return int(name.split(".")[1]) + 1
+        return 5
+
+    checked = 0
+    for group in groups:
+        for name, p in zip(group["names"], group["params"], strict=True):
+            assert group["lr"] == pytest.approx(0.65 ** (4 + 1 - released_layer_id(name))), name
+            no_decay = p.ndim == 1 or name.endswith(".bias") or name == "cls_token"
+            assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+            checked += 1
+    assert checked == len(list(model.parameters()))
+
+
+def test_finetune_from_pretraining_and_from_scratch(data, tmp_path):
+    folder, pretrained = data
+    for init in (pretrained, "none"):
+        run = tmp_path / ("pt" if init != "none" else "scratch")
+        result = beit("finetune", folder, "--init", init, "--out", run, *ARGS, "--epochs", "3")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "val top-1" in result.stdout
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in rows if "eval_top1" in r]
+        assert len(evals) == 3 and 0.0 <= evals[-1]["eval_top1"] <= 1.0
+        assert (run / "best.pt").exists() and (run / "checkpoint.pt").exists()
+    result = beit("evaluate", tmp_path / "pt" / "best.pt", folder / "val", "--per-class")
+    assert result.returncode == 0 and "4 images: top-1" in result.stdout and "colour" in result.stdout
+
+
+def test_resume_after_sigkill_continues(data, tmp_path):
+    folder, pretrained = data
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "beit",
+        "finetune",
+        str(folder),
+        "--init",
+        str(pretrained),
+        "--out",
+        str(run),
+        *ARGS,
+        "--epochs",
+        "6",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not (run / "checkpoint.json").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    resumed_from = json.loads((run / "checkpoint.json").read_text())["step"]
+    assert 0 < resumed_from < 18
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "eval_top1" not in r]
+    assert [r["step"] for r in rows] == list(range(1, 19))  # continued: no step twice, none missing
+
+
+def test_an_official_layout_checkpoint_fine_tunes_with_no_missing_keys(data, tmp_path):
+    folder, _ = data
+    mim = BeitForMIM(ModelConfig(**MODEL))
+    state = dict(mim.state_dict())
+    for name, buffer in mim.named_buffers():
+        if name.endswith("relative_position_index"):
+            state[name] = buffer
+    torch.save({"model": state, "args": argparse.Namespace(model="beit_tiny")}, tmp_path / "official.pth")
+    result = beit(
+        "finetune", folder, "--init", tmp_path / "official.pth", "--out", tmp_path / "run", *ARGS, "--epochs", "1"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "copied the shared relative position table" in result.stdout
+
+
+def test_export_loads_into_the_timm_layout_with_the_same_logits(data, tmp_path):
+    folder, pretrained = data
+    run = tmp_path / "run"
+    assert beit("finetune", folder, "--init", pretrained, "--out", run, *ARGS, "--epochs", "1").returncode == 0
+    state, meta = load_checkpoint(run / "best.pt")
+    original = BeitClassifier(ModelConfig(**meta["model"])).eval()
+    original.load_state_dict(state["model"])
+    pixels = torch.randn(2, 3, 64, 64)
+    for fmt, name in (("timm", "model.pth"), ("safetensors", "model.safetensors")):
+        result = beit("export", run / "best.pt", "-o", tmp_path / name, "--format", fmt)
+        assert result.returncode == 0, result.stderr
+        exported = BeitClassifier(ModelConfig(**meta["model"])).eval()
+        assert load_pretrained(exported, tmp_path / name) == []  # no missing, unexpected or adapted keys
+        with torch.no_grad():
+            assert torch.equal(exported(pixels), original(pixels))
+
+
+def test_bad_inputs_are_one_clear_error_each(data, tmp_path):
+    folder, pretrained = data
+    bad = tmp_path / "bad"
+    subprocess.run(["cp", "-r", str(folder), str(bad)], check=True)
+    (bad / "val" / "zebra").mkdir()
+    Image.new("RGB", (32, 32)).save(bad / "val" / "zebra" / "z.jpg")
+    result = beit("finetune", bad, "--init", "none", "--out", tmp_path / "r", *ARGS)
+    assert result.returncode == 1 and "val has classes that train/ lacks (zebra)" in result.stderr
+    (bad / "val" / "zebra" / "z.jpg").unlink()
+    result = beit("finetune", bad, "--init", "none", "--out", tmp_path / "r", *ARGS)
+    assert result.returncode == 1 and "is empty" in result.stderr
+    other = tmp_path / "other.pt"
+    save_checkpoint(
+        other, {"model": BeitForMIM(ModelConfig(**{**MODEL, "width": 48})).state_dict()}, {"kind": "pretrain"}
+    )
+    result = beit("finetune", folder, "--init", other, "--out", tmp_path / "r", *ARGS)
+    assert result.returncode == 1 and "does not fit the model" in result.stderr
+    result = beit("finetune", tmp_path / "nowhere", "--init", "none", "--out", tmp_path / "r", *ARGS)
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    result = beit("finetune", folder, "--init", tmp_path / "missing.pt", "--out", tmp_path / "r", *ARGS)
+    assert result.returncode == 1 and "does not exist" in result.stderr
