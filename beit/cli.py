@@ -421,3 +421,31 @@ def export(
         f"wrote {out}: {len(weights)} tensors in timm's layout ({meta['model'].get('preset')}, "
         f"{meta['model']['num_classes']} classes)"
     )
+
+
+@app.command()
+def probe(
+    data: Annotated[Path, typer.Argument(help="folder with train/ and val/ ImageFolder trees")],
+    init: Annotated[str, typer.Option(help="pre-trained checkpoint (beit, unilm .pth, timm) or 'none'")],
+    model: Annotated[str, typer.Option(help="tiny | small | base | large")] = "base",
+    layer: Annotated[Optional[int], typer.Option(help="block whose output to probe (default: the last)")] = None,  # noqa: UP045
+    all_layers: Annotated[bool, typer.Option("--all-layers", help="probe every block")] = False,
+    epochs: Annotated[int, typer.Option(help="epochs of the linear classifier")] = 300,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    set_: Annotated[list[str], typer.Option("--set", help="model keys: --set model.image_size=96")] = [],  # noqa: B006
+) -> None:
+    """Linear probe of a frozen backbone: cls + mean patch token of a block, a linear classifier."""
+    from beit.shared.checkpoint import CheckpointError
+    from beit.shared.config import ConfigError, load_config
+    from beit.train.probe import ProbeConfig
+    from beit.train.probe import probe as run_probe
+
+    try:
+        model_cfg = load_config(ProbeConfig, None, [f"model.preset={model}", *set_]).model.resolved()
+        layers = None if all_layers else [layer or model_cfg.depth]
+        result = run_probe(data, init, model_cfg, layers, batch_size=batch_size, epochs=epochs)
+    except (ConfigError, CheckpointError, ValueError) as error:
+        _fail(error)
+    typer.echo(f"linear probe on {result['train_images']} train / {result['val_images']} val images:")
+    for k, accuracy in result["accuracy"].items():
+        typer.echo(f"  block {k:>2}: top-1 {accuracy * 100:.2f}%")

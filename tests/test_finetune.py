@@ -189,3 +189,17 @@ def test_bad_inputs_are_one_clear_error_each(data, tmp_path):
     assert result.returncode == 1 and "does not exist" in result.stderr
     result = beit("finetune", folder, "--init", tmp_path / "missing.pt", "--out", tmp_path / "r", *ARGS)
     assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_linear_probe_reports_every_layer(data):
+    folder, pretrained = data
+    model_args = ["--model", "tiny", "--set", "model.image_size=64", "--set", "model.width=96", "--set",
+                  "model.heads=3", "--set", "model.depth=2"]
+    result = beit("probe", folder, "--init", pretrained, *model_args, "--all-layers", "--epochs", "100")
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracies = [float(line.split("top-1")[1].strip(" %")) for line in result.stdout.splitlines() if "block" in line]
+    assert len(accuracies) == 2 and all(0 <= a <= 100 for a in accuracies)
+    # colour against grey photos is linearly separable from almost any features
+    assert max(accuracies) >= 75
+    result = beit("probe", folder, "--init", pretrained, *model_args, "--layer", "5")
+    assert result.returncode == 1 and "outside the model's blocks 1..2" in result.stderr

@@ -1,0 +1,107 @@
+"""`beit probe`: linear probing of a frozen pre-trained BEiT.
+
+    beit probe DATA --init runs/pt/checkpoint.pt --model base --layer 9
+    beit probe DATA --init runs/pt/checkpoint.pt --model base --all-layers
+
+Features of every image of DATA/train and DATA/val (evaluation view: shorter side to
+size / 0.875, centre crop) are taken once from the frozen backbone: at the output of the chosen
+block, the concatenation of the cls token and the mean of the patch tokens (as the BEiT paper's
+probe). Each layer's features are standardised with the training set's statistics and a linear
+classifier is trained on them (AdamW, full batch, cosine lr); top-1 on val is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from beit.shared.checkpoint import load_pretrained
+from beit.shared.model import BeitClassifier, ModelConfig
+from beit.train.finetune import ClassificationData, FinetuneConfig, read_splits
+
+
+@dataclass
+class ProbeConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="base"))
+
+
+@torch.no_grad()
+def layer_features(
+    model: BeitClassifier, data: ClassificationData, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[depth, N, 2D] features (cls ++ mean patch token per block) and [N] labels."""
+    model.eval()
+    features, labels = [], []
+    for step in range(data.steps_per_epoch):
+        pixels, y = data.batch(step)
+        if not len(y):
+            continue
+        layers = model.encode(pixels.to(device), return_layers=True)
+        features.append(torch.stack([torch.cat([x[:, 0], x[:, 1:].mean(1)], dim=-1) for x in layers]).float().cpu())
+        labels.append(y)
+    return torch.cat(features, dim=1), torch.cat(labels)
+
+
+def train_linear(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    classes: int,
+    epochs: int = 300,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> float:
+    """Top-1 on val of a linear classifier trained on standardised features."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(train_x.shape[1], classes)
+    torch.nn.init.normal_(head.weight, std=0.01, generator=generator)
+    torch.nn.init.zeros_(head.bias)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        loss = F.cross_entropy(head(train_x), train_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (head(val_x).argmax(1) == val_y).float().mean().item()
+
+
+def probe(
+    data_dir: Path,
+    init: str,
+    model_cfg: ModelConfig,
+    layers: list[int] | None,
+    batch_size: int = 64,
+    epochs: int = 300,
+    threads: int = 2,
+) -> dict:
+    """{layer (1-based block): val top-1}; `layers` None = every block."""
+    train_source, val_source = read_splits(data_dir)
+    classes = len(train_source.class_names)
+    model = BeitClassifier(ModelConfig(**{**model_cfg.__dict__, "num_classes": classes}))
+    notes = [] if init == "none" else load_pretrained(model, Path(init))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    depth = model.cfg.depth
+    chosen = layers or list(range(1, depth + 1))
+    bad = [k for k in chosen if not 1 <= k <= depth]
+    if bad:
+        raise ValueError(f"--layer {bad[0]} is outside the model's blocks 1..{depth}.")
+    cfg = FinetuneConfig(batch_size=batch_size, threads=threads)
+    device_id = 0 if device.type == "cuda" else None
+    train = ClassificationData(train_source, model.cfg.image_size, batch_size, False, cfg, device_id=device_id)
+    val = ClassificationData(val_source, model.cfg.image_size, batch_size, False, cfg, device_id=device_id)
+    train_x, train_y = layer_features(model, train, device)
+    val_x, val_y = layer_features(model, val, device)
+    accuracy = {k: train_linear(train_x[k - 1], train_y, val_x[k - 1], val_y, classes, epochs) for k in chosen}
+    return {"accuracy": accuracy, "notes": notes, "train_images": len(train_y), "val_images": len(val_y)}
