@@ -125,7 +125,7 @@ def pretrain(
 
 @app.command()
 def finetune(
-    data: Annotated[Path, typer.Argument(help="folder with train/ and val/ ImageFolder trees")],
+    data: Annotated[Path, typer.Argument(help="folder with train/ and val/ ImageFolder trees, or a token store")],
     init: Annotated[str, typer.Option(help="pre-trained checkpoint (beit, unilm .pth, timm) or 'none'")],
     out: Annotated[Path, typer.Option("--out", help="run folder")],
     model: Annotated[Optional[str], typer.Option(help="tiny | small | base | large")] = None,  # noqa: UP045

@@ -193,8 +193,18 @@ def test_bad_inputs_are_one_clear_error_each(data, tmp_path):
 
 def test_linear_probe_reports_every_layer(data):
     folder, pretrained = data
-    model_args = ["--model", "tiny", "--set", "model.image_size=64", "--set", "model.width=96", "--set",
-                  "model.heads=3", "--set", "model.depth=2"]
+    model_args = [
+        "--model",
+        "tiny",
+        "--set",
+        "model.image_size=64",
+        "--set",
+        "model.width=96",
+        "--set",
+        "model.heads=3",
+        "--set",
+        "model.depth=2",
+    ]
     result = beit("probe", folder, "--init", pretrained, *model_args, "--all-layers", "--epochs", "100")
     assert result.returncode == 0, result.stderr[-3000:]
     accuracies = [float(line.split("top-1")[1].strip(" %")) for line in result.stdout.splitlines() if "block" in line]
@@ -203,3 +213,67 @@ def test_linear_probe_reports_every_layer(data):
     assert max(accuracies) >= 75
     result = beit("probe", folder, "--init", pretrained, *model_args, "--layer", "5")
     assert result.returncode == 1 and "outside the model's blocks 1..2" in result.stderr
+
+
+def test_fine_tune_from_a_token_store_and_with_two_processes(data, tmp_path):
+    folder, pretrained = data
+    torch.manual_seed(0)
+    from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
+
+    tokenizer = tmp_path / "tok.safetensors"
+    save_tokenizer(DVAE(DVAEConfig(n_hid=16, blocks_per_group=1, vocab_size=128, n_init=8)), tokenizer, input_size=32)
+    store = tmp_path / "store"
+    result = beit(
+        "tokenize",
+        folder / "train",
+        store,
+        "--tokenizer",
+        tokenizer,
+        "--views",
+        "1",
+        "--set",
+        "view.image_size=64",
+        "--embed-images",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = beit(
+        "finetune",
+        store,
+        "--init",
+        pretrained,
+        "--out",
+        tmp_path / "from-store",
+        *ARGS,
+        "--epochs",
+        "1",
+        "--set",
+        "held_out=0.25",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    state, meta = load_checkpoint(tmp_path / "from-store" / "best.pt")
+    assert meta["class_names"] == ["colour", "grey"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "beit",
+            "finetune",
+            str(folder),
+            "--init",
+            str(pretrained),
+            "--out",
+            str(tmp_path / "ddp"),
+            *ARGS,
+            "--epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")[1]["world_size"] == 2

@@ -5,7 +5,9 @@
     beit finetune DATA --init none --out runs/scratch                              # the baseline
     beit evaluate runs/ft/best.pt DATA/val --per-class
 
-DATA is a folder with ImageFolder trees train/ and val/ (the same class sub-folders). Training
+DATA is a folder with ImageFolder trees train/ and val/ (the same class sub-folders), or a
+token store made from labelled images (its images and labels, `held_out` of each class as
+val), so a tokenized data set is fine-tuned without re-reading its source listing. Training
 views: RandomResizedCrop to the model's size (bicubic), flip, RandAugment (n 2, m 9; DALI),
 normalised; then in torch: random erasing, mixup / cutmix with label smoothing (soft-target
 cross-entropy). Evaluation: resize the shorter side to size / 0.875, centre crop. AdamW with
@@ -57,6 +59,7 @@ class FinetuneConfig:
     cutmix: float = 1.0
     randaugment: bool = True
     erasing: float = 0.25
+    held_out: float = 0.1  # the val share of a token store's images (DATA = a store)
     seed: int = 0
     eval_every: int = 1  # epochs
     log_every: int = 20
@@ -67,8 +70,57 @@ class FinetuneConfig:
 # ---------------------------------------------------------------- data
 
 
-def read_splits(data: Path) -> tuple[Source, Source]:
-    """DATA/train and DATA/val as ImageFolder trees with the same classes, checked."""
+def read_store_splits(location: str, held_out: float, seed: int) -> tuple[Source, Source]:
+    """A token store's tokenized images and labels, split into train and a held-out val share
+    (per class, seeded), so a tokenized data set is fine-tuned without listing its source again.
+    Images come from the original files when they are still there, else from the store's copies."""
+    from beit.shared.store import DONE, TokenStore
+
+    store = TokenStore.open(location)
+    labels = store.group["labels"][:]
+    done = np.flatnonzero((store.status() == DONE) & (labels >= 0))
+    names = list(store.attrs.get("class_names") or [])
+    if not len(done) or not names:
+        raise ValueError(
+            f"{location} has no labelled images: tokenize an ImageFolder tree (or a labelled list) "
+            "to fine-tune from it."
+        )
+    root = Path(store.attrs.get("source_root", "."))
+    keys = store.group["keys"][:]
+    files: list = [root / str(k) for k in keys]
+    if not all(files[i].exists() for i in done[:16]):
+        if "images" not in store.group:
+            raise ValueError(
+                f"{location}'s source files are gone and it holds no copies: tokenize with --embed-images."
+            )
+        images = store.group["images"][:]
+        files = [bytes(images[i]) for i in range(len(images))]
+    rng = np.random.default_rng([seed, 7])
+    val_mask = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels[done]):
+        members = done[labels[done] == label]
+        count = max(1, round(len(members) * held_out)) if len(members) > 1 else 0
+        val_mask[rng.choice(members, size=count, replace=False)] = True
+    splits = []
+    for chosen in (done[~val_mask[done]], done[val_mask[done]]):
+        splits.append(
+            Source(
+                "store",
+                root,
+                [files[i] for i in chosen],
+                [str(keys[i]) for i in chosen],
+                [int(labels[i]) for i in chosen],
+                names,
+            )
+        )
+    return splits[0], splits[1]
+
+
+def read_splits(data: Path, held_out: float = 0.1, seed: int = 0) -> tuple[Source, Source]:
+    """DATA/train and DATA/val as ImageFolder trees with the same classes, checked; or, when
+    DATA is a token store, its labelled images with a held-out share as val."""
+    if (Path(data) / "zarr.json").is_file() or str(data).startswith(("s3://", "gs://", "gcs://", "file://")):
+        return read_store_splits(str(data), held_out, seed)
     data = Path(data)
     if not data.is_dir():
         raise ValueError(f"{data} does not exist: pass a folder with train/ and val/ ImageFolder trees.")
@@ -123,9 +175,13 @@ def classification_builder(size: int, train: bool, randaugment: bool, threads: i
                 )
                 images = fn.flip(images, horizontal=fn.random.coin_flip())
                 if randaugment:
+                    import warnings
+
                     from nvidia.dali.auto_aug import rand_augment
 
-                    images = rand_augment.rand_augment(images, n=2, m=9)
+                    with warnings.catch_warnings():  # DALI's own RandAugment calls its deprecated aliases
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        images = rand_augment.rand_augment(images, n=2, m=9)
                 crop = None
             else:
                 images = fn.resize(
@@ -336,7 +392,7 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
     )
     device_id = device.index if device.type == "cuda" else None
     out = Path(out)
-    train_source, val_source = read_splits(data_dir)
+    train_source, val_source = read_splits(data_dir, cfg.held_out, cfg.seed)
     classes = len(train_source.class_names)
     model_cfg = ModelConfig(**{**to_dict(cfg.model), "num_classes": cfg.model.num_classes or classes}).resolved()
     if model_cfg.num_classes != classes:
