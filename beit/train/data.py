@@ -135,30 +135,36 @@ class PretrainData:
 
     def stream(self, start_step: int, depth: int = 2):
         """Batches from global step `start_step` on, prepared `depth` ahead in a thread."""
-        out: queue.Queue = queue.Queue(maxsize=depth)
-        stop = threading.Event()
+        return prefetch(self.batch, start_step, depth)
 
-        def work():
-            step = start_step
-            try:
-                while not stop.is_set():
-                    out.put((step, self.batch(step)))
-                    step += 1
-            except BaseException as error:  # hand it to the consumer
-                out.put((None, error))
 
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
+def prefetch(make, start_step: int, depth: int = 2):
+    """make(start_step), make(start_step + 1), ... computed `depth` ahead in a thread (DALI and
+    numpy release the GIL); an error in the thread is raised in the consumer."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        step = start_step
         try:
-            while True:
-                step, item = out.get()
-                if step is None:
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():
-                try:
-                    out.get_nowait()
-                except queue.Empty:
-                    thread.join(timeout=0.05)
+            while not stop.is_set():
+                out.put((True, make(step)))
+                step += 1
+        except BaseException as error:
+            out.put((False, error))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = out.get()
+            if not ok:
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                out.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,8 @@ from beit.shared.images import Source, read_source
 from beit.shared.model import BeitClassifier, ModelConfig
 from beit.shared.progress import progress_bar
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
-from beit.train.pretrain import truncate_metrics
+from beit.train.data import prefetch
+from beit.train.pretrain import lr_at, truncate_metrics
 
 
 @dataclass
@@ -247,23 +246,7 @@ class ClassificationData:
         return (torch.from_numpy(outputs[0]) if kept else torch.zeros(0, 3, 1, 1)), labels
 
     def stream(self, start_step: int):
-        out: queue.Queue = queue.Queue(maxsize=2)
-
-        def work():
-            step = start_step
-            try:
-                while True:
-                    out.put(self.batch(step))
-                    step += 1
-            except BaseException as error:
-                out.put(error)
-
-        threading.Thread(target=work, daemon=True).start()
-        while True:
-            item = out.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        return prefetch(self.batch, start_step)
 
 
 # ---------------------------------------------------------------- recipe pieces
@@ -340,13 +323,6 @@ def random_erasing(pixels: torch.Tensor, probability: float, generator: np.rando
                 pixels[i, :, y : y + eh, x : x + ew] = torch.randn(3, eh, ew, device=pixels.device)
                 break
     return pixels
-
-
-def lr_at(step: int, base: float, minimum: float, warmup: int, total: int) -> float:
-    if step < warmup:
-        return base * step / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 @torch.no_grad()
