@@ -21,13 +21,6 @@ app.add_typer(tokenizer_app, name="tokenizer")
 store_app = typer.Typer(help="Token stores: what one holds, and whether its tokens check out.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 
-_PENDING = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-def _pending(name: str) -> None:
-    typer.echo(f"beit {name} is not available in this version of beit yet.", err=True)
-    raise typer.Exit(2)
-
 
 def _fail(error: Exception) -> None:
     typer.echo(f"error: {error}", err=True)
