@@ -18,6 +18,10 @@ tokenizer_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(tokenizer_app, name="tokenizer")
+data_app = typer.Typer(
+    help="Built-in data: write the demo's labelled images as ImageFolder trees.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
 store_app = typer.Typer(help="Token stores: what one holds, and whether its tokens check out.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 
@@ -442,3 +446,24 @@ def probe(
     typer.echo(f"linear probe on {result['train_images']} train / {result['val_images']} val images:")
     for k, accuracy in result["accuracy"].items():
         typer.echo(f"  block {k:>2}: top-1 {accuracy * 100:.2f}%")
+
+
+@data_app.command("fashion-mnist")
+def data_fashion_mnist(
+    out: Annotated[Path, typer.Argument(help="folder to write train/<class>/*.png and val/<class>/*.png into")],
+    size: Annotated[int, typer.Option(help="image side in pixels (28 = the originals)")] = 28,
+    source: Annotated[
+        Path | None, typer.Option(help="folder with the official idx files (default: the shipped subset)")
+    ] = None,  # noqa: UP045
+    train: Annotated[Optional[int], typer.Option(help="training images, class-balanced (default: all)")] = None,  # noqa: UP045
+    val: Annotated[Optional[int], typer.Option(help="validation images, class-balanced (default: all)")] = None,  # noqa: UP045
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Fashion-MNIST (Zalando, MIT) as ImageFolder trees: the shipped 10,000-image subset, or all 70,000."""
+    from beit.shared.fashion_mnist import write_imagefolder
+
+    try:
+        counts = write_imagefolder(out, size, source, train, val, seed)
+    except ValueError as error:
+        _fail(error)
+    typer.echo(f"wrote {counts['train']} training and {counts['val']} validation images ({size} px) under {out}")
