@@ -1,9 +1,11 @@
-"""Real photos that install with scikit-image (skimage/data), for tests that need real images."""
+"""Real photos that install with scikit-image (skimage/data), and running the `beit` command, for tests."""
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 COLOUR = [
@@ -30,3 +32,21 @@ def data_dir() -> Path:
 def copy_photos(dest: Path, names: list[str]) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     return [Path(shutil.copy(data_dir() / name, dest / name)) for name in names]
+
+
+def save_jpeg(path: Path, dest: Path, side: int) -> Path:
+    """The image at `path` as an RGB JPEG (quality 90) whose shorter side is `side` pixels."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    scale = side / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+    image.save(dest, quality=90)
+    return dest
+
+
+def beit(*args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m beit ARGS` in a subprocess, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "beit", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from photos import COLOUR, GREY, copy_photos
+from photos import COLOUR, GREY, beit, copy_photos, save_jpeg
 from PIL import Image
 
 SMALL = [
@@ -37,17 +37,8 @@ def photos(tmp_path_factory):
     source = tmp_path_factory.mktemp("source")
     folder = tmp_path_factory.mktemp("photos")
     for path in copy_photos(source, COLOUR + GREY):
-        image = Image.open(path).convert("RGB")
-        scale = 160 / min(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
-        image.save(folder / f"{path.stem}.jpg", quality=90)
+        save_jpeg(path, folder / f"{path.stem}.jpg", 160)
     return folder
-
-
-def beit(*args, **kwargs):
-    return subprocess.run(
-        [sys.executable, "-m", "beit", *map(str, args)], capture_output=True, text=True, timeout=600, **kwargs
-    )
 
 
 @pytest.fixture(scope="module")

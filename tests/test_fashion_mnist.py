@@ -1,17 +1,12 @@
 """The built-in labelled data: the shipped Fashion-MNIST subset and the official idx reader."""
 
 import gzip
-import subprocess
-import sys
 
 import numpy as np
+from photos import beit
 from PIL import Image
 
 from beit.shared.fashion_mnist import CLASSES, load
-
-
-def beit(*args):
-    return subprocess.run([sys.executable, "-m", "beit", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def test_the_shipped_subset_is_balanced_real_images():

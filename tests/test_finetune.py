@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from photos import COLOUR, GREY, copy_photos
+from photos import COLOUR, GREY, beit, copy_photos
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
@@ -37,12 +37,6 @@ ARGS = [
     "--set",
     "log_every=1",
 ]
-
-
-def beit(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "beit", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from photos import COLOUR, GREY, copy_photos
+from photos import COLOUR, GREY, beit, copy_photos, save_jpeg
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint
@@ -38,12 +38,6 @@ TINY = [
 ]
 
 
-def beit(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "beit", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
-
-
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -56,10 +50,7 @@ def store(tmp_path_factory):
     source = root / "photos"
     source.mkdir()
     for path in copy_photos(root / "raw", COLOUR + GREY):
-        image = Image.open(path).convert("RGB")
-        scale = 120 / min(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
-        image.save(source / f"{path.stem}.jpg", quality=90)
+        save_jpeg(path, source / f"{path.stem}.jpg", 120)
     (source / "zz-truncated.jpg").write_bytes((source / "coffee.jpg").read_bytes()[:500])
     torch.manual_seed(0)
     tokenizer = root / "tok.safetensors"

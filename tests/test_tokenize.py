@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from photos import COLOUR, GREY, copy_photos
+from photos import COLOUR, GREY, beit, copy_photos, save_jpeg
 from PIL import Image
 
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
@@ -21,12 +21,6 @@ from beit.shared.store import DONE, FAILED, TokenStore
 SMALL = ["--views", "3", "--set", "view.image_size=64", "--set", "chunk_images=2", "--batch-size", "4"]
 
 
-def beit(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "beit", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """An ImageFolder tree of 12 real photos in two classes, as 120 px JPEGs, and a tokenizer."""
@@ -34,11 +28,8 @@ def data(tmp_path_factory):
     source = root / "source"
     for name, names in (("colour", COLOUR[:6]), ("grey", GREY[:6])):
         for path in copy_photos(root / "raw", names):
-            image = Image.open(path).convert("RGB")
-            scale = 120 / min(image.size)
-            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
             (source / name).mkdir(parents=True, exist_ok=True)
-            image.save(source / name / f"{path.stem}.jpg", quality=90)
+            save_jpeg(path, source / name / f"{path.stem}.jpg", 120)
     torch.manual_seed(0)
     tokenizer = root / "tok.safetensors"
     save_tokenizer(
