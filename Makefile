@@ -5,19 +5,24 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test lint clean
 
-$(VENV)/.setup-done: pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh dev
+# the demo needs the runtime and matplotlib; the tests also need their tools
+$(VENV)/.setup-demo: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh plot
 	touch $@
 
-setup: $(VENV)/.setup-done
+$(VENV)/.setup-dev: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh dev
+	touch $@ $(VENV)/.setup-demo
 
-demo: setup
+setup: $(VENV)/.setup-dev
+
+demo: $(VENV)/.setup-demo
 	bash scripts/demo.sh
 
-test: setup
+test: $(VENV)/.setup-dev
 	$(PY) -m pytest -q
 
-lint: setup
+lint: $(VENV)/.setup-dev
 	$(VENV)/bin/ruff check .
 
 clean:

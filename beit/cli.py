@@ -342,6 +342,61 @@ def plot(
 
 
 @app.command()
+def attention(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint.pt of `beit pretrain` or `beit finetune`")],
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("attention.png"),
+    query: Annotated[list[str], typer.Option(help="query patch ROW,COL (repeat; default: four spread out)")] = [],  # noqa: B006
+    layer: Annotated[int, typer.Option(help="block whose attention to draw: 1..depth, -1 = the last")] = -1,
+) -> None:
+    """Draw self-attention maps of chosen query patches over each image (the BEiT paper's Figure 2)."""
+    from beit.shared.checkpoint import CheckpointError
+    from beit.train.pictures import attention_picture, load_model
+
+    try:
+        queries = []
+        for text in query:
+            parts = text.split(",")
+            if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+                raise ValueError(f"--query {text} is not ROW,COL: give two patch indices such as 3,5.")
+            queries.append((int(parts[0]), int(parts[1])))
+        model = load_model(checkpoint)
+        summaries = attention_picture(model, images, out, layer, queries or None)
+    except (CheckpointError, ValueError) as error:
+        _fail(error)
+    for path, rows in zip(images, summaries, strict=True):
+        for s in rows:
+            typer.echo(
+                f"{path}: query {s['query'][0]},{s['query'][1]}: peak {s['peak']:.2f}x uniform, low "
+                f"{s['low']:.2f}x, entropy {s['entropy']:.3f} of uniform, {s['cls'] * 100:.1f}% to cls"
+            )
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def mask(
+    image: Annotated[Path, typer.Argument(help="an image file")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("masks.png"),
+    grid: Annotated[int, typer.Option(help="patches per side")] = 14,
+    count: Annotated[int, typer.Option(help="patches to mask")] = 75,
+    seed: Annotated[int, typer.Option()] = 0,
+    random_: Annotated[bool, typer.Option("--random", help="uniform random patches, not blocks")] = False,
+    samples: Annotated[int, typer.Option(help="masks to draw")] = 4,
+) -> None:
+    """Draw samples of pre-training's blockwise (or random) mask over an image."""
+    from beit.train.pictures import mask_picture
+
+    try:
+        masks, _, blocks = mask_picture(image, out, grid, count, seed, random_, samples)
+    except ValueError as error:
+        _fail(error)
+    for i, (drawn_mask, drawn) in enumerate(zip(masks, blocks, strict=True), start=1):
+        how = "at random" if random_ else f"in {len(drawn)} blocks"
+        typer.echo(f"sample {i}: {int(drawn_mask.sum())} of {grid * grid} patches masked {how}")
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="a fine-tuned checkpoint (best.pt / checkpoint.pt)")],
     data: Annotated[Path, typer.Argument(help="an ImageFolder tree with the checkpoint's classes")],

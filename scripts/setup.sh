@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates the project's environment in .venv (or $VENV) and installs everything it needs.
 #   scripts/setup.sh          runtime only
-#   scripts/setup.sh dev      runtime + test tools
+#   scripts/setup.sh plot     runtime + matplotlib (the demo's pictures)
+#   scripts/setup.sh dev      runtime + matplotlib + test tools
 # torch: a CUDA torch the system Python already has is kept (the venv sees system site-packages);
 # otherwise a machine with an NVIDIA GPU gets PyPI's CUDA build and a machine without one gets
 # torch==2.13.0, the CPU build (never a multi-GB CUDA build it cannot use).
@@ -32,8 +33,11 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 
-target="."
-[ "$extra" = "dev" ] && target=".[dev]"
+case "$extra" in
+  dev | plot) target=".[$extra]" ;;
+  "") target="." ;;
+  *) echo "setup: unknown extra '$extra' (use dev or plot)" >&2 && exit 2 ;;
+esac
 pip_install -e "$target"
 # The DALL-E release's own modules, for the tests that check our converter against them.
 # --no-deps: its requirements list torchvision, which does not work beside the CPU torch.

@@ -16,6 +16,7 @@ from PIL import Image
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.dvae import DVAE, DVAEConfig, load_tokenizer, save_tokenizer
 from beit.shared.model import BeitForMIM, ModelConfig
+from beit.shared.store import StoreError
 from beit.train.data import PretrainData
 
 TINY = [
@@ -92,6 +93,15 @@ def test_stage2_pixels_retokenize_to_the_cached_grids_and_failed_images_are_neve
     assert not seen & failed and len(seen) == 16
     # each image shows a different view in each of its first epochs
     assert len({data.view_of(0, e) for e in range(10)}) == 10
+
+
+def test_the_first_k_views_of_a_store_stand_for_a_store_of_k_views(store):
+    location, _ = store
+    two = PretrainData(str(location), batch_size=4, seed=3, views=2)
+    assert {two.view_of(i, e) for i in range(16) for e in range(6)} == {0, 1}
+    assert {two.view_of(0, e) for e in (0, 1)} == {0, 1}  # both in the first two epochs
+    with pytest.raises(StoreError, match="views = 11 is more than the 10 views"):
+        PretrainData(str(location), batch_size=4, seed=3, views=11)
 
 
 def test_a_few_hundred_steps_lower_the_loss_and_beat_the_majority_token(store, tmp_path):

@@ -13,24 +13,7 @@ import numpy as np
 import torch
 
 from beit.shared.dvae import DVAE
-
-
-def read_image(path: Path, size: int) -> torch.Tensor:
-    """An image file -> [3, size, size] in [0, 1]: EXIF orientation applied, RGB, shorter side
-    resized to `size` (Lanczos), centre crop."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{path} is not a readable image ({error}).") from None
-    scale = size / min(image.size)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((width, height), Image.LANCZOS)
-    left, top = (width - size) // 2, (height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+from beit.shared.images import read_image
 
 
 def token_colours(vocab: int) -> np.ndarray:

@@ -55,6 +55,7 @@ class PretrainData:
         twin: bool = False,
         threads: int = 2,
         device_id: int | None = None,
+        views: int = 0,
     ):
         self.store = TokenStore.open(location)
         attrs = self.store.attrs
@@ -66,7 +67,14 @@ class PretrainData:
         self.mask_kind = mask
         self.mask_count = mask_count or max(1, round(75 * patches / 196))
         self.min_block = min_block or max(1, round(16 * patches / 196))
-        self.views = self.store.views_per_image
+        # views > 0: only the first `views` of each image's V (the V ablation on one store; the
+        # views are drawn per (seed, image, view), so they are the views a V=`views` store holds)
+        if views > self.store.views_per_image:
+            raise StoreError(
+                f"views = {views} is more than the {self.store.views_per_image} views per image {location} "
+                "holds: lower it, or tokenize with more --views."
+            )
+        self.views = views or self.store.views_per_image
         self.params = self.store.group["views"][:]
         self.done = np.flatnonzero(self.store.status() == DONE)
         self.steps_per_epoch = len(self.done) // (batch_size * world)

@@ -60,6 +60,7 @@ class PretrainConfig:
     targets: Literal["cached", "online", "pixels"] = "cached"
     mask: Literal["block", "random"] = "block"
     mask_count: int = 0  # 0: 75 of 196 patches, scaled to the grid
+    views: int = 0  # 0: all the store's V views per image; K: only the first K (the V ablation)
     log_every: int = 20
     checkpoint_every: int = 1000
     compile: bool = False
@@ -135,6 +136,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
         twin=cfg.targets == "online",
         threads=cfg.threads,
         device_id=device_id,
+        views=cfg.views,
     )
     model_cfg = _check_model(cfg, data, store)
     tokenizer = None
