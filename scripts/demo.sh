@@ -6,7 +6,7 @@
 #   3. tokenize V views of every training image into a Zarr store (stage 1) and verify a sample
 #   4. pre-train a tiny BEiT (4 layers, width 128) from the store, without labels (stage 2)
 #   5. fine-tune it with 10% of the labels, and the same model from scratch with the same
-#      labels and budget (that one beside steps 2-4, on one core); evaluate both on the 2,000
+#      labels and budget (the two at once, one core each); evaluate both on the 2,000
 #      validation images
 #   6. pictures: reconstructions, blockwise masks, pre-training curves, attention maps
 # and prints one table. Output in runs/demo/ (or the folder given as the first argument).
@@ -19,7 +19,11 @@ views=${DEMO_VIEWS:-4}
 tokenizer_steps=${DEMO_TOKENIZER_STEPS:-400}
 pretrain_epochs=${DEMO_PRETRAIN_EPOCHS:-7}
 finetune_epochs=${DEMO_FINETUNE_EPOCHS:-30}
-rm -rf "$out"
+if [ -e "$out" ] && [ ! -f "$out/times.tsv" ]; then
+  echo "demo: $out exists and is not an earlier demo's folder: name a new folder (bash scripts/demo.sh DIR)." >&2
+  exit 2
+fi
+rm -rf "$out"  # an earlier demo's output
 mkdir -p "$out/logs"
 : >"$out/times.tsv"
 
