@@ -50,3 +50,9 @@ def beit(*args, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "beit", *map(str, args)], capture_output=True, text=True, timeout=timeout
     )
+
+
+def beit_torchrun(processes: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node PROCESSES -m beit ARGS` (as python -m torch.distributed.run), output captured."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "beit"]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=timeout)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from photos import COLOUR, GREY, beit, copy_photos
+from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
@@ -246,28 +246,6 @@ def test_fine_tune_from_a_token_store_and_with_two_processes(data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     state, meta = load_checkpoint(tmp_path / "from-store" / "best.pt")
     assert meta["class_names"] == ["colour", "grey"]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "beit",
-            "finetune",
-            str(folder),
-            "--init",
-            str(pretrained),
-            "--out",
-            str(tmp_path / "ddp"),
-            *ARGS,
-            "--epochs",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = beit_torchrun(2, "finetune", folder, "--init", pretrained, "--out", tmp_path / "ddp", *ARGS, "--epochs", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")[1]["world_size"] == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from photos import COLOUR, GREY, beit, copy_photos, save_jpeg
+from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, save_jpeg
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint
@@ -155,30 +155,8 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(store, tmp_path):
 def test_two_processes_with_torchrun(store, tmp_path):
     location, _ = store
     run = tmp_path / "ddp"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "beit",
-            "pretrain",
-            str(location),
-            "--out",
-            str(run),
-            *TINY[:-4],
-            "--batch-size",
-            "4",
-            "--epochs",
-            "2",
-            "--set",
-            "log_every=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = beit_torchrun(
+        2, "pretrain", location, "--out", run, *TINY[:-4], "--batch-size", 4, "--epochs", 2, "--set", "log_every=1"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     state, meta = load_checkpoint(run / "checkpoint.pt")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from photos import COLOUR, GREY, beit, copy_photos, save_jpeg
+from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, save_jpeg
 from PIL import Image
 
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
@@ -154,26 +154,7 @@ def test_resume_after_sigkill_at_several_points_equals_an_uninterrupted_run(data
 def test_two_ranks_make_the_same_store_as_one(data, reference, tmp_path):
     source, tokenizer = data
     store = tmp_path / "store"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "beit",
-            "tokenize",
-            str(source),
-            str(store),
-            "--tokenizer",
-            str(tokenizer),
-            *SMALL,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = beit_torchrun(2, "tokenize", source, store, "--tokenizer", tokenizer, *SMALL, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_store(store, reference[0])
 
