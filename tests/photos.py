@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 COLOUR = [
@@ -56,3 +58,22 @@ def beit_torchrun(processes: int, *args, timeout: int = 600) -> subprocess.Compl
     """`torchrun --nproc_per_node PROCESSES -m beit ARGS` (as python -m torch.distributed.run), output captured."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "beit"]
     return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def kill_when(command: list, condition, timeout: float = 300) -> int:
+    """Start `command`, SIGKILL it the moment `condition()` holds (polled every 5 ms) and return its exit code.
+
+    The kill comes within milliseconds of the condition, so a test can leave a wide margin of steps
+    between the state it waits for and the end of the run, however fast the machine.
+    """
+    process = subprocess.Popen([*map(str, command)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if condition():
+                break
+        except (OSError, ValueError):  # a file the condition reads is half-written: look again
+            pass
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    return process.wait()

@@ -2,13 +2,11 @@
 
 import json
 import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from photos import COLOUR, GREY, beit, copy_photos, save_jpeg
+from photos import COLOUR, GREY, beit, copy_photos, kill_when, save_jpeg
 from PIL import Image
 
 SMALL = [
@@ -81,16 +79,9 @@ def test_reconstruct_writes_a_grid_and_reports_psnr(trained, photos, tmp_path):
 def test_training_resumes_after_sigkill(photos, tmp_path):
     out = tmp_path / "tok.safetensors"
     args = ["tokenizer", "train", photos, "-o", out, "--steps", "40", *SMALL, "--set", "checkpoint_every=10"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "beit", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
     checkpoint = out.with_suffix(".ckpt.pt")
-    deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    assert checkpoint.exists(), process.communicate()[1][-2000:]
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert kill_when([sys.executable, "-m", "beit", *args], checkpoint.exists) == -signal.SIGKILL
+    assert checkpoint.exists()
     assert not out.exists()
     result = beit(*args)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -5,11 +5,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos
+from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
@@ -113,16 +112,15 @@ def test_resume_after_sigkill_continues(data, tmp_path):
         "--epochs",
         "6",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not (run / "checkpoint.json").exists():
-        time.sleep(0.05)
-    time.sleep(0.5)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+
+    def mid_epoch_after_a_checkpoint() -> bool:  # steps logged beyond the saved one: the resume must redo them
+        saved = json.loads((run / "checkpoint.json").read_text())["step"]
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return saved >= 3 and any(r["step"] > saved for r in logged if "eval_top1" not in r)
+
+    assert kill_when(command, mid_epoch_after_a_checkpoint) == -signal.SIGKILL  # killed mid-run, not finished
     resumed_from = json.loads((run / "checkpoint.json").read_text())["step"]
-    assert 0 < resumed_from < 18
+    assert 3 <= resumed_from < 18
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

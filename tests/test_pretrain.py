@@ -4,13 +4,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, save_jpeg
+from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when, save_jpeg
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint
@@ -133,17 +132,12 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(store, tmp_path):
     assert beit("pretrain", location, "--out", whole, *args).returncode == 0
     cut = tmp_path / "cut"
     command = [sys.executable, "-m", "beit", "pretrain", str(location), "--out", str(cut), *map(str, args)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        meta = cut / "checkpoint.json"
-        if meta.exists() and json.loads(meta.read_text())["step"] >= 16:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL  # killed mid-run, not finished
-    assert 16 <= json.loads((cut / "checkpoint.json").read_text())["step"] < 24
+
+    def past_the_first_checkpoint() -> bool:
+        return json.loads((cut / "checkpoint.json").read_text())["step"] >= 8
+
+    assert kill_when(command, past_the_first_checkpoint) == -signal.SIGKILL  # killed mid-run, not finished
+    assert 8 <= json.loads((cut / "checkpoint.json").read_text())["step"] < 24
     assert not list(cut.glob(".*.tmp"))  # no half-written checkpoint lies around
     result = beit("pretrain", location, "--out", cut, *args)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,17 +1,16 @@
 """Stage 1 end to end: real photos, real DALI CPU pipelines, real zarr stores, real subprocesses."""
 
+import functools
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, save_jpeg
+from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when, save_jpeg
 from PIL import Image
 
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
@@ -132,19 +131,14 @@ def test_resume_after_sigkill_at_several_points_equals_an_uninterrupted_run(data
     store = tmp_path / "store"
     command = [sys.executable, "-m", "beit", "tokenize", str(source), str(store), "--tokenizer", str(tokenizer), *SMALL]
 
-    def status_chunks() -> int:
+    def reached(kill_after: int) -> bool:  # 0: the store exists; n: n status chunks are written
+        if kill_after == 0:
+            return (store / "zarr.json").exists()
         folder = store / "status" / "c"
-        return len(list(folder.iterdir())) if folder.exists() else 0
+        return folder.exists() and len(list(folder.iterdir())) >= kill_after
 
     for kill_after in (0, 2, 4):  # during start-up / creation, then after 2 and 4 of 6 chunks
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            if (kill_after == 0 and (store / "zarr.json").exists()) or (kill_after and status_chunks() >= kill_after):
-                break
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        kill_when(command, functools.partial(reached, kill_after), timeout=120)
     assert not TokenStore.open(store, require_complete=False).attrs.get("complete")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
