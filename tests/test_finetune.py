@@ -111,16 +111,20 @@ def test_resume_after_sigkill_continues(data, tmp_path):
         *ARGS,
         "--epochs",
         "6",
+        "--set",
+        "checkpoint_every=2",
     ]
 
-    def mid_epoch_after_a_checkpoint() -> bool:  # steps logged beyond the saved one: the resume must redo them
+    def past_a_checkpoint_within_an_epoch() -> bool:
+        # 3 steps an epoch, checkpoints at steps 2, 3 (evaluation), 4, 6, ...: killed after step 5
+        # is logged, before 6 is saved, the run resumes from step 4, one step into epoch 2
         saved = json.loads((run / "checkpoint.json").read_text())["step"]
         logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return saved >= 3 and any(r["step"] > saved for r in logged if "eval_top1" not in r)
+        return saved % 3 == 1 and any(r["step"] > saved for r in logged if "eval_top1" not in r)
 
-    assert kill_when(command, mid_epoch_after_a_checkpoint) == -signal.SIGKILL  # killed mid-run, not finished
+    assert kill_when(command, past_a_checkpoint_within_an_epoch) == -signal.SIGKILL  # killed mid-run, not finished
     resumed_from = json.loads((run / "checkpoint.json").read_text())["step"]
-    assert 3 <= resumed_from < 18
+    assert 0 < resumed_from < 18
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

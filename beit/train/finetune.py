@@ -13,8 +13,9 @@ normalised; then in torch: random erasing, mixup / cutmix with label smoothing (
 cross-entropy). Evaluation: resize the shorter side to size / 0.875, centre crop. AdamW with
 layer-wise lr decay (the released layer ids: patch embed and cls 0, block i -> i + 1, the rest
 depth + 1; scale = decay ^ (depth + 1 - id)), warm-up + cosine, drop path, bf16 on a GPU.
-RUN_DIR: config.toml, metrics.jsonl (train rows and eval rows), checkpoint.pt (last, resumable)
-and best.pt (best top-1).
+RUN_DIR: config.toml, metrics.jsonl (train rows and eval rows), checkpoint.pt (the latest: every
+`checkpoint_every` steps, after each evaluation and at the end; the same command resumes from it,
+in the same image order) and best.pt (best top-1).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class FinetuneConfig:
     held_out: float = 0.1  # the val share of a token store's images (DATA = a store)
     seed: int = 0
     eval_every: int = 1  # epochs
+    checkpoint_every: int = 1000  # steps; also after every evaluation and at the end
     log_every: int = 20
     threads: int = 2
     device: str = "auto"
@@ -471,26 +473,19 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
             loss_sum.zero_()
             seen, started, logged_at = 0, time.perf_counter(), step
         end_of_epoch = step % train.steps_per_epoch == 0
-        if end_of_epoch and ((step // train.steps_per_epoch) % cfg.eval_every == 0 or step == total):
+        evaluating = end_of_epoch and ((step // train.steps_per_epoch) % cfg.eval_every == 0 or step == total)
+        if evaluating and dist.main:
+            result = evaluate(model, val, device, classes)
+            row = {"step": step, "epoch": step / train.steps_per_epoch}
+            row.update({f"eval_{k}": result[k] for k in ("top1", "top5", "loss")})
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if result["top1"] > best:
+                best = result["top1"]
+                save(out / "best.pt", result["top1"])
+        if evaluating or step % cfg.checkpoint_every == 0 or step == total:
             if dist.main:
-                result = evaluate(model, val, device, classes)
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(
-                        json.dumps(
-                            {
-                                "step": step,
-                                "epoch": step / train.steps_per_epoch,
-                                "eval_top1": result["top1"],
-                                "eval_top5": result["top5"],
-                                "eval_loss": result["loss"],
-                            }
-                        )
-                        + "\n"
-                    )
-                if result["top1"] > best:
-                    best = result["top1"]
-                    save(out / "best.pt", result["top1"])
-                save(checkpoint, result["top1"])
+                save(checkpoint, result.get("top1", -1.0))
             dist.barrier()
     bar.close()
     dist.close()
