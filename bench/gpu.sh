@@ -3,6 +3,11 @@
 # the GPU-marked tests and every GPU benchmark, with JSON results under $OUT (default bench/results/gpu).
 #   bash bench/gpu.sh
 # On the device machine, make DALI and other missing wheels importable first (../shared/device/README.md).
+# Then the quality experiment's GPU size, which needs the official Fashion-MNIST idx files (30 MB),
+# carried as an ignored folder (here: mkdir .fmnist && cp /usr/share/datasets/fashion-mnist/* .fmnist/):
+#   timeout 570 python3 bench/quality.py --size gpu --source .fmnist --work runs/quality-gpu --jobs 2
+# again until it prints its tables (each call resumes where the last was cut off); then copy
+# runs/quality-gpu/results.json and logs/ under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results/gpu}

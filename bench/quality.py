@@ -48,6 +48,7 @@ SIZES = {
         model=dict(width=128, depth=4, heads=4),
         tokenizer=dict(steps=400, batch=64, n_hid=32, vocab=512),
         views=10,
+        tokenize_batch=64,
         pretrain=dict(epochs=6, batch=64, lr=3e-3, warmup=1),
         finetune=dict(steps=300, batch=64, lr=2e-3, layer_decay=0.75),
         fractions=(0.01, 0.1, 1.0),
@@ -63,6 +64,7 @@ SIZES = {
         model=dict(width=384, depth=12, heads=6),
         tokenizer=dict(steps=5000, batch=256, n_hid=64, vocab=1024),
         views=10,
+        tokenize_batch=256,
         pretrain=dict(epochs=30, batch=256, lr=1.5e-3, warmup=3),
         finetune=dict(steps=1500, batch=256, lr=2e-3, layer_decay=0.75),
         fractions=(0.01, 0.1, 1.0),
@@ -156,8 +158,8 @@ def main() -> None:
     beit(
         "tokenize",
         f"tokenize {q(str(data / 'train'))} {q(str(store))} --tokenizer {q(str(tokenizer))} --views {size['views']} "
-        f"--set view.image_size={s} --set patch_size=4 --set view.scale=[0.5,1.0] --batch-size 64 "
-        "--set chunk_images=500",
+        f"--set view.image_size={s} --set patch_size=4 --set view.scale=[0.5,1.0] "
+        f"--batch-size {size['tokenize_batch']} --set chunk_images=500",
     )
 
     m, p, f = size["model"], size["pretrain"], size["finetune"]
