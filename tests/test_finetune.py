@@ -128,8 +128,12 @@ def test_resume_after_sigkill_continues(data, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "eval_top1" not in r]
-    assert [r["step"] for r in rows] == list(range(1, 19))  # continued: no step twice, none missing
+    evals = [r for r in rows if "eval_top1" in r]
+    assert [r["step"] for r in rows if "eval_top1" not in r] == list(range(1, 19))  # no step twice, none missing
+    assert [r["step"] for r in evals] == [3, 6, 9, 12, 15, 18]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)  # a finished run: reports it
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"fine-tuned 18 steps; val top-1 {evals[-1]['eval_top1'] * 100:.2f}%" in again.stdout
 
 
 def test_an_official_layout_checkpoint_fine_tunes_with_no_missing_keys(data, tmp_path):

@@ -394,7 +394,7 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
         [{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr, fused=device.type == "cuda"
     )
     identity = {"config": to_dict(cfg), "classes": train_source.class_names, "world_size": dist.world}
-    step, best = 0, -1.0
+    step, best, result = 0, -1.0, {}
     checkpoint = out / "checkpoint.pt"
     if resume and checkpoint.exists():
         state, meta = load_checkpoint(checkpoint)
@@ -403,7 +403,7 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
-        step, best = meta["step"], meta["best_top1"]
+        step, best, result = meta["step"], meta["best_top1"], meta.get("last_eval", {})
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(cfg))
@@ -421,7 +421,7 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
     bar = progress_bar(total=total, initial=step, disable=not (progress and dist.main), unit="step", desc="finetune")
     loss_sum, seen, started, logged_at = torch.zeros((), device=device), 0, time.perf_counter(), step
 
-    def save(path: Path, top1: float) -> None:
+    def save(path: Path) -> None:
         save_checkpoint(
             path,
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}},
@@ -430,7 +430,8 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
                 "step": step,
                 "epoch": step / train.steps_per_epoch,
                 "best_top1": best,
-                "top1": top1,
+                "top1": result.get("top1", -1.0),
+                "last_eval": {k: result[k] for k in ("top1", "top5", "loss") if k in result},
                 "model": to_dict(model_cfg),
                 "init": cfg.init,
                 "effective_lr": lr,
@@ -439,7 +440,6 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
             },
         )
 
-    result: dict = {}
     while step < total:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr, cfg.min_lr, warmup, total) * group["lr_scale"]
@@ -482,10 +482,10 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
                 f.write(json.dumps(row) + "\n")
             if result["top1"] > best:
                 best = result["top1"]
-                save(out / "best.pt", result["top1"])
+                save(out / "best.pt")
         if evaluating or step % cfg.checkpoint_every == 0 or step == total:
             if dist.main:
-                save(checkpoint, result.get("top1", -1.0))
+                save(checkpoint)
             dist.barrier()
     bar.close()
     dist.close()
