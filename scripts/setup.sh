@@ -5,7 +5,8 @@
 #   scripts/setup.sh dev      runtime + matplotlib + test tools
 # torch: a CUDA torch the system Python already has is kept (the venv sees system site-packages);
 # otherwise a machine with an NVIDIA GPU gets PyPI's CUDA build and a machine without one gets
-# torch==2.13.0, the CPU build (never a multi-GB CUDA build it cannot use).
+# torch==2.13.0+cpu, the CPU build, from its own disk or indexes when they hold it, else from
+# PyTorch's CPU index (never a multi-GB CUDA build it cannot use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
@@ -28,8 +29,10 @@ pip_install() {
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     pip_install torch
-  else
-    pip_install "torch==2.13.0"
+  elif ! "$venv/bin/python" -m pip install --disable-pip-version-check -q "torch==2.13.0+cpu" >/dev/null 2>&1; then
+    # the CPU build is not on this machine's disk or indexes; PyPI's own torch wheels for Linux are
+    # CUDA builds, so take it from PyTorch's CPU index
+    pip_install --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
   fi
 fi
 

@@ -1,3 +1,4 @@
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -90,3 +91,23 @@ def test_a_table_refines_the_fields_own_default():
 
     cfg = load_config(Outer, None, ["model.depth=2"])
     assert (cfg.model.preset, cfg.model.image_size, cfg.model.depth) == ("tiny", 0, 2)
+
+
+@pytest.mark.parametrize(
+    "cls,override",
+    [
+        ("beit.train.pretrain.PretrainConfig", "checkpoint_every=0"),
+        ("beit.train.pretrain.PretrainConfig", "accumulation=0"),
+        ("beit.train.finetune.FinetuneConfig", "eval_every=0"),
+        ("beit.train.finetune.FinetuneConfig", "log_every=-5"),
+        ("beit.tokenize.dvae_train.DVAETrainConfig", "steps=0"),
+        ("beit.tokenize.run.TokenizeConfig", "views=0"),
+    ],
+)
+def test_counts_and_intervals_below_one_are_refused_on_load(cls, override):
+    module, name = cls.rsplit(".", 1)
+    config = getattr(importlib.import_module(module), name)
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=f"config key {key}: {value} is below 1: set it to 1 or more."):
+        load_config(config, None, [override])
+    load_config(config, None, [f"{key}=1"])

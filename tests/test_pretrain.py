@@ -146,6 +146,26 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(store, tmp_path):
     assert [r["loss"] for r in second] == [r["loss"] for r in first]
 
 
+def test_accumulation_equals_one_batch_of_the_effective_size(store, tmp_path):
+    location, _ = store
+    # random masks (the same count in every image) and no drop path: two micro-batches of 4
+    # average to exactly the loss and gradient of one batch of 8 holding the same views
+    args = [*TINY, "--epochs", "3", "--mask", "random", "--set", "model.drop_path=0.0", "--set", "log_every=1"]
+    assert beit("pretrain", location, "--out", tmp_path / "b8", *args).returncode == 0
+    result = beit("pretrain", location, "--out", tmp_path / "b4x2", *args, "--batch-size", 4, "--set", "accumulation=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole, accumulated = metrics(tmp_path / "b8"), metrics(tmp_path / "b4x2")
+    assert [r["step"] for r in accumulated] == [r["step"] for r in whole] == list(range(1, 7))
+    assert [r["loss"] for r in accumulated] == pytest.approx([r["loss"] for r in whole], rel=1e-4)
+    assert load_checkpoint(tmp_path / "b4x2" / "checkpoint.pt")[1]["effective_batch"] == 8
+    # 4 batches an epoch in 3s: 3 epochs are 12 batches, 4 optimizer steps, not 3 (9 batches)
+    result = beit("pretrain", location, "--out", tmp_path / "b4x3", *args, "--batch-size", 4, "--set", "accumulation=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(r["step"], r["epoch"]) for r in metrics(tmp_path / "b4x3")][-1] == (4, 3.0)
+    result = beit("pretrain", location, "--out", tmp_path / "x", *args, "--epochs", 1, "--set", "accumulation=4")
+    assert result.returncode == 1 and "--epochs 1 is less than one optimizer step" in result.stderr
+
+
 def test_two_processes_with_torchrun(store, tmp_path):
     location, _ = store
     run = tmp_path / "ddp"

@@ -4,7 +4,8 @@
 
 Nested dataclasses are TOML tables and dotted keys. A value given with `--set` is read as a
 TOML value when it parses as one (`3`, `1e-3`, `true`, `[1, 2]`, `"text"`) and as a plain
-string otherwise. An unknown key or a value of the wrong type raises `ConfigError` with one
+string otherwise. An unknown key, a value of the wrong type, or a number below the minimum its
+class lists in `MINIMUM` (a ClassVar: {"log_every": 1, ...}) raises `ConfigError` with one
 sentence naming the key. `to_toml` writes a config back, so a run's resolved config is saved
 beside it and can be loaded again.
 """
@@ -101,7 +102,13 @@ def _build(cls: type[T], table: dict[str, Any], prefix: str = "") -> T:
         if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]) and factory is not dataclasses.MISSING:
             value = {**to_dict(factory()), **value}  # a table refines the field's own default, not the class's
         values[name] = _convert(prefix + name, value, hints[name])
-    return cls(**values)
+    built = cls(**values)
+    for name, low in getattr(cls, "MINIMUM", {}).items():
+        if getattr(built, name) < low:
+            raise ConfigError(
+                f"config key {prefix}{name}: {getattr(built, name)!r} is below {low}: set it to {low} or more."
+            )
+    return built
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -42,6 +42,11 @@ from beit.shared.progress import progress_bar
 
 @dataclass
 class DVAETrainConfig:
+    # keys that must be at least 1 (load_config checks them)
+    MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(
+        ("steps", "batch_size", "log_every", "checkpoint_every", "threads"), 1
+    )
+
     input_size: int = 64
     n_hid: int = 64
     blocks_per_group: int = 1

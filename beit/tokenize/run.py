@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import fsspec
 import numpy as np
@@ -35,6 +35,9 @@ from beit.shared.views import JITTER_PLACEMENT, PARAMS, ViewConfig, draw_views, 
 
 @dataclass
 class TokenizeConfig:
+    # keys that must be at least 1 (load_config checks them)
+    MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(("views", "batch_size", "chunk_images", "threads"), 1)
+
     views: int = 10
     seed: int = 0
     batch_size: int = 16  # images per DALI batch (each rendered V times)

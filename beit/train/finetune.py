@@ -25,6 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -44,6 +45,11 @@ from beit.train.pretrain import lr_at, truncate_metrics
 
 @dataclass
 class FinetuneConfig:
+    # keys that must be at least 1 (load_config checks them)
+    MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(
+        ("epochs", "batch_size", "log_every", "checkpoint_every", "eval_every", "threads"), 1
+    )
+
     model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="base", num_classes=0))
     init: str = "none"  # a checkpoint (this project's, unilm .pth, timm state dict) or "none"
     epochs: int = 100

@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,11 @@ from beit.train.data import PretrainData
 
 @dataclass
 class PretrainConfig:
+    # keys that must be at least 1 (load_config checks them)
+    MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(
+        ("epochs", "batch_size", "accumulation", "log_every", "checkpoint_every", "threads"), 1
+    )
+
     # image_size / vocab_size 0: take them from the store
     model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="base", image_size=0, vocab_size=0))
     epochs: int = 800
@@ -155,8 +160,13 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
     torch.manual_seed(cfg.seed + dist.rank)  # one weight init everywhere, stochastic depth per rank
     effective_batch = cfg.batch_size * dist.world * cfg.accumulation
     lr = cfg.lr if cfg.lr is not None else cfg.blr * effective_batch / 2048
-    steps_per_epoch = data.steps_per_epoch // cfg.accumulation
-    total = max(1, round(cfg.epochs * steps_per_epoch))
+    steps_per_epoch = data.steps_per_epoch / cfg.accumulation  # optimizer steps; an epoch may end mid-accumulation
+    total = round(cfg.epochs * steps_per_epoch)
+    if total < 1:
+        raise ValueError(
+            f"--epochs {cfg.epochs} is less than one optimizer step: an epoch is {data.steps_per_epoch} batches and "
+            f"accumulation is {cfg.accumulation}; lower accumulation or --batch-size, or raise --epochs."
+        )
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda"
@@ -245,7 +255,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
             elapsed = time.perf_counter() - last_log
             row = {
                 "step": step,
-                "epoch": step / max(steps_per_epoch, 1),
+                "epoch": step / steps_per_epoch,
                 "loss": values[0] / ((step - logged_at) * cfg.accumulation),
                 "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm),
@@ -276,7 +286,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
                     {
                         "kind": "pretrain",
                         "step": step,
-                        "epoch": step / max(steps_per_epoch, 1),
+                        "epoch": step / steps_per_epoch,
                         "data_position": {"micro_batch": step * cfg.accumulation},
                         "effective_lr": lr,
                         "effective_batch": effective_batch,
