@@ -91,14 +91,14 @@ def test_stage2_pixels_retokenize_to_the_cached_grids_and_failed_images_are_neve
         assert batch.pixels.shape == (4, 3, 64, 64) and batch.mask.sum(1).eq(6).all()
     assert not seen & failed and len(seen) == 16
     # each image shows a different view in each of its first epochs
-    assert len({data.view_of(0, e) for e in range(10)}) == 10
+    assert len({int(data.plan.views_of([0], e)[0]) for e in range(10)}) == 10
 
 
 def test_the_first_k_views_of_a_store_stand_for_a_store_of_k_views(store):
     location, _ = store
     two = PretrainData(str(location), batch_size=4, seed=3, views=2)
-    assert {two.view_of(i, e) for i in range(16) for e in range(6)} == {0, 1}
-    assert {two.view_of(0, e) for e in (0, 1)} == {0, 1}  # both in the first two epochs
+    assert {int(v) for e in range(6) for v in two.plan.views_of(np.arange(16), e)} == {0, 1}
+    assert {int(two.plan.views_of([0], e)[0]) for e in (0, 1)} == {0, 1}  # both in the first two epochs
     with pytest.raises(StoreError, match="views = 11 is more than the 10 views"):
         PretrainData(str(location), batch_size=4, seed=3, views=11)
 

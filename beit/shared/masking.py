@@ -12,7 +12,12 @@ about 74.5. Rounding h and w can make a block's area a little smaller than the a
 
 `random_mask` hides exactly `count` patches chosen uniformly (the paper's ablation).
 
-Both take a `numpy.random.Generator`, so callers decide how masks are seeded.
+`block_masks` and `random_masks` make a whole batch at once with numpy, for the data thread:
+the same algorithms, each mask drawn from its own counter key (`beit.shared.counter`; every
+attempt of a round drawn at once, the first that fits is the block), so the same distribution
+at a fraction of the time, and an image's mask does not depend on the batch it is in.
+
+`block_mask` and `random_mask` take a `numpy.random.Generator`: callers decide the seeding.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from beit.shared.counter import counter_key, counter_uniforms
 
 
 @dataclass(frozen=True)
@@ -90,3 +97,67 @@ def random_mask(rng: np.random.Generator, grid: tuple[int, int] = (14, 14), coun
     mask = np.zeros(gh * gw, dtype=bool)
     mask[rng.choice(gh * gw, size=count, replace=False)] = True
     return mask.reshape(gh, gw)
+
+
+def block_masks(
+    keys: np.ndarray,
+    grid: tuple[int, int] = (14, 14),
+    count: int = 75,
+    min_block: int = 16,
+    max_block: int | None = None,
+    min_aspect: float = 0.3,
+) -> np.ndarray:
+    """One blockwise mask per uint64 key (`counter_key`), all at once: bool [len(keys), gh, gw].
+    Each round gives every unfinished mask its next block: its 10 attempts are drawn together
+    from (key, round), the first that fits and adds 1..remaining new patches wins (counted with
+    2-D prefix sums); a mask whose 10 attempts all fail is done. A mask depends on its key only."""
+    gh, gw = grid
+    if not 0 < count <= gh * gw:
+        raise ValueError(f"mask count {count} must be between 1 and the {gh * gw} patches of a {gh}x{gw} grid.")
+    keys = np.asarray(keys, dtype=np.uint64)
+    max_block = count if max_block is None else max_block
+    min_block = min(min_block, count)
+    log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
+    masks = np.zeros((len(keys), gh, gw), dtype=bool)
+    masked = np.zeros(len(keys), dtype=np.int64)
+    active = np.arange(len(keys))
+    rows, cols = np.arange(gh)[None, :, None], np.arange(gw)[None, None, :]
+    round_ = 0
+    while len(active):
+        u = counter_uniforms(counter_key(keys[active], round_), 40).reshape(len(active), 4, 10)
+        round_ += 1
+        limit = np.minimum(count - masked[active], max_block)[:, None]
+        area = min_block + (limit - min_block) * u[:, 0]
+        aspect = np.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+        h = np.rint(np.sqrt(area * aspect)).astype(np.int64)  # rint rounds half to even, as round() does
+        w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+        fits = (h < gh) & (w < gw)
+        h, w = np.where(fits, h, 0), np.where(fits, w, 0)
+        top = (u[:, 2] * (gh - h + 1)).astype(np.int64)
+        left = (u[:, 3] * (gw - w + 1)).astype(np.int64)
+        sums = np.zeros((len(active), gh + 1, gw + 1), dtype=np.int64)
+        sums[:, 1:, 1:] = masks[active].cumsum(1).cumsum(2)
+        i = np.arange(len(active))[:, None]
+        covered = sums[i, top + h, left + w] - sums[i, top, left + w] - sums[i, top + h, left] + sums[i, top, left]
+        new = h * w - covered
+        valid = fits & (new > 0) & (new <= limit)
+        found = valid.any(1)
+        pick = valid.argmax(1)[found]
+        chosen = np.flatnonzero(found)
+        t, l_, hh, ww = (a[chosen, pick][:, None, None] for a in (top, left, h, w))
+        into = active[chosen]
+        masks[into] |= (rows >= t) & (rows < t + hh) & (cols >= l_) & (cols < l_ + ww)
+        masked[into] += new[chosen, pick]
+        active = into[masked[into] < count]
+    return masks
+
+
+def random_masks(keys: np.ndarray, grid: tuple[int, int] = (14, 14), count: int = 75) -> np.ndarray:
+    """One mask of exactly `count` uniformly chosen patches per uint64 key: bool [len(keys), gh, gw]."""
+    gh, gw = grid
+    if not 0 < count <= gh * gw:
+        raise ValueError(f"mask count {count} must be between 1 and the {gh * gw} patches of a {gh}x{gw} grid.")
+    order = counter_uniforms(np.asarray(keys, dtype=np.uint64), gh * gw).argsort(1)
+    masks = np.zeros((len(order), gh * gw), dtype=bool)
+    np.put_along_axis(masks, order[:, :count], True, axis=1)
+    return masks.reshape(len(order), gh, gw)

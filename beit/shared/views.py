@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from beit.shared.counter import counter_key, counter_uniforms
+
 PARAMS = ("x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")
 JITTER_PLACEMENT = "after crop and resize, before flip; DALI color_twist (brightness, contrast about 128, saturation)"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,26 +49,10 @@ class ViewConfig:
 
 # ---------------------------------------------------------------- drawing parameters
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijective scramble of uint64s."""
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
 
 def uniforms(seed: int, images: np.ndarray, views: np.ndarray, count: int) -> np.ndarray:
     """[n, count] float64 in [0, 1): a pure function of (seed, image, view, j)."""
-    with np.errstate(over="ignore"):
-        key = _mix(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + _GOLDEN)
-        key = _mix(key + np.asarray(images, dtype=np.uint64) * _GOLDEN)
-        key = _mix(key + np.asarray(views, dtype=np.uint64) * _GOLDEN)
-        j = np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN
-        bits = _mix(key[:, None] + j[None, :])
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return counter_uniforms(counter_key(seed, np.asarray(images), np.asarray(views)), count)
 
 
 def draw_views(seed: int, image_indices: np.ndarray, sizes: np.ndarray, views: int, cfg: ViewConfig) -> np.ndarray:

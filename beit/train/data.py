@@ -6,8 +6,9 @@ samples. Epoch e visits the store's done images (never the failed ones) in a per
 from (seed, e); each image shows one of its V views, cycling through all V in an order drawn
 afresh every V epochs. Global step s of an epoch takes positions [s*B*W, (s+1)*B*W) of that
 order (B per-rank batch, W ranks; the tail that does not fill a global batch is left for the
-next epoch's fresh order); rank r takes the r-th B of them. Masks come from a generator keyed
-by (seed, epoch, image).
+next epoch's fresh order); rank r takes the r-th B of them. Views and masks are drawn from
+counter keys (seed, image, ...), a whole batch at once, so an image's view and mask in an epoch
+do not depend on the batch, the rank or the number of ranks.
 
 Pixels are rendered by `beit.shared.views.render` at the store's patch size (bicubic, ImageNet
 normalisation) from the original files (the store's source_root + key) or, when the files are
@@ -26,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from beit.shared.counter import counter_key, counter_uniforms
 from beit.shared.decode import ImageBatches
-from beit.shared.masking import block_mask, random_mask
+from beit.shared.masking import block_masks, random_masks
 from beit.shared.store import DONE, StoreError, TokenStore
 from beit.shared.views import render_builder
 
@@ -39,6 +41,58 @@ class Batch:
     mask: torch.Tensor  # [B, gh * gw] bool, True = masked
     images: np.ndarray  # [B] store indices
     twin: torch.Tensor | None = None  # [B, 3, s, s] in [0, 1], the tokenizer-size view
+
+
+class SamplePlan:
+    """Which images, views and masks global step `step` gives this rank: a pure function of
+    (seed, epoch, step). `done` are the store indices that may be sampled."""
+
+    def __init__(
+        self,
+        done: np.ndarray,
+        views: int,
+        grid: tuple[int, int],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        mask: str = "block",
+        mask_count: int = 0,
+        min_block: int = 0,
+    ):
+        self.done, self.views, self.grid = done, views, grid
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        patches = grid[0] * grid[1]
+        # 0: BEiT's 75 patches and 16-patch minimum blocks of a 14x14 grid, scaled to this grid
+        self.mask_kind = mask
+        self.mask_count = mask_count or max(1, round(75 * patches / 196))
+        self.min_block = min_block or max(1, round(16 * patches / 196))
+        self.steps_per_epoch = len(done) // (batch_size * world)
+        self._order: tuple[int, np.ndarray] = (-1, done)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order[0] != epoch:  # drawn once per epoch: a permutation of 1.28M images takes ~20 ms
+            self._order = (epoch, self.done[np.random.default_rng([self.seed, epoch]).permutation(len(self.done))])
+        return self._order[1]
+
+    def views_of(self, images: np.ndarray, epoch: int) -> np.ndarray:
+        """Each image's view in `epoch`: its V views in an order drawn afresh every V epochs, keyed
+        by (seed, image, cycle)."""
+        cycle, turn = divmod(epoch, self.views)
+        order = counter_uniforms(counter_key(self.seed, np.asarray(images), cycle, 1), self.views).argsort(1)
+        return order[:, turn]
+
+    def at(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(this rank's store indices, their views, their masks [B, gh * gw]) for global step `step`."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.batch_size * self.world + self.rank * self.batch_size
+        images = self.epoch_order(epoch)[start : start + self.batch_size]
+        keys = counter_key(self.seed, epoch, images, 2)
+        if self.mask_kind == "random":
+            masks = random_masks(keys, self.grid, self.mask_count)
+        else:
+            masks = block_masks(keys, self.grid, self.mask_count, min_block=self.min_block)
+        return images, self.views_of(images, epoch), masks.reshape(len(images), -1)
 
 
 class PretrainData:
@@ -59,14 +113,8 @@ class PretrainData:
     ):
         self.store = TokenStore.open(location)
         attrs = self.store.attrs
-        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.tokens = self.store.tokens()  # [N, V, gh, gw], in memory: random zarr reads are slow
         self.grid = self.store.grid
-        patches = self.grid[0] * self.grid[1]
-        # 0: BEiT's 75 patches and 16-patch minimum blocks of a 14x14 grid, scaled to this grid
-        self.mask_kind = mask
-        self.mask_count = mask_count or max(1, round(75 * patches / 196))
-        self.min_block = min_block or max(1, round(16 * patches / 196))
         # views > 0: only the first `views` of each image's V (the V ablation on one store; the
         # views are drawn per (seed, image, view), so they are the views a V=`views` store holds)
         if views > self.store.views_per_image:
@@ -74,13 +122,14 @@ class PretrainData:
                 f"views = {views} is more than the {self.store.views_per_image} views per image {location} "
                 "holds: lower it, or tokenize with more --views."
             )
-        self.views = views or self.store.views_per_image
         self.params = self.store.group["views"][:]
-        self.done = np.flatnonzero(self.store.status() == DONE)
-        self.steps_per_epoch = len(self.done) // (batch_size * world)
+        done = np.flatnonzero(self.store.status() == DONE)
+        views = views or self.store.views_per_image
+        self.plan = SamplePlan(done, views, self.grid, batch_size, seed, rank, world, mask, mask_count, min_block)
+        self.steps_per_epoch = self.plan.steps_per_epoch
         if self.steps_per_epoch == 0:
             raise StoreError(
-                f"{location} has {len(self.done)} tokenized images, fewer than one global batch "
+                f"{location} has {len(done)} tokenized images, fewer than one global batch "
                 f"({batch_size} x {world} ranks): lower --batch-size."
             )
         self.image_size = attrs["views"]["config"]["image_size"]
@@ -89,41 +138,19 @@ class PretrainData:
         keys = self.store.group["keys"][:]
         self.files = [root / str(k) for k in keys]
         self.embedded = None
-        if "images" in self.store.group and not all(self.files[i].exists() for i in self.done[:16]):
+        if "images" in self.store.group and not all(self.files[i].exists() for i in done[:16]):
             self.embedded = self.store.group["images"][:]  # the source files are gone: use the store's copies
         twin_render = (self.tokenizer_size, "tokenizer") if twin else None
         self.renders = ImageBatches(
             render_builder(1, self.image_size, "patches", threads, twin=twin_render), batch_size, device_id, seed
         )
 
-    # ---------------------------------------------------------------- the plan
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        return self.done[np.random.default_rng([self.seed, epoch]).permutation(len(self.done))]
-
-    def view_of(self, image: int, epoch: int) -> int:
-        cycle, turn = divmod(epoch, self.views)
-        return int(np.random.default_rng([self.seed, image, cycle, 1]).permutation(self.views)[turn])
-
-    def mask_of(self, image: int, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch, image, 2])
-        if self.mask_kind == "random":
-            return random_mask(rng, self.grid, self.mask_count)
-        return block_mask(rng, self.grid, self.mask_count, min_block=self.min_block)
-
-    def images_at(self, step: int) -> tuple[int, np.ndarray]:
-        """(epoch, this rank's store indices) for global step `step`."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        start = within * self.batch_size * self.world + self.rank * self.batch_size
-        return epoch, self.epoch_order(epoch)[start : start + self.batch_size]
-
     # ---------------------------------------------------------------- batches
 
     def batch(self, step: int) -> Batch:
-        epoch, images = self.images_at(step)
-        views = [self.view_of(int(i), epoch) for i in images]
+        images, views, mask = self.plan.at(step)
         items = [bytes(self.embedded[i]) if self.embedded is not None else self.files[i] for i in images]
-        feeds = {"view0": [self.params[i, v] for i, v in zip(images, views, strict=True)]}
+        feeds = {"view0": list(self.params[images, views])}
         outputs, kept = self.renders.run(items, feeds)
         if len(kept) != len(images):
             bad = [str(self.files[images[j]]) for j in range(len(images)) if j not in kept]
@@ -131,8 +158,7 @@ class PretrainData:
                 f"could not read {', '.join(bad[:3])} although the store tokenized it: the source changed "
                 "since tokenization; restore it, or tokenize again with --embed-images."
             )
-        tokens = np.stack([self.tokens[i, v] for i, v in zip(images, views, strict=True)]).reshape(len(images), -1)
-        mask = np.stack([self.mask_of(int(i), epoch).reshape(-1) for i in images])
+        tokens = self.tokens[images, views].reshape(len(images), -1)
         return Batch(
             pixels=torch.from_numpy(outputs[0]),
             tokens=torch.from_numpy(tokens.astype(np.int64)),

@@ -229,6 +229,7 @@ class ClassificationData:
             classification_builder(size, train, cfg.randaugment, cfg.threads), batch_size, device_id, cfg.seed + rank
         )
         n = len(source.files)
+        self._order: tuple[int, np.ndarray] = (-1, np.arange(n))
         self.steps_per_epoch = n // (batch_size * world) if train else math.ceil(n / (batch_size * world))
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -237,11 +238,9 @@ class ClassificationData:
 
     def indices(self, step: int) -> np.ndarray:
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = (
-            np.random.default_rng([self.seed, epoch]).permutation(len(self.source.files))
-            if self.train
-            else np.arange(len(self.source.files))
-        )
+        if self.train and self._order[0] != epoch:  # drawn once per epoch, not per batch; val keeps its order
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.source.files)))
+        order = self._order[1]
         start = within * self.batch_size * self.world + self.rank * self.batch_size
         return order[start : start + self.batch_size]
 
@@ -288,10 +287,10 @@ def layer_decay_groups(model: BeitClassifier, lr: float, weight_decay: float, de
 
 def mix(pixels: torch.Tensor, labels: torch.Tensor, classes: int, cfg: FinetuneConfig, generator: np.random.Generator):
     """Mixup or cutmix (chosen with equal odds when both are on) with label smoothing:
-    (mixed pixels, soft targets [B, classes])."""
+    (mixed pixels, soft targets [B, classes]); labels on the pixels' device."""
     off = cfg.label_smoothing / classes
     targets = torch.full((len(labels), classes), off, device=pixels.device)
-    targets.scatter_(1, labels.view(-1, 1).to(pixels.device), 1.0 - cfg.label_smoothing + off)
+    targets.scatter_(1, labels.view(-1, 1), 1.0 - cfg.label_smoothing + off)
     use_cutmix = cfg.cutmix > 0 and (cfg.mixup <= 0 or generator.random() < 0.5)
     alpha = cfg.cutmix if use_cutmix else cfg.mixup
     if alpha <= 0:
@@ -450,6 +449,7 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr, cfg.min_lr, warmup, total) * group["lr_scale"]
         pixels, labels = next(stream)
+        labels = labels.to(device, non_blocking=True)  # a blocking copy would wait for the GPU
         generator = np.random.default_rng([cfg.seed, dist.rank, step])
         pixels = pixels.to(device, non_blocking=True)
         pixels = random_erasing(pixels, cfg.erasing, generator)

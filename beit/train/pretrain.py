@@ -21,6 +21,7 @@ so on the CPU a resumed run's losses equal an uninterrupted run's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -92,10 +93,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@functools.cache
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as [1, 3, 1, 1] on `device`, made once: a copy to the GPU per step waits for it."""
+    return (
+        torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+        torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1),
+    )
+
+
 def pixel_targets(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     """[B, 3, H, W] ImageNet-normalised -> [B, N, patch*patch*3] per-patch normalised pixels."""
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
+    mean, std = _imagenet_stats(pixels.device)
     x = pixels * std + mean
     b, c, h, w = x.shape
     x = x.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, patch * patch * c)
@@ -224,7 +233,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
             index = batch.mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # no device sync
             if cfg.targets == "online":
                 targets = tokenizer.tokenize(
-                    batch.twin.to(device), dtype=torch.float16 if device.type == "cuda" else None
+                    batch.twin.to(device, non_blocking=True), dtype=torch.float16 if device.type == "cuda" else None
                 )
                 targets = targets.flatten(1)
             else:
