@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import signal
 import subprocess
@@ -60,8 +61,26 @@ def beit_torchrun(processes: int, *args, timeout: int = 600) -> subprocess.Compl
     return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes started by `pid`, and by them, ... (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process has just ended
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def kill_when(command: list, condition, timeout: float = 300) -> int:
-    """Start `command`, SIGKILL it the moment `condition()` holds (polled every 5 ms) and return its exit code.
+    """Start `command`, SIGKILL it and every process under it (torchrun's workers too) the moment
+    `condition()` holds (polled every 5 ms), and return the command's exit code.
 
     The kill comes within milliseconds of the condition, so a test can leave a wide margin of steps
     between the state it waits for and the end of the run, however fast the machine.
@@ -75,5 +94,30 @@ def kill_when(command: list, condition, timeout: float = 300) -> int:
         except (OSError, ValueError):  # a file the condition reads is half-written: look again
             pass
         time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    return process.wait()
+    tree = [process.pid, *_descendants(process.pid)]
+    for pid in tree:  # freeze the whole tree first, so that no process moves on while others die
+        _signal(pid, signal.SIGSTOP)
+    tree += [pid for pid in _descendants(process.pid) if pid not in tree]
+    for pid in tree:
+        _signal(pid, signal.SIGKILL)
+    code = process.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in tree):
+        assert time.monotonic() < deadline, f"a process of {command[:6]} outlived SIGKILL"
+        time.sleep(0.01)
+    return code
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (ended, waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

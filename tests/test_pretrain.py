@@ -17,6 +17,7 @@ from beit.shared.dvae import DVAE, DVAEConfig, load_tokenizer, save_tokenizer
 from beit.shared.model import BeitForMIM, ModelConfig
 from beit.shared.store import StoreError
 from beit.train.data import PretrainData
+from beit.train.pretrain import truncate_metrics
 
 TINY = [
     "--model",
@@ -166,17 +167,34 @@ def test_accumulation_equals_one_batch_of_the_effective_size(store, tmp_path):
     assert result.returncode == 1 and "--epochs 1 is less than one optimizer step" in result.stderr
 
 
-def test_two_processes_with_torchrun(store, tmp_path):
+def test_two_processes_with_torchrun_resume_after_sigkill_with_the_same_losses(store, tmp_path):
     location, _ = store
-    run = tmp_path / "ddp"
-    result = beit_torchrun(
-        2, "pretrain", location, "--out", run, *TINY[:-4], "--batch-size", 4, "--epochs", 2, "--set", "log_every=1"
-    )
+    # 16 images, 4 per rank: 2 steps an epoch. Drop path draws differ per rank, so a resume must
+    # give each rank its own random state back for rank 0's losses to repeat.
+    args = [*TINY, "--batch-size", 4, "--epochs", 8, "--set", "log_every=1", "--set", "checkpoint_every=4"]
+    whole = tmp_path / "whole"
+    result = beit_torchrun(2, "pretrain", location, "--out", whole, *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    state, meta = load_checkpoint(run / "checkpoint.pt")
-    assert meta["world_size"] == 2 and meta["effective_batch"] == 8
-    model = BeitForMIM(ModelConfig(**meta["model"]))
-    model.load_state_dict(state["model"])
+    state, meta = load_checkpoint(whole / "checkpoint.pt")
+    assert meta["world_size"] == 2 and meta["effective_batch"] == 8 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    BeitForMIM(ModelConfig(**meta["model"])).load_state_dict(state["model"])
+
+    cut = tmp_path / "cut"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", "pretrain"]
+    command += [location, "--out", cut, *args]
+
+    def past_the_first_checkpoint() -> bool:
+        return json.loads((cut / "checkpoint.json").read_text())["step"] >= 4
+
+    assert kill_when(command, past_the_first_checkpoint) == -signal.SIGKILL
+    assert 4 <= json.loads((cut / "checkpoint.json").read_text())["step"] < 16
+    # resumed with another checkpoint interval, which a resume may change
+    result = beit_torchrun(2, "pretrain", location, "--out", cut, *args, "--set", "checkpoint_every=1000")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("resuming from") == 1 and " at step 16 " not in result.stdout
+    assert [r["step"] for r in metrics(cut)] == list(range(1, 17))
+    assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole)]
 
 
 @pytest.mark.parametrize("flag", [["--targets", "online"], ["--targets", "pixels"], ["--mask", "random"]])
@@ -206,3 +224,10 @@ def test_mismatches_are_refused(store, tmp_path):
     zarr.open_group(str(incomplete), mode="r+").update_attributes({"complete": False})
     result = beit("pretrain", incomplete, "--out", tmp_path / "c", *TINY)
     assert result.returncode == 1 and "is incomplete" in result.stderr
+
+
+def test_a_metrics_row_cut_in_half_by_a_crash_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "loss": 3.0}\n{"step": 4, "lo')
+    truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n'

@@ -151,6 +151,13 @@ def load_config(cls: type[T], path: Path | None = None, overrides: typing.Iterab
     return _build(cls, merge_overrides(table, overrides))
 
 
+def resume_fields(cls: type, table: dict[str, Any] | None) -> dict[str, Any]:
+    """A config's plain data without the keys a resumed run may change (the class's
+    FREE_ON_RESUME: threads, logging and checkpoint intervals, ...): what must match to resume."""
+    free = getattr(cls, "FREE_ON_RESUME", ())
+    return {k: v for k, v in (table or {}).items() if k not in free}
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A config as plain data (paths as strings, tuples as lists), ready for TOML or JSON."""
 

@@ -78,6 +78,10 @@ class ImageBatches:
         self._single = None
         self._rebuilds = 0
 
+    def reseed(self, seed: int) -> None:
+        """Random draws (crops, flips, augmentations) from `seed` on: the pipeline is built anew."""
+        self.seed, self._pipe, self._rebuilds = seed, None, 0
+
     def _pipeline(self):
         if self._pipe is None:
             self._pipe = self.build(self.batch_size, self.device_id, self.seed + 7919 * self._rebuilds)

@@ -1,4 +1,4 @@
-"""torchrun: rank, world size and barriers (gloo on the CPU, NCCL on GPUs)."""
+"""torchrun: rank, world size, barriers and per-rank random states (gloo on the CPU, NCCL on GPUs)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,29 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (picklable), in rank order; every rank must call it."""
+        if self.world == 1:
+            return [value]
+        values: list = [None] * self.world
+        torch.distributed.all_gather_object(values, value)
+        return values
+
+    def rng_states(self, device: torch.device) -> list[dict]:
+        """Every rank's torch random states (CPU, and CUDA on a GPU), for a checkpoint: drop path
+        and the like draw from them, differently on each rank."""
+        state = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(device)
+        return self.gather(state)
+
+    def restore_rng(self, saved: list[dict], device: torch.device) -> None:
+        """Restore this rank's states from what `rng_states` gathered (the same world size)."""
+        state = saved[self.rank]
+        torch.set_rng_state(state["torch"])
+        if device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], device)
 
     def close(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from beit.shared.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
-from beit.shared.config import to_dict, to_toml
+from beit.shared.config import resume_fields, to_dict, to_toml
+from beit.shared.counter import counter_key
 from beit.shared.decode import ImageBatches
 from beit.shared.dist import init_dist
 from beit.shared.images import Source, read_source
@@ -46,6 +47,8 @@ from beit.train.pretrain import lr_at, truncate_metrics
 @dataclass
 class FinetuneConfig:
     # keys that must be at least 1 (load_config checks them)
+    # keys a resumed run may change (they do not change what it computes)
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every", "eval_every", "threads", "device")
     MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(
         ("epochs", "batch_size", "log_every", "checkpoint_every", "eval_every", "threads"), 1
     )
@@ -253,6 +256,8 @@ class ClassificationData:
         return (torch.from_numpy(outputs[0]) if kept else torch.zeros(0, 3, 1, 1)), labels
 
     def stream(self, start_step: int):
+        if start_step:  # a resumed run: fresh augmentation draws, not the first steps' again
+            self.batches.reseed(int(counter_key(self.seed, self.rank, start_step) % 2**31))
         return prefetch(self.batch, start_step)
 
 
@@ -398,17 +403,26 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr, fused=device.type == "cuda"
     )
-    identity = {"config": to_dict(cfg), "classes": train_source.class_names, "world_size": dist.world}
+    identity = {
+        "config": resume_fields(FinetuneConfig, to_dict(cfg)),
+        "classes": train_source.class_names,
+        "world_size": dist.world,
+    }
+    torch.manual_seed(cfg.seed + dist.rank)  # one weight init everywhere, drop path and erasing per rank
     step, best, result = 0, -1.0, {}
     checkpoint = out / "checkpoint.pt"
     if resume and checkpoint.exists():
         state, meta = load_checkpoint(checkpoint)
-        if json.dumps({k: meta.get(k) for k in identity}, sort_keys=True) != json.dumps(identity, sort_keys=True):
+        theirs = {k: meta.get(k) for k in identity}
+        theirs["config"] = resume_fields(FinetuneConfig, theirs["config"])
+        if json.dumps(theirs, sort_keys=True) != json.dumps(identity, sort_keys=True):
             raise ValueError(f"{checkpoint} is from another run: use another --out, or --no-resume to start over here.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
+        dist.restore_rng(state["rng"], device)
         step, best, result = meta["step"], meta["best_top1"], meta.get("last_eval", {})
+        if dist.main:
+            print(f"resuming from {checkpoint} at step {step} of {total}", flush=True)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(cfg))
@@ -426,10 +440,10 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
     bar = progress_bar(total=total, initial=step, disable=not (progress and dist.main), unit="step", desc="finetune")
     loss_sum, seen, started, logged_at = torch.zeros((), device=device), 0, time.perf_counter(), step
 
-    def save(path: Path) -> None:
+    def save(path: Path, rng: list[dict]) -> None:
         save_checkpoint(
             path,
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}},
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng},
             {
                 "kind": "finetune",
                 "step": step,
@@ -480,6 +494,8 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
             seen, started, logged_at = 0, time.perf_counter(), step
         end_of_epoch = step % train.steps_per_epoch == 0
         evaluating = end_of_epoch and ((step // train.steps_per_epoch) % cfg.eval_every == 0 or step == total)
+        saving = evaluating or step % cfg.checkpoint_every == 0 or step == total
+        rng = dist.rng_states(device) if saving else []  # every rank's, before evaluation draws from them
         if evaluating and dist.main:
             result = evaluate(model, val, device, classes)
             row = {"step": step, "epoch": step / train.steps_per_epoch}
@@ -488,10 +504,10 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
                 f.write(json.dumps(row) + "\n")
             if result["top1"] > best:
                 best = result["top1"]
-                save(out / "best.pt")
-        if evaluating or step % cfg.checkpoint_every == 0 or step == total:
+                save(out / "best.pt", rng)
+        if saving:
             if dist.main:
-                save(checkpoint)
+                save(checkpoint, rng)
             dist.barrier()
     bar.close()
     dist.close()

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from beit.shared.checkpoint import load_checkpoint, save_checkpoint
-from beit.shared.config import to_dict, to_toml
+from beit.shared.config import resume_fields, to_dict, to_toml
 from beit.shared.dist import init_dist
 from beit.shared.model import BeitForMIM, ModelConfig, mim_loss
 from beit.shared.progress import progress_bar
@@ -45,6 +45,8 @@ from beit.train.data import PretrainData
 @dataclass
 class PretrainConfig:
     # keys that must be at least 1 (load_config checks them)
+    # keys a resumed run may change (they do not change what it computes)
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every", "compile", "threads", "device")
     MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(
         ("epochs", "batch_size", "accumulation", "log_every", "checkpoint_every", "threads"), 1
     )
@@ -181,7 +183,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
         param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda"
     )
     identity = {
-        "config": to_dict(cfg),
+        "config": resume_fields(PretrainConfig, to_dict(cfg)),
         "store_fingerprint": data.store.attrs["source"]["fingerprint"],
         "tokenizer": data.store.attrs["tokenizer"]["sha256"],
         "world_size": dist.world,
@@ -192,6 +194,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
     if resume and checkpoint.exists():
         state, meta = load_checkpoint(checkpoint)
         theirs = {k: meta.get(k) for k in identity}
+        theirs["config"] = resume_fields(PretrainConfig, theirs["config"])
         if json.loads(json.dumps(theirs)) != json.loads(json.dumps(identity)):
             changed = [k for k in identity if json.dumps(theirs[k]) != json.dumps(identity[k])]
             raise StoreError(
@@ -200,10 +203,10 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        dist.restore_rng(state["rng"], device)
         step = meta["step"]
+        if dist.main:
+            print(f"resuming from {checkpoint} at step {step} of {total}", flush=True)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(cfg))
@@ -285,10 +288,8 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
             sums.zero_()
             wait, images_since, last_log, logged_at = 0.0, 0, time.perf_counter(), step
         if step % cfg.checkpoint_every == 0 or step == total:
+            rng = dist.rng_states(device)  # every rank's: each draws its own drop path
             if dist.main:
-                rng = {"torch": torch.get_rng_state()}
-                if device.type == "cuda":
-                    rng["cuda"] = torch.cuda.get_rng_state()
                 save_checkpoint(
                     checkpoint,
                     {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng},
@@ -313,8 +314,15 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint: they are logged again."""
+    """On resume, drop rows logged after the checkpoint (they are logged again) and a row the
+    crash cut in half."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in rows))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
