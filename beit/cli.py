@@ -33,7 +33,7 @@ def _fail(error: Exception) -> None:
 
 @app.command()
 def tokenize(
-    source: Annotated[Path, typer.Argument(help="ImageFolder tree, folder of images, or .txt list (path [label])")],
+    source: Annotated[Path, typer.Argument(help="ImageFolder tree, image folder, or .txt list: path, label per line")],
     store: Annotated[str, typer.Argument(help="token store to write: a folder, or an fsspec URL zarr can open")],
     tokenizer: Annotated[Path, typer.Option(help="tokenizer .safetensors (beit tokenizer convert/train)")],
     views: Annotated[Optional[int], typer.Option(help="views per image (default 10)")] = None,  # noqa: UP045
