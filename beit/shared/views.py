@@ -55,12 +55,15 @@ def uniforms(seed: int, images: np.ndarray, views: np.ndarray, count: int) -> np
     return counter_uniforms(counter_key(seed, np.asarray(images), np.asarray(views)), count)
 
 
-def draw_views(seed: int, image_indices: np.ndarray, sizes: np.ndarray, views: int, cfg: ViewConfig) -> np.ndarray:
-    """float32 [n, views, 8] parameters for images `image_indices` of (height, width) `sizes`."""
+def draw_views(
+    seed: int, image_indices: np.ndarray, sizes: np.ndarray, views: int, cfg: ViewConfig, first: int = 0
+) -> np.ndarray:
+    """float32 [n, views, 8] parameters of views first .. first + views - 1 of images
+    `image_indices` of (height, width) `sizes`."""
     image_indices = np.asarray(image_indices)
     n = len(image_indices)
     img = np.repeat(image_indices, views)
-    view = np.tile(np.arange(views), n)
+    view = np.tile(np.arange(first, first + views), n)
     height = np.repeat(np.asarray(sizes)[:, 0], views).astype(np.float64)
     width = np.repeat(np.asarray(sizes)[:, 1], views).astype(np.float64)
     u = uniforms(seed, img, view, 4 * cfg.attempts + 4)

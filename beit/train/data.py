@@ -31,7 +31,7 @@ from beit.shared.counter import counter_key, counter_uniforms
 from beit.shared.decode import ImageBatches
 from beit.shared.masking import block_masks, random_masks
 from beit.shared.store import DONE, StoreError, TokenStore
-from beit.shared.views import render_builder
+from beit.shared.views import ViewConfig, draw_views, render_builder, shape_builder
 
 
 @dataclass
@@ -110,6 +110,7 @@ class PretrainData:
         threads: int = 2,
         device_id: int | None = None,
         views: int = 0,
+        fresh: bool = False,
     ):
         self.store = TokenStore.open(location)
         attrs = self.store.attrs
@@ -140,6 +141,11 @@ class PretrainData:
         self.embedded = None
         if "images" in self.store.group and not all(self.files[i].exists() for i in done[:16]):
             self.embedded = self.store.group["images"][:]  # the source files are gone: use the store's copies
+        self.fresh = fresh
+        if fresh:  # a new view every epoch, drawn as stage 1 draws them: needs each image's size
+            self.view_seed = attrs["views"]["seed"]
+            self.view_cfg = ViewConfig(**attrs["views"]["config"])
+            self.sizes = self._sizes(done, threads)
         twin_render = (self.tokenizer_size, "tokenizer") if twin else None
         self.renders = ImageBatches(
             render_builder(1, self.image_size, "patches", threads, twin=twin_render), batch_size, device_id, seed
@@ -147,10 +153,30 @@ class PretrainData:
 
     # ---------------------------------------------------------------- batches
 
+    def _items(self, images) -> list:
+        return [bytes(self.embedded[i]) if self.embedded is not None else self.files[i] for i in images]
+
+    def _sizes(self, done: np.ndarray, threads: int) -> np.ndarray:
+        """(height, width) of the done images, read from their headers."""
+        sizes = np.zeros((len(self.files), 2), dtype=np.int64)
+        shapes = ImageBatches(shape_builder(threads), 256, None, 0)
+        for b0 in range(0, len(done), 256):
+            chunk = done[b0 : b0 + 256]
+            peeked, kept = shapes.run(self._items(chunk))
+            sizes[chunk[kept]] = peeked[0]
+        return sizes
+
     def batch(self, step: int) -> Batch:
         images, views, mask = self.plan.at(step)
-        items = [bytes(self.embedded[i]) if self.embedded is not None else self.files[i] for i in images]
-        feeds = {"view0": list(self.params[images, views])}
+        items = self._items(images)
+        if self.fresh:  # view `epoch` of each image: the first V are the cached ones, then new ones
+            epoch = step // self.steps_per_epoch
+            params = draw_views(self.view_seed, images, self.sizes[images], 1, self.view_cfg, first=epoch)[:, 0]
+            tokens = np.full((len(images), self.grid[0] * self.grid[1]), -1)  # no cached tokens for them
+        else:
+            params = self.params[images, views]
+            tokens = self.tokens[images, views].reshape(len(images), -1)
+        feeds = {"view0": list(params)}
         outputs, kept = self.renders.run(items, feeds)
         if len(kept) != len(images):
             bad = [str(self.files[images[j]]) for j in range(len(images)) if j not in kept]
@@ -158,7 +184,6 @@ class PretrainData:
                 f"could not read {', '.join(bad[:3])} although the store tokenized it: the source changed "
                 "since tokenization; restore it, or tokenize again with --embed-images."
             )
-        tokens = self.tokens[images, views].reshape(len(images), -1)
         return Batch(
             pixels=torch.from_numpy(outputs[0]),
             tokens=torch.from_numpy(tokens.astype(np.int64)),

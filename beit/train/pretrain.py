@@ -8,8 +8,9 @@ Each step: the pixels of one recorded view per image (rendered by DALI from the 
 cached token grid as the target, a blockwise mask; the ViT predicts the tokens of the masked
 patches (cross-entropy); AdamW with the released parameter groups, warm-up + cosine, gradient
 clipping, bf16 autocast on a GPU. No step runs the tokenizer, except with `targets = "online"`
-(the reference code's way: the dVAE on the 112 px twin of the view at every step); `targets =
-"pixels"` regresses each masked patch's normalised pixels instead (the paper's ablation), and
+(the reference code's way: a fresh view of each image every epoch, drawn as stage 1 draws them
+(view e in epoch e, so the first V are the cached ones), and the dVAE on its 112 px twin at
+every step); `targets = "pixels"` regresses each masked patch's normalised pixels instead (the paper's ablation), and
 `mask = "random"` replaces blockwise masking.
 
 RUN_DIR gets config.toml (the resolved config), metrics.jsonl (one object per logged step) and
@@ -150,6 +151,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
         cfg.mask,
         cfg.mask_count,
         twin=cfg.targets == "online",
+        fresh=cfg.targets == "online",
         threads=cfg.threads,
         device_id=device_id,
         views=cfg.views,
