@@ -261,3 +261,19 @@ def test_adapt_drops_pretraining_only_keys_and_keeps_a_new_head():
     assert "lm_head.weight" not in state and "mask_token" not in state
     assert torch.equal(state["head.weight"], classifier.head.weight)
     assert any("dropped" in n and "lm_head.weight" in n for n in notes)
+
+
+def test_random_states_restore_per_rank_and_from_the_single_state_of_older_checkpoints():
+    from beit.shared.dist import Dist
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(1)
+    saved = Dist().rng_states(cpu)
+    expected = torch.rand(3)
+    for rng in (saved, saved[0]):  # gathered (one per rank), and one for all
+        torch.manual_seed(2)
+        Dist().restore_rng(rng, cpu)
+        assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(2)
+    Dist(rank=1, world=2).restore_rng([saved[0], {"torch": torch.get_rng_state()}], cpu)  # rank 1 takes its own
+    assert not torch.equal(torch.rand(3), expected)

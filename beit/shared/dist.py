@@ -38,9 +38,10 @@ class Dist:
             state["cuda"] = torch.cuda.get_rng_state(device)
         return self.gather(state)
 
-    def restore_rng(self, saved: list[dict], device: torch.device) -> None:
-        """Restore this rank's states from what `rng_states` gathered (the same world size)."""
-        state = saved[self.rank]
+    def restore_rng(self, saved: list[dict] | dict, device: torch.device) -> None:
+        """Restore this rank's states from what `rng_states` gathered (the same world size), or
+        from one state for every rank, as checkpoints written before it hold."""
+        state = saved[self.rank] if isinstance(saved, list) else saved
         torch.set_rng_state(state["torch"])
         if device.type == "cuda" and "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], device)
