@@ -421,6 +421,8 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
         optimizer.load_state_dict(state["optimizer"])
         dist.restore_rng(state["rng"], device)
         step, best, result = meta["step"], meta["best_top1"], meta.get("last_eval", {})
+        if not result and meta.get("top1", -1.0) >= 0:  # a checkpoint from before last_eval
+            result = {"top1": meta["top1"]}
         if dist.main:
             print(f"resuming from {checkpoint} at step {step} of {total}", flush=True)
     if dist.main:
