@@ -8,7 +8,9 @@ afresh every V epochs. Global step s of an epoch takes positions [s*B*W, (s+1)*B
 order (B per-rank batch, W ranks; the tail that does not fill a global batch is left for the
 next epoch's fresh order); rank r takes the r-th B of them. Views and masks are drawn from
 counter keys (seed, image, ...), a whole batch at once, so an image's view and mask in an epoch
-do not depend on the batch, the rank or the number of ranks.
+do not depend on the batch, the rank or the number of ranks. With `fresh` (online targets),
+epoch e shows each image's view e instead, drawn as stage 1 draws views (the first V are the
+cached ones; later ones are new).
 
 Pixels are rendered by `beit.shared.views.render` at the store's patch size (bicubic, ImageNet
 normalisation) from the original files (the store's source_root + key) or, when the files are
@@ -71,7 +73,7 @@ class SamplePlan:
         self._order: tuple[int, np.ndarray] = (-1, done)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        if self._order[0] != epoch:  # drawn once per epoch: a permutation of 1.28M images takes ~20 ms
+        if self._order[0] != epoch:  # drawn once per epoch, not per batch: 1.28M images take tens of ms
             self._order = (epoch, self.done[np.random.default_rng([self.seed, epoch]).permutation(len(self.done))])
         return self._order[1]
 
