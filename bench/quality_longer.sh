@@ -5,7 +5,7 @@
 # and online tokenization (at 24 epochs each cached view repeats 2.4 times, while online targets
 # come from a fresh view every time). Then the same 300-step fine-tuning on the 1,000 labels.
 # Run after `python bench/quality.py --size cpu` (it reuses that run's tokenizer, store and labels).
-#   bash bench/quality_longer.sh [WORK]     (default runs/quality-longer; about 50 minutes on 2 cores)
+#   bash bench/quality_longer.sh [WORK]     (default runs/quality-longer; about an hour on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
