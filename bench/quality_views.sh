@@ -16,19 +16,12 @@ mkdir -p "$w"
 "$py" -m beit tokenize "$w/data/train" "$w/store" --tokenizer "$q/tokenizer.safetensors" --views 10 \
   --set view.image_size=28 --set patch_size=4 --set view.scale=[0.5,1.0] --batch-size 64 \
   --set chunk_images=500 2>/dev/null | tail -1
-model=(--model tiny --set model.image_size=28 --set model.patch_size=4 --set model.width=128 --set model.heads=4
-       --set model.depth=4)
+source bench/quality_common.sh  # the working folder is the repository root
 # two runs at a time, one core each
 pretrain() {
   OMP_NUM_THREADS=1 "$py" -m beit pretrain "$w/store" --out "$w/pretrain-$1" "${model[@]}" --epochs 30 \
     --batch-size 64 --lr 3e-3 --warmup-epochs 3 --set log_every=50 --set model.drop_path=0.0 --set threads=1 \
     "${@:2}" 2>/dev/null | tail -1
-}
-finetune() {
-  OMP_NUM_THREADS=1 "$py" -m beit finetune "$q/labels-1000" --init "$w/pretrain-$1/checkpoint.pt" --out "$w/ft-$1" \
-    "${model[@]}" --epochs 20 --batch-size 64 --lr 0.002 --layer-decay 0.75 --set warmup_epochs=2 \
-    --set randaugment=false --set mixup=0 --set cutmix=0 --set erasing=0 --set model.drop_path=0.1 \
-    --set eval_every=20 --set threads=1 2>/dev/null | tail -1
 }
 pretrain v10 & pretrain v1 --set views=1 & wait
 finetune v10 & finetune v1 & wait
