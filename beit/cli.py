@@ -84,7 +84,10 @@ def pretrain(
     blr: Annotated[Optional[float], typer.Option(help="lr at an effective batch of 2048 (1.5e-3)")] = None,  # noqa: UP045
     warmup_epochs: Annotated[Optional[float], typer.Option(help="default 10")] = None,  # noqa: UP045
     seed: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
-    targets: Annotated[Optional[str], typer.Option(help="cached | online | pixels")] = None,  # noqa: UP045
+    targets: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="cached (the store's tokens) | online (a fresh view each epoch, dVAE every step) | pixels"),
+    ] = None,
     mask: Annotated[Optional[str], typer.Option(help="block | random")] = None,  # noqa: UP045
     config: Annotated[Optional[Path], typer.Option(help="TOML file of PretrainConfig keys")] = None,  # noqa: UP045
     set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set model.depth=6")] = [],  # noqa: B006
