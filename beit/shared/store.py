@@ -27,7 +27,8 @@ Group attributes (everything needed to know what a store is without the command 
     source      {kind, images, fingerprint (sha256 of sorted relative paths and sizes), classes}
     source_root, tokenizer_path     where the images and the tokenizer were (hints for verify)
     class_names [...]
-    chunk_images, grid [gh, gw], counts {images, done, failed} (when complete)
+    chunk_images (images per chunk: the configured chunk_images, or N when N is smaller),
+    grid [gh, gw], counts {images, done, failed} (when complete)
     complete    true, written last
 
 `TokenStore.open` refuses a store of another format or version, or an incomplete one, naming
@@ -81,6 +82,13 @@ def _differences(stored: Any, wanted: Any, prefix: str) -> list[str]:
     if stored != wanted:
         return [f"{prefix}: the store has {stored!r}, this run has {wanted!r}"]
     return []
+
+
+def chunk_length(chunk_images: int, images: int) -> int:
+    """The images per chunk of a store of `images` images made with `chunk_images`: a store smaller
+    than one chunk is one chunk of all its images. This is what the store records as `chunk_images`
+    and what a run to finish it must agree with."""
+    return min(chunk_images, max(images, 1))
 
 
 class TokenStore:
@@ -151,9 +159,11 @@ class TokenStore:
                 )
             stored = {k: attrs.get(k) for k in identity}
             diffs = _differences(stored, json.loads(json.dumps(identity)), "store")
-            if attrs.get("chunk_images") != chunk_images:
+            wanted = chunk_length(chunk_images, len(keys))
+            if attrs.get("chunk_images") != wanted:
                 diffs.append(
-                    f"store.chunk_images: the store has {attrs.get('chunk_images')}, this run has {chunk_images}"
+                    f"store.chunk_images: the store has {attrs.get('chunk_images')}, this run has {wanted}"
+                    + (f" (chunk_images {chunk_images}, {len(keys)} images)" if wanted != chunk_images else "")
                 )
             if diffs:
                 raise StoreError(
@@ -168,7 +178,7 @@ class TokenStore:
         group.update_attributes({"format": FORMAT, "version": VERSION, "creating": True})
         gh, gw = identity["grid"]
         views = identity["views"]["count"]
-        chunk = (min(chunk_images, max(n, 1)),)
+        chunk = (chunk_length(chunk_images, n),)
         compressors = [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
         group.create_array(
             "tokens",
