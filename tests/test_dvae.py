@@ -1,10 +1,15 @@
 """The dVAE tokenizer: released architecture, conversion of the released pickles, tokenizer files."""
 
+import collections
 import json
 import os
+import pickle
+import struct
 import subprocess
 import sys
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,28 +25,40 @@ def test_released_architecture_sizes():
     assert model.cfg.downsample == 8
 
 
-def released_pickles(tmp_path, n_hid=64, seed=0):
-    """Modules of the `dall_e` package with random weights, pickled whole as the release did."""
+RELEASED = {"n_hid": 256, "n_blk_per_group": 2, "vocab_size": 8192, "n_init": 128}  # the released sizes
+SMALL = {"n_hid": 64, "n_blk_per_group": 1, "vocab_size": 512, "n_init": 32}
+
+
+def released_pickles(tmp_path, n_hid=64, seed=0, legacy=True, size=None):
+    """Modules of the `dall_e` package with random weights, pickled whole as the release did:
+    in PyTorch's legacy format (as OpenAI's files are), or in its zip format."""
     from dall_e.decoder import Decoder
     from dall_e.encoder import Encoder
 
+    size = size or {**SMALL, "n_hid": n_hid}
     torch.manual_seed(seed)
-    encoder = Encoder(n_hid=n_hid, n_blk_per_group=1, vocab_size=512)
-    decoder = Decoder(n_init=32, n_hid=n_hid, n_blk_per_group=1, vocab_size=512)
+    encoder = Encoder(n_hid=size["n_hid"], n_blk_per_group=size["n_blk_per_group"], vocab_size=size["vocab_size"])
+    decoder = Decoder(
+        n_init=size["n_init"],
+        n_hid=size["n_hid"],
+        n_blk_per_group=size["n_blk_per_group"],
+        vocab_size=size["vocab_size"],
+    )
     with torch.no_grad():
         for p in [*encoder.parameters(), *decoder.parameters()]:
             if p.ndim == 1:
                 p.normal_(0, 0.1)  # the release initialises biases at zero: make them count
-    torch.save(encoder, tmp_path / "encoder.pkl")
-    torch.save(decoder, tmp_path / "decoder.pkl")
+    save(encoder, tmp_path / "encoder.pkl", legacy)
+    save(decoder, tmp_path / "decoder.pkl", legacy)
     return encoder, decoder
 
 
-def test_converted_tokenizer_matches_the_dall_e_package(tmp_path):
-    from dall_e import map_pixels, unmap_pixels
+def save(module, path, legacy=True):
+    torch.save(module, path, _use_new_zipfile_serialization=not legacy)
 
-    encoder, decoder = released_pickles(tmp_path)
-    result = subprocess.run(
+
+def convert(tmp_path):
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -55,18 +72,32 @@ def test_converted_tokenizer_matches_the_dall_e_package(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy-format", "zip-format"])
+@pytest.mark.parametrize("size", ["small", "released"])
+def test_converted_tokenizer_matches_the_dall_e_package(tmp_path, legacy, size):
+    from dall_e import map_pixels, unmap_pixels
+
+    encoder, decoder = released_pickles(tmp_path, legacy=legacy, size=RELEASED if size == "released" else SMALL)
+    with open(tmp_path / "encoder.pkl", "rb") as f:
+        assert (f.read(4) == b"PK\x03\x04") != legacy  # the format asked for
+    result = convert(tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "vocab 512" in result.stdout
+    vocab = 8192 if size == "released" else 512
+    assert f"vocab {vocab}" in result.stdout
+    if size == "released":
+        assert "encoder 53.8M parameters, decoder 43.8M" in result.stdout
     model = load_tokenizer(tmp_path / "tok.safetensors")
-    pixels = torch.rand(4, 3, 64, 64)
+    pixels = torch.rand(1 if size == "released" else 2, 3, 64, 64)
     with torch.no_grad():
         logits = encoder(map_pixels(pixels))
         tokens = model.tokenize(pixels)
         assert torch.equal(tokens, logits.argmax(1))
         assert len(tokens.unique()) > 5  # a real comparison, not of one constant token
-        one_hot = torch.nn.functional.one_hot(tokens, 512).permute(0, 3, 1, 2).float()
+        one_hot = torch.nn.functional.one_hot(tokens, vocab).permute(0, 3, 1, 2).float()
         theirs = unmap_pixels(torch.sigmoid(decoder(one_hot)[:, :3]))
         assert (model.reconstruct(tokens) - theirs).abs().max().item() < 1e-4
 
@@ -79,13 +110,147 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
-    encoder, _ = released_pickles(tmp_path)
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy-format", "zip-format"])
+def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, legacy):
+    encoder, _ = released_pickles(tmp_path, legacy=legacy)
     encoder.evil = RunsCode(tmp_path / "ran")  # hidden inside an otherwise genuine module
-    torch.save(encoder, tmp_path / "evil.pkl")
+    save(encoder, tmp_path / "evil.pkl", legacy)
     with pytest.raises(CheckpointError, match=r"would build posix\.system.*nothing in it was run"):
         convert_dall_e(tmp_path / "evil.pkl")
     assert not (tmp_path / "ran").exists()
+    with pytest.raises(CheckpointError, match=r"^\S+evil.pkl was refused: [^\n]*\.$"):  # one sentence
+        convert_dall_e(tmp_path / "evil.pkl")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import os\nos.system('touch {marker}')\nclass Encoder(nn.Module):\n    pass\n",
+        "class Encoder(nn.Module):\n    __import__('os').system('touch {marker}')\n",
+        "class Encoder(nn.Module):\n    n_hid: int = __import__('os').system('touch {marker}')\n    def f(self): pass\n"
+        "    __import__('os').system('touch {marker}')\n",
+    ],
+    ids=["module-level", "class-body", "after-a-method"],
+)
+def test_a_module_record_whose_source_would_run_code_is_refused(tmp_path, monkeypatch, source):
+    from dall_e.encoder import Encoder
+
+    marker = tmp_path / "ran"
+    text = source.format(marker=marker)
+    proof = tmp_path / "proof"  # the payload is live: executed, it does run
+    subprocess.run(
+        [sys.executable, "-c", "import torch.nn as nn\n" + text.replace(str(marker), str(proof))], check=True
+    )
+    assert proof.exists()
+
+    import torch.serialization as serialization
+
+    real = serialization.get_source_lines_and_file
+    monkeypatch.setattr(
+        serialization,
+        "get_source_lines_and_file",
+        lambda obj, *a: ([text], 0, "encoder.py") if obj is Encoder else real(obj, *a),
+    )
+    released_pickles(tmp_path)  # the encoder's module record now carries the payload as its source
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"module record for Encoder carries source text .*nothing in it was run"):
+        convert_dall_e(tmp_path / "encoder.pkl")
+    assert not marker.exists()
+
+
+def test_a_global_outside_the_allow_list_is_refused(tmp_path):
+    encoder, _ = released_pickles(tmp_path)
+    encoder.extra = torch.nn.Linear(2, 2)  # a torch class, harmless, but no part of the dVAE
+    save(encoder, tmp_path / "extra.pkl")
+    with pytest.raises(CheckpointError, match=r"would build torch\.nn\.modules\.linear\.Linear.*nothing in it was run"):
+        convert_dall_e(tmp_path / "extra.pkl")
+
+
+class _Record:
+    """Pickles as a persistent id of a hand-written legacy file."""
+
+    def __init__(self, record):
+        self.record = record
+
+
+class _Tensor:
+    def __init__(self, storage, offset, size, stride):
+        self.args = (storage, offset, size, stride, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+def write_legacy(path, obj, storages):
+    """A legacy-format file written by hand (as `torch.serialization._legacy_save` lays it
+    out), so that its records can say what a genuine writer never would. `storages` maps a
+    key to (the element count its data section declares, the float32 values written)."""
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            return o.record if isinstance(o, _Record) else None
+
+    with open(path, "wb") as f:
+        for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        Pickler(f, protocol=2).dump(obj)
+        pickle.dump(sorted(storages), f, protocol=2)
+        for key in sorted(storages):
+            declared, values = storages[key]
+            f.write(struct.pack("<q", declared) + np.asarray(values, dtype=np.float32).tobytes())
+
+
+def test_storage_records_that_run_past_the_file_are_refused(tmp_path):
+    from dall_e.encoder import Encoder
+
+    def conv(numel, offset=0, declared=None, written=None):
+        storage = _Record(("storage", torch.FloatStorage, "0", "cpu", numel, None))
+        weights = {"w": _Tensor(storage, offset, (2, 2), (2, 1))}
+        module = Encoder.__new__(Encoder)  # attributes only: pickled as the release pickles modules
+        module.__dict__.update(_parameters=weights, _modules={})
+        values = [0.5] * numel if written is None else written
+        write_legacy(tmp_path / "forged.pkl", module, {"0": (declared or numel, values)})
+        return tmp_path / "forged.pkl"
+
+    assert convert_dall_e_state(conv(4))["weight"].tolist() == [[0.5, 0.5], [0.5, 0.5]]  # the forger is sound
+    with pytest.raises(
+        ValueError, match=r"forged.pkl is damaged \(storage 0 declares 4000000000000 bytes but only 16 remain"
+    ):
+        convert_dall_e(conv(10**12, written=[0.5] * 4))
+    with pytest.raises(ValueError, match=r"is damaged \(a tensor of shape \[2, 2\] at offset 3 runs past storage 0"):
+        convert_dall_e(conv(4, offset=3))
+    with pytest.raises(ValueError, match=r"is damaged \(storage 0 holds 5 elements where its record declares 4"):
+        convert_dall_e(conv(4, declared=5, written=[0.5] * 5))
+
+
+def convert_dall_e_state(path):
+    from beit.shared.dvae import _recorded_weights, _stand_ins
+    from beit.shared.safe_pickle import load_legacy
+
+    return _recorded_weights(load_legacy(path, {name: cls for cls, name in _stand_ins()}))
+
+
+def test_truncated_empty_and_foreign_files_are_one_clear_error_each(tmp_path):
+    released_pickles(tmp_path)
+    data = (tmp_path / "encoder.pkl").read_bytes()
+    pickled = data.index(b"collections")  # well inside the object pickle
+    for name, cut, match in [
+        ("in-the-pickle.pkl", pickled, r"is damaged \(it ends inside its pickles \(truncated\)\)"),
+        ("in-the-storages.pkl", len(data) - 1000, r"is damaged \(storage \d+ declares \d+ bytes but only \d+ remain"),
+    ]:
+        (tmp_path / name).write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=match):
+            convert_dall_e(tmp_path / name)
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pkl is empty: download"):
+        convert_dall_e(tmp_path / "empty.pkl")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "state.pt")  # a zip-format file, not a dVAE
+    with pytest.raises(ValueError, match=r"state.pt is not a pickled DALL-E dVAE module \(it holds a dict\)"):
+        convert_dall_e(tmp_path / "state.pt")
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as archive:
+        archive.writestr("a.txt", "hello")
+    with pytest.raises(ValueError, match=r"photos.zip is not a pickled DALL-E dVAE module"):
+        convert_dall_e(tmp_path / "photos.zip")
 
 
 def test_bad_inputs_are_one_clear_error_each(tmp_path):

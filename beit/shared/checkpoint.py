@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from beit.shared.safe_pickle import unsafe_globals
+
 FORMAT = "beit-checkpoint"
 VERSION = 1
 
@@ -122,7 +124,7 @@ def _torch_load(path: Path) -> Any:
             warnings.simplefilter("ignore")  # e.g. a note on the pickle protocol of old files
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        unsafe = _unsafe_globals(path)
+        unsafe = unsafe_globals(path, ALLOWED_GLOBALS)
         if unsafe:
             raise CheckpointError(
                 f"{path} was refused: its pickle would build {', '.join(unsafe)}, not tensors or "
@@ -137,40 +139,6 @@ def _torch_load(path: Path) -> Any:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    """Globals a pickle refers to that the allow-list does not admit (read, never run)."""
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        names = _scan_pickle_globals(path.read_bytes())
-    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        allowed |= set(_get_allowed_globals())
-    except Exception:  # a private helper: fall back to the module names it admits
-        names = {n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))}
-    return sorted(n for n in names if n not in allowed)
-
-
-def _scan_pickle_globals(data: bytes) -> set[str]:
-    import pickletools
-
-    names: set[str] = set()
-    strings: list[str] = []
-    try:
-        for opcode, arg, _ in pickletools.genops(data):
-            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
-                strings.append(arg)
-            elif opcode.name == "GLOBAL":
-                names.add(arg.replace(" ", "."))
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.add(f"{strings[-2]}.{strings[-1]}")
-    except Exception:
-        pass
-    return names
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

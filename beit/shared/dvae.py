@@ -314,27 +314,45 @@ def _stand_ins() -> list[tuple[type, str]]:
 
 
 def _read_module_pickle(path: Path) -> _Recorded:
-    """Read a whole-module pickle from the DALL-E release through PyTorch's weights-only
-    unpickler, with the known class names bound to inert stand-ins: any other global (code
-    that would run) is refused before anything is built."""
-    from beit.shared.checkpoint import CheckpointError, _unsafe_globals
+    """Read a whole-module pickle from the DALL-E release, in PyTorch's zip or legacy format,
+    with the known class names bound to inert stand-ins: any other global (code that would run)
+    is refused before anything is built, and no source text recorded in the file is run."""
+    from beit.shared.checkpoint import CheckpointError
+    from beit.shared.safe_pickle import DamagedFile, RefusedPickle, file_format, load_legacy, unsafe_globals
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} does not exist: pass the released encoder.pkl / decoder.pkl.")
     stand_ins = _stand_ins()
-    try:
-        with torch.serialization.safe_globals(stand_ins):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        known = {name for _, name in stand_ins}
-        unsafe = [n for n in _unsafe_globals(path) if n not in known]
-        if unsafe:
+    kind = file_format(path)
+    if kind == "empty":
+        raise ValueError(f"{path} is empty: download the released encoder.pkl / decoder.pkl again.")
+    if kind == "other":
+        raise ValueError(f"{path} is not a pickled DALL-E dVAE module (not a PyTorch file in either format).")
+    if kind == "legacy":
+        try:
+            obj = load_legacy(path, {name: cls for cls, name in stand_ins})
+        except RefusedPickle as error:
             raise CheckpointError(
-                f"{path} was refused: its pickle would build {', '.join(unsafe)}, which is not part of "
-                "the DALL-E dVAE, and nothing in it was run."
+                f"{path} was refused: {error}, which is not part of the DALL-E dVAE, and nothing in it was run."
             ) from None
-        raise ValueError(f"{path} is not a pickled DALL-E dVAE module ({str(error).splitlines()[0]}).") from None
+        except DamagedFile as error:
+            raise ValueError(
+                f"{path} is damaged ({error}): download the released encoder.pkl / decoder.pkl again."
+            ) from None
+    else:
+        try:
+            with torch.serialization.safe_globals(stand_ins):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            known = {name for _, name in stand_ins}
+            unsafe = [n for n in unsafe_globals(path, []) if n not in known]
+            if unsafe:
+                raise CheckpointError(
+                    f"{path} was refused: its pickle would build {', '.join(unsafe)}, which is not part of "
+                    "the DALL-E dVAE, and nothing in it was run."
+                ) from None
+            raise ValueError(f"{path} is not a pickled DALL-E dVAE module ({str(error).splitlines()[0]}).") from None
     if not isinstance(obj, _Recorded):
         raise ValueError(f"{path} is not a pickled DALL-E dVAE module (it holds a {type(obj).__name__}).")
     return obj
