@@ -1,11 +1,27 @@
-"""torchrun: rank, world size, barriers and per-rank random states (gloo on the CPU, NCCL on GPUs)."""
+"""torchrun: rank, world size, barriers, decisions every rank shares, and per-rank random states
+(gloo on the CPU, NCCL on GPUs).
+
+Whatever all ranks must agree on (which chunks are pending, whether and where a run resumes) is
+decided on rank 0 and broadcast, never worked out by each rank from files another rank may be
+writing; what each rank reads for itself (a source listing) is compared across ranks before
+anything is written. Phases where rank 0 works alone while the others wait (preparing a store,
+evaluating) can take long at ImageNet scale, so the process group's timeout is set on purpose
+(`dist_timeout_minutes` in every stage's config) instead of PyTorch's default (10 minutes for
+NCCL).
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+DEFAULT_TIMEOUT_MINUTES = 120.0
 
 
 @dataclass
@@ -30,6 +46,60 @@ class Dist:
         torch.distributed.all_gather_object(values, value)
         return values
 
+    def broadcast(self, value):
+        """Rank 0's `value` (picklable) on every rank; every rank must call it."""
+        if self.world == 1:
+            return value
+        box = [value if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def check_same_listing(self, what: str, fingerprint: str, entries: Callable[[], list[tuple[str, int]]]) -> None:
+        """Refuse, on every rank, when some rank's listing of `what` differs from rank 0's.
+        `fingerprint` digests this rank's listing; `entries()` is its sorted (name, size) pairs,
+        asked for only when the listings differ, to name the first differing path."""
+        if self.world == 1:
+            return
+        seen = self.gather((fingerprint, socket.gethostname()))
+        differing = [r for r, (digest, _) in enumerate(seen) if digest != seen[0][0]]
+        if not differing:
+            return
+        reference = self.broadcast(entries() if self.main else None)
+        first = _first_difference(reference, entries()) if self.rank in differing else None
+        rank = differing[0]
+        detail = self.gather(first)[rank]
+        self.leave()
+        raise ValueError(
+            f"rank {rank} on host {seen[rank][1]} lists {what} differently from rank 0 on host {seen[0][1]} "
+            f"({detail}{f', and {len(differing) - 1} more ranks differ' if len(differing) > 1 else ''}): every rank "
+            "must see the same files, so mount the same data on every node, and nothing was written."
+        )
+
+    def check_same(self, what: str, value) -> None:
+        """Refuse, on every rank, when some rank's `value` (picklable, comparable) differs from rank 0's."""
+        if self.world == 1:
+            return
+        seen = self.gather((value, socket.gethostname()))
+        differing = [r for r, (v, _) in enumerate(seen) if v != seen[0][0]]
+        if differing:
+            rank = differing[0]
+            self.leave()
+            raise ValueError(
+                f"rank {rank} on host {seen[rank][1]} has {what} {seen[rank][0]!r} where rank 0 on host {seen[0][1]} "
+                f"has {seen[0][0]!r}: every rank must read the same files, so put them on storage every node shares."
+            )
+
+    def resume_from(self, checkpoint: Path, resume: bool) -> bool:
+        """Whether the run resumes from `checkpoint`: rank 0 decides; a rank that cannot see the
+        file rank 0 resumes from is refused."""
+        decided = self.broadcast(resume and checkpoint.exists() if self.main else None)
+        if decided and not checkpoint.exists():
+            raise ValueError(
+                f"rank {self.rank} on host {socket.gethostname()} cannot see {checkpoint}, which rank 0 resumes "
+                "from: put --out on storage every node shares."
+            )
+        return decided
+
     def rng_states(self, device: torch.device) -> list[dict]:
         """Every rank's torch random states (CPU, and CUDA on a GPU), for a checkpoint: drop path
         and the like draw from them, differently on each rank."""
@@ -46,13 +116,34 @@ class Dist:
         if device.type == "cuda" and "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], device)
 
+    def leave(self) -> None:
+        """Leave the group together, before every rank raises the same error: a rank that exits
+        while another still talks to the group makes that one abort instead of saying why."""
+        self.barrier()
+        self.close()
+
     def close(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def init_dist(backend: str | None = None) -> Dist:
-    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK); one process otherwise."""
+def _first_difference(reference: list[tuple[str, int]], mine: list[tuple[str, int]]) -> str:
+    """The first entry where two sorted (name, size) listings part, in words."""
+    theirs = dict(reference)
+    ours = dict(mine)
+    for name in sorted(set(theirs) | set(ours)):
+        if name not in ours:
+            return f"it lacks {name}, which rank 0 has"
+        if name not in theirs:
+            return f"it has {name}, which rank 0 lacks"
+        if theirs[name] != ours[name]:
+            return f"{name} is {ours[name]} bytes there and {theirs[name]} on rank 0"
+    return "the listings differ in order only"
+
+
+def init_dist(backend: str | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Dist:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK); one process
+    otherwise. A collective (a barrier while rank 0 works alone) waits `timeout_minutes` at most."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -62,5 +153,5 @@ def init_dist(backend: str | None = None) -> Dist:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend)
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return Dist(rank, world, local_rank)

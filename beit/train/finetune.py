@@ -35,7 +35,7 @@ from beit.shared.checkpoint import load_checkpoint, load_pretrained, save_checkp
 from beit.shared.config import resume_fields, to_dict, to_toml
 from beit.shared.counter import counter_key
 from beit.shared.decode import ImageBatches
-from beit.shared.dist import init_dist
+from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, init_dist
 from beit.shared.images import Source, read_source
 from beit.shared.model import BeitClassifier, ModelConfig
 from beit.shared.progress import progress_bar
@@ -48,7 +48,14 @@ from beit.train.pretrain import lr_at, truncate_metrics
 class FinetuneConfig:
     # keys that must be at least 1 (load_config checks them)
     # keys a resumed run may change (they do not change what it computes)
-    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every", "eval_every", "threads", "device")
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        "log_every",
+        "checkpoint_every",
+        "eval_every",
+        "threads",
+        "device",
+        "dist_timeout_minutes",
+    )
     MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(
         ("epochs", "batch_size", "log_every", "checkpoint_every", "eval_every", "threads"), 1
     )
@@ -75,6 +82,7 @@ class FinetuneConfig:
     log_every: int = 20
     threads: int = 2
     device: str = "auto"
+    dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 works alone
 
 
 # ---------------------------------------------------------------- data
@@ -374,13 +382,15 @@ def evaluate(model: BeitClassifier, data: ClassificationData, device: torch.devi
 
 
 def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True, progress: bool = True) -> dict:
-    dist = init_dist()
+    dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
     device = torch.device(
         (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
     device_id = device.index if device.type == "cuda" else None
     out = Path(out)
     train_source, val_source = read_splits(data_dir, cfg.held_out, cfg.seed)
+    for source, split in ((train_source, "train"), (val_source, "val")):  # else ranks would mix up images and labels
+        dist.check_same_listing(f"the {split} images of {data_dir}", source.fingerprint(), source.entries)
     classes = len(train_source.class_names)
     model_cfg = ModelConfig(**{**to_dict(cfg.model), "num_classes": cfg.model.num_classes or classes}).resolved()
     if model_cfg.num_classes != classes:
@@ -411,7 +421,7 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
     torch.manual_seed(cfg.seed + dist.rank)  # one weight init everywhere, drop path and erasing per rank
     step, best, result = 0, -1.0, {}
     checkpoint = out / "checkpoint.pt"
-    if resume and checkpoint.exists():
+    if dist.resume_from(checkpoint, resume):
         state, meta = load_checkpoint(checkpoint)
         theirs = {k: meta.get(k) for k in identity}
         theirs["config"] = resume_fields(FinetuneConfig, theirs["config"])
@@ -421,6 +431,7 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
         optimizer.load_state_dict(state["optimizer"])
         dist.restore_rng(state["rng"], device)
         step, best, result = meta["step"], meta["best_top1"], meta.get("last_eval", {})
+        dist.check_same(f"{checkpoint} at step", step)
         if not result and meta.get("top1", -1.0) >= 0:  # a checkpoint from before last_eval
             result = {"top1": meta["top1"]}
         if dist.main:

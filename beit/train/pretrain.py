@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from beit.shared.checkpoint import load_checkpoint, save_checkpoint
 from beit.shared.config import resume_fields, to_dict, to_toml
-from beit.shared.dist import init_dist
+from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, init_dist
 from beit.shared.model import BeitForMIM, ModelConfig, mim_loss
 from beit.shared.progress import progress_bar
 from beit.shared.store import StoreError
@@ -47,7 +47,14 @@ from beit.train.data import PretrainData
 class PretrainConfig:
     # keys that must be at least 1 (load_config checks them)
     # keys a resumed run may change (they do not change what it computes)
-    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = ("log_every", "checkpoint_every", "compile", "threads", "device")
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        "log_every",
+        "checkpoint_every",
+        "compile",
+        "threads",
+        "device",
+        "dist_timeout_minutes",
+    )
     MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(
         ("epochs", "batch_size", "accumulation", "log_every", "checkpoint_every", "threads"), 1
     )
@@ -75,6 +82,7 @@ class PretrainConfig:
     compile: bool = False
     threads: int = 2
     device: str = "auto"
+    dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 works alone
 
 
 def lr_at(step: int, base: float, minimum: float, warmup: int, total: int) -> float:
@@ -136,7 +144,7 @@ def _check_model(cfg: PretrainConfig, data: PretrainData, location: str) -> Mode
 
 
 def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, progress: bool = True) -> dict:
-    dist = init_dist()
+    dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
     device = torch.device(
         (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
@@ -190,10 +198,11 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
         "tokenizer": data.store.attrs["tokenizer"]["sha256"],
         "world_size": dist.world,
     }
+    dist.check_same(f"the store {store} with fingerprint, tokenizer and images", (*identity.values(), len(data.store)))
 
     step = 0
     checkpoint = out / "checkpoint.pt"
-    if resume and checkpoint.exists():
+    if dist.resume_from(checkpoint, resume):
         state, meta = load_checkpoint(checkpoint)
         theirs = {k: meta.get(k) for k in identity}
         theirs["config"] = resume_fields(PretrainConfig, theirs["config"])
@@ -207,6 +216,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
         optimizer.load_state_dict(state["optimizer"])
         dist.restore_rng(state["rng"], device)
         step = meta["step"]
+        dist.check_same(f"{checkpoint} at step", step)
         if dist.main:
             print(f"resuming from {checkpoint} at step {step} of {total}", flush=True)
     if dist.main:

@@ -1,0 +1,123 @@
+"""Ranks that see other files are refused before anything is written.
+
+Each test starts two real processes of one gloo process group, as torchrun would on two nodes,
+but gives each rank its own copy of the data (its own "mount"), one of which differs.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from photos import COLOUR, copy_photos, save_jpeg
+
+from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_ranks(args_of_rank, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """`python -m beit ARGS` as ranks 0 and 1 of one process group, each with its own arguments."""
+    port = free_port()
+    processes = []
+    for rank in (0, 1):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+        }
+        command = [sys.executable, "-m", "beit", *map(str, args_of_rank(rank))]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results
+
+
+@pytest.fixture(scope="module")
+def mounts(tmp_path_factory):
+    """Two copies of one ImageFolder tree of 6 photos (rank 0's and rank 1's), and a tokenizer."""
+    root = tmp_path_factory.mktemp("ranks")
+    first = root / "node0" / "data"
+    for i, path in enumerate(copy_photos(root / "raw", COLOUR[:6])):
+        for split in ("train", "val"):
+            folder = first / split / ("a" if i % 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            save_jpeg(path, folder / f"{path.stem}.jpg", 64)
+    second = root / "node1" / "data"
+    shutil.copytree(first, second)
+    torch.manual_seed(0)
+    tokenizer = root / "tok.safetensors"
+    save_tokenizer(
+        DVAE(DVAEConfig(n_hid=16, blocks_per_group=1, group_count=4, vocab_size=128, n_init=8)), tokenizer, 32
+    )
+    return first, second, tokenizer
+
+
+TOKENIZE = ["--views", "2", "--set", "view.image_size=64", "--set", "chunk_images=2", "--batch-size", "2"]
+
+
+def test_a_rank_that_lists_an_extra_file_is_refused_before_anything_is_written(mounts, tmp_path):
+    first, second, tokenizer = mounts
+    extra = second / "train" / "a" / "zzz-extra.jpg"
+    shutil.copy(next((first / "train" / "a").iterdir()), extra)
+    try:
+        store = tmp_path / "store"
+        results = two_ranks(
+            lambda rank: ["tokenize", (first, second)[rank] / "train", store, "--tokenizer", tokenizer, *TOKENIZE]
+        )
+    finally:
+        extra.unlink()
+    for result in results:
+        assert result.returncode == 1, result.stderr[-2000:]
+    message = results[1].stderr
+    assert f"rank 1 on host {socket.gethostname()} lists the source" in message, message[-2000:]
+    assert "it has a/zzz-extra.jpg, which rank 0 lacks" in message and "nothing was written" in message
+    assert not store.exists()
+
+
+def test_a_rank_whose_file_differs_in_size_is_refused(mounts, tmp_path):
+    first, second, tokenizer = mounts
+    changed = sorted((second / "train" / "b").iterdir())[0]
+    original = changed.read_bytes()
+    changed.write_bytes(original + b"\0")  # the same name, another file
+    try:
+        store = tmp_path / "store"
+        results = two_ranks(
+            lambda rank: ["tokenize", (first, second)[rank] / "train", store, "--tokenizer", tokenizer, *TOKENIZE]
+        )
+    finally:
+        changed.write_bytes(original)
+    assert [r.returncode for r in results] == [1, 1]
+    size = len(original)
+    assert f"b/{changed.name} is {size + 1} bytes there and {size} on rank 0" in results[0].stderr
+    assert not store.exists()
+
+
+def test_fine_tuning_ranks_that_see_other_images_are_refused(mounts, tmp_path):
+    first, second, _ = mounts
+    missing = sorted((second / "val" / "a").iterdir())[0]
+    kept = missing.read_bytes()
+    missing.unlink()
+    try:
+        out = tmp_path / "run"
+        results = two_ranks(
+            lambda rank: ["finetune", (first, second)[rank], "--out", out, "--init", "none", "--model", "tiny"]
+        )
+    finally:
+        missing.write_bytes(kept)
+    assert [r.returncode for r in results] == [1, 1], results[0].stderr[-2000:]
+    assert f"it lacks a/{missing.name}, which rank 0 has" in results[0].stderr
+    assert "lists the val images of" in results[0].stderr
+    assert not out.exists()
