@@ -68,7 +68,7 @@ def tokenize(
     for key, error in summary["failures"][:10]:
         typer.echo(f"  failed: {key}: {error}")
     if summary["failed"] > 10:
-        typer.echo(f"  ... and {summary['failed'] - 10} more (beit store info {store})")
+        typer.echo(f"  ... and {summary['failed'] - 10} more (beit store info {store} --failures)")
     if cfg.strict and summary["failed"]:
         raise typer.Exit(3)
 
@@ -263,7 +263,8 @@ def tokenizer_reconstruct(
 @store_app.command("info")
 def store_info(
     store: Annotated[str, typer.Argument(help="token store (folder or URL)")],
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (with every failed item)")] = False,
+    failures: Annotated[bool, typer.Option("--failures", help="list every failed item, not the first 10")] = False,
 ) -> None:
     """Images, views, grid, vocab, tokenizer, failed items, token usage and size of a store."""
     import json
@@ -271,8 +272,9 @@ def store_info(
     from beit.shared.store import StoreError
     from beit.tokenize.inspect_store import store_info as info_of
 
+    shown = None if failures or as_json else 10
     try:
-        info = info_of(store)
+        info = info_of(store, failures=shown)
     except (StoreError, ValueError) as error:
         _fail(error)
     if as_json:
@@ -296,6 +298,9 @@ def store_info(
         f"size       {size / 2**20:.1f} MiB on disk" if size is not None else "size       (remote)",
     ]
     lines += [f"failed     {key}: {error}" for key, error in info["failures"]]
+    if info["failed"] > len(info["failures"]):
+        more = info["failed"] - len(info["failures"])
+        lines.append(f"failed     ... and {more} more: add --failures to list them all")
     typer.echo("\n".join(lines))
 
 

@@ -1,7 +1,10 @@
 """Stage 1 end to end: real photos, real DALI CPU pipelines, real zarr stores, real subprocesses."""
 
 import functools
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -238,3 +241,108 @@ def test_bad_arguments_are_one_clear_error(data, tmp_path):
     assert result.returncode == 1 and "does not exist" in result.stderr
     result = beit("store", "info", tmp_path / "not-a-store")
     assert result.returncode == 1 and "not a token store" in result.stderr
+
+
+def _without_file_permission_override() -> None:
+    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the capability
+    bounding set, so that root, too, is refused a file or folder of mode 000 (tests run as root)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "cannot drop a capability")
+
+
+def _permissions_hold(locked: Path) -> bool:
+    """Whether a child of this test (after `_without_file_permission_override`) is refused `locked`."""
+    if os.geteuid() != 0:
+        return True
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-S", "-c", f"open({str(locked)!r}, 'rb')"],
+            preexec_fn=_without_file_permission_override,
+            capture_output=True,
+        )
+    except subprocess.SubprocessError:  # no CAP_SETPCAP (a container that forbids it)
+        return False
+    return probe.returncode != 0 and b"PermissionError" in probe.stderr
+
+
+def test_every_entry_named_like_an_image_is_listed_done_or_failed_with_its_reason(data, tmp_path):
+    source, tokenizer = data
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photos = sorted(source.rglob("*.jpg"))
+    for path in photos[:3]:
+        shutil.copy(path, folder / path.name)
+    (folder / "link.jpg").symlink_to(folder / photos[0].name)  # a link to a photo is a photo
+    (folder / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (folder / "holiday.jpg").mkdir()
+    os.mkfifo(folder / "pipe.png")
+    for i in range(6):
+        Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(folder / f"anim{i}.gif")
+    (folder / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(16))
+    (folder / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    (folder / "notes.txt").write_text("side files are not images")
+    (folder / "meta.json").write_text("{}")
+    locked = folder / "locked.jpg"
+    shutil.copy(photos[3], locked)
+    (folder / "private").mkdir()
+    shutil.copy(photos[4], folder / "private" / "hidden.jpg")
+    locked.chmod(0)
+    (folder / "private").chmod(0)
+    permissions = _permissions_hold(locked)
+    if not permissions:  # they could not be tested here
+        locked.chmod(0o644)
+        (folder / "private").chmod(0o755)
+
+    store = tmp_path / "store"
+    command = [sys.executable, "-m", "beit", "tokenize", folder, store, "--tokenizer", tokenizer, *SMALL]
+    result = subprocess.run(
+        [*map(str, command)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_without_file_permission_override if os.geteuid() == 0 and permissions else None,
+    )
+    (folder / "private").chmod(0o755)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reasons = {
+        "broken.jpg": f"broken symbolic link (to {tmp_path / 'gone.jpg'})",
+        "holiday.jpg": "is a folder, not a file",
+        "pipe.png": "not a regular file (a pipe, socket or device)",
+        "phone.heic": "unsupported format (.heic): convert it to JPEG or PNG",
+        "logo.svg": "unsupported format (.svg): convert it to JPEG or PNG",
+        **{f"anim{i}.gif": "unsupported format (.gif): convert it to JPEG or PNG" for i in range(6)},
+    }
+    done = [path.name for path in photos[:3]] + ["link.jpg"]
+    if permissions:
+        reasons["locked.jpg"] = "permission denied"
+        reasons["private"] = "permission denied: a folder whose images cannot be listed"
+    else:
+        done += ["locked.jpg", "private/hidden.jpg"]
+    a = arrays(store)
+    assert sorted(a["keys"]) == sorted([*done, *reasons])  # every entry, and no side file
+    for key, status, error in zip(a["keys"], a["status"], a["errors"], strict=True):
+        assert (status, error) == ((DONE, "") if key in done else (FAILED, reasons[key])), key
+
+    listing = beit("store", "info", store)  # the first 10 failures, and how to see them all
+    assert listing.returncode == 0, listing.stderr
+    assert f"{len(done)} done, {len(reasons)} failed, 0 pending" in listing.stdout
+    shown = [line for line in listing.stdout.splitlines() if line.startswith("failed ")]
+    assert len(shown) == 11 and f"and {len(reasons) - 10} more: add --failures" in shown[-1]
+    listing = beit("store", "info", store, "--failures")
+    assert listing.returncode == 0, listing.stderr
+    for key, reason in reasons.items():
+        assert f"failed     {key}: {reason}\n" in listing.stdout
+
+
+def test_the_fingerprint_of_a_source_of_images_alone_is_what_older_stores_recorded(data, reference):
+    """sha256 over the sorted relative paths and sizes of the image files: a store made before
+    unreadable entries were listed must still be accepted by the same command."""
+    source, _ = data
+    digest = hashlib.sha256()
+    for path in sorted(p for p in source.rglob("*") if p.suffix == ".jpg"):
+        digest.update(f"{path.relative_to(source).as_posix()}\t{path.stat().st_size}\n".encode())
+    assert TokenStore.open(reference[0]).attrs["source"]["fingerprint"] == digest.hexdigest()

@@ -9,13 +9,42 @@ Files that are obviously not images (empty, unknown signature) are set aside bef
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from beit.shared.images import OTHER_IMAGE_SUFFIXES
+
 # Leading bytes of the formats DALI's decoders read.
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ")
+
+
+# Leading bytes of image formats DALI does not read here, for a clear reason.
+_UNSUPPORTED = {b"GIF87a": "GIF", b"GIF89a": "GIF", b"8BPS": "PSD", b"\x00\x00\x01\x00": "ICO", b"\xff\x0a": "JPEG XL"}
+_UNSUPPORTED_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF", b"jxl ": "JPEG XL"}
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why `path` is not a regular file one can open, or None (without opening it: a pipe would block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken symbolic link (to {os.readlink(path)})"
+        return f"unreadable: {os.strerror(errno.ENOENT)}"
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+    if stat.S_ISDIR(mode):
+        if not os.access(path, os.R_OK | os.X_OK):
+            return "permission denied: a folder whose images cannot be listed"
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a pipe, socket or device)"
+    return None
 
 
 def precheck(path: Path | bytes) -> str | None:
@@ -24,15 +53,28 @@ def precheck(path: Path | bytes) -> str | None:
     if isinstance(path, (bytes, bytearray)):
         head = bytes(path[:16])
     else:
+        reason = _not_a_file(path)
+        if reason:
+            return reason
         try:
             with open(path, "rb") as f:
                 head = f.read(16)
+        except PermissionError:
+            return "permission denied"
         except OSError as error:
             return f"unreadable: {error.strerror or error}"
     if not head:
         return "empty file"
     if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return None
+    suffix = "" if isinstance(path, (bytes, bytearray)) else Path(path).suffix.lower()
+    kind = next((name for magic, name in _UNSUPPORTED.items() if head.startswith(magic)), None)
+    if head[4:8] == b"ftyp":
+        kind = _UNSUPPORTED_BRANDS.get(head[8:12], kind)
+    if suffix in OTHER_IMAGE_SUFFIXES:
+        kind = suffix  # named like a format this project does not read: say so, whatever its bytes
+    if kind is not None:
+        return f"unsupported format ({kind}): convert it to JPEG or PNG"
     return "not an image (unknown file signature)"
 
 

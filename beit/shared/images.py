@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# Image formats a photo folder may hold that this project does not read: listed as failed
+# entries of a tokenized source ("unsupported format"), never silently left out.
+OTHER_IMAGE_SUFFIXES = {
+    ".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".svg", ".ico", ".psd", ".tga",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".exr", ".hdr", ".dng", ".cr2", ".nef", ".arw", ".raw",
+}  # fmt: skip
 
 
 @dataclass
@@ -20,14 +28,24 @@ class Source:
     labels: list[int]
     class_names: list[str] = field(default_factory=list)
 
-    def fingerprint(self) -> str:
-        """sha256 over the sorted relative paths and file sizes (-1 for a missing file)."""
-        digest = hashlib.sha256()
-        for key, path in sorted(zip(self.keys, self.files, strict=True)):
+    def entries(self) -> list[tuple[str, int]]:
+        """(relative path, file size) of every entry, sorted: what the fingerprint digests. The
+        size is -1 for a missing file or an entry that is not a file (a folder's size changes
+        with what it holds)."""
+        out = []
+        for key, path in zip(self.keys, self.files, strict=True):
             try:
-                size = path.stat().st_size
+                info = path.stat()
+                size = info.st_size if stat.S_ISREG(info.st_mode) else -1
             except OSError:
                 size = -1
+            out.append((key, size))
+        return sorted(out)
+
+    def fingerprint(self) -> str:
+        """sha256 over the sorted relative paths and file sizes (`entries`)."""
+        digest = hashlib.sha256()
+        for key, size in self.entries():
             digest.update(f"{key}\t{size}\n".encode())
         return digest.hexdigest()
 
@@ -45,20 +63,41 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def read_source(source: Path) -> Source:
+def _entries_under(folder: Path) -> list[Path]:
+    """Everything under `folder` named like an image, readable or not: files, symbolic links
+    (broken ones too), folders, pipes, other image formats; and folders that cannot be listed.
+    Side files (.txt, .json, ...) are not entries."""
+    entries = []
+    for path in folder.rglob("*"):
+        if path.suffix.lower() in IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES:
+            entries.append(path)
+        elif not path.is_symlink() and path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+            entries.append(path)  # its images cannot be listed: it stands for them
+    return sorted(entries)
+
+
+def read_source(source: Path, every_entry: bool = False) -> Source:
     """An ImageFolder tree (every image inside a class sub-folder: labels from the sorted
     sub-folder names), a flat folder (searched recursively, no labels), or a text file with one
-    `path [label]` per line (paths relative to the file's folder; labels integers or class names)."""
+    `path [label]` per line (paths relative to the file's folder; labels integers or class names).
+
+    A folder source lists its readable image files; with `every_entry` (what `beit tokenize` asks,
+    so that its store accounts for every input) also each entry named like an image that cannot be
+    read (`_entries_under`): it fails when decoded, with its reason. The layout (ImageFolder or
+    not) and the classes come from the readable images alone; an entry outside the class folders
+    has label -1."""
     source = Path(source)
     if source.is_dir():
-        files = _images_under(source)
-        if not files:
+        images = _images_under(source)
+        if not images:
             raise ValueError(f"{source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): check the path.")
+        files = _entries_under(source) if every_entry else images
         keys = [p.relative_to(source).as_posix() for p in files]
-        if all("/" in k for k in keys):
-            class_names = sorted({k.split("/", 1)[0] for k in keys})
+        image_keys = [p.relative_to(source).as_posix() for p in images]
+        if all("/" in k for k in image_keys):
+            class_names = sorted({k.split("/", 1)[0] for k in image_keys})
             index = {name: i for i, name in enumerate(class_names)}
-            labels = [index[k.split("/", 1)[0]] for k in keys]
+            labels = [index.get(k.split("/", 1)[0], -1) if "/" in k else -1 for k in keys]
             return Source("imagefolder", source, files, keys, labels, class_names)
         return Source("folder", source, files, keys, [-1] * len(files))
     if source.is_file() and source.suffix.lower() in {".txt", ".lst", ".list", ".csv", ".tsv"}:

@@ -7,7 +7,8 @@ One Zarr group per tokenization, N images with V views each and a gh x gw token 
                                       x, y, w, h (crop box in source pixels, after EXIF
                                       orientation), flip, brightness, contrast, saturation
     labels   int32   [N]              class index, -1 = none
-    keys     string  [N]              the image's path relative to the source root (or as listed)
+    keys     string  [N]              the image's path relative to the source root (or as listed);
+                                      every entry of a folder named like an image, readable or not
     status   uint8   [N]              0 pending, 1 done, 2 failed
     errors   string  [N]              why a failed image failed ("" otherwise)
     images   bytes   [N]              optional (--embed-images): the source file, so the store
@@ -281,13 +282,20 @@ class TokenStore:
 
     # ---------------------------------------------------------------- reading
 
-    def failures(self) -> list[tuple[str, str]]:
+    def failures(self, limit: int | None = None) -> list[tuple[str, str]]:
+        """(key, why) of every failed image (the first `limit` of them), in store order; read a
+        chunk at a time, only the chunks that hold failures."""
         status = self.status()
-        failed = np.flatnonzero(status == FAILED)
-        if not len(failed):
-            return []
-        keys, errors = self.group["keys"], self.group["errors"]
-        return [(str(keys[i]), str(errors[i])) for i in failed]
+        found: list[tuple[str, str]] = []
+        for start, stop in self.chunks():
+            if limit is not None and len(found) >= limit:
+                break
+            failed = np.flatnonzero(status[start:stop] == FAILED)
+            if not len(failed):
+                continue
+            keys, errors = self.group["keys"][start:stop], self.group["errors"][start:stop]
+            found += [(str(keys[i]), str(errors[i])) for i in failed]
+        return found if limit is None else found[:limit]
 
     def tokens(self) -> np.ndarray:
         """All tokens, [N, V, gh, gw] uint16, in memory."""

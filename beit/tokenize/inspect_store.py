@@ -22,8 +22,9 @@ def _size_on_disk(location: str) -> int | None:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def store_info(location: str) -> dict:
-    """Images, views, grid, vocab, tokenizer identity, failures, token usage, size on disk."""
+def store_info(location: str, failures: int | None = 20) -> dict:
+    """Images, views, grid, vocab, tokenizer identity, failures (the first `failures`, or all
+    with None), token usage, size on disk."""
     store = TokenStore.open(location, require_complete=False)
     attrs = store.attrs
     status = store.status()
@@ -58,7 +59,7 @@ def store_info(location: str) -> dict:
             "perplexity": float(math.exp(-(p * np.log(p)).sum())) if total else 0.0,
             "top_codes": [[int(c), float(counts[c] / max(total, 1))] for c in top],
         },
-        "failures": store.failures()[:20],
+        "failures": store.failures(limit=failures),
         "bytes_on_disk": _size_on_disk(location),
         "writer": attrs.get("writer"),
         "created": attrs.get("created"),

@@ -82,7 +82,7 @@ def tokenize(
         "bf16": torch.bfloat16,
     }[cfg.precision]
 
-    src = read_source(source)
+    src = read_source(source, every_entry=True)  # the store accounts for every entry named like an image
     tokenizer = load_tokenizer(tokenizer_path, device)
     view_cfg = ViewConfig(**{**asdict(cfg.view), "tokenizer_size": cfg.view.tokenizer_size or tokenizer.input_size})
     token_side = check_grid(view_cfg.tokenizer_size, tokenizer.cfg)
