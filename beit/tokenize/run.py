@@ -15,6 +15,7 @@ cannot be decoded are marked failed with their error and skipped.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from beit.shared.decode import ImageBatches
-from beit.shared.dist import init_dist
+from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, init_dist
 from beit.shared.dvae import check_grid, encoder_sha256, load_tokenizer
 from beit.shared.images import read_source
 from beit.shared.progress import progress_bar
@@ -49,6 +50,7 @@ class TokenizeConfig:
     threads: int = 2
     device: str = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 prepares
 
 
 RENDERER = {
@@ -72,7 +74,7 @@ def tokenize(
     progress: bool = True,
 ) -> dict:
     """Run stage 1; returns the summary (also written as JSON next to a local store)."""
-    dist = init_dist()
+    dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
     device = _device(cfg, dist.local_rank)
     device_id = device.index if device.type == "cuda" else None
     dtype = {
@@ -118,6 +120,9 @@ def tokenize(
         "grid": [token_side, token_side],
     }
 
+    # A rank that lists other files would write one image's tokens under another's key: every
+    # rank's listing must equal rank 0's, which `prepare` holds to the store's, before anything is written.
+    dist.check_same_listing(f"the source {source}", identity["source"]["fingerprint"], src.entries)
     if dist.main:
         store = TokenStore.prepare(
             store_path, identity, src.keys, src.labels, src.class_names, cfg.chunk_images, cfg.embed_images, overwrite
@@ -128,14 +133,24 @@ def tokenize(
     dist.barrier()
     if not dist.main:
         store = TokenStore.open(store_path, mode="r+", require_complete=False)
-    if store.attrs.get("complete"):
+        if store.attrs["source"]["fingerprint"] != identity["source"]["fingerprint"]:
+            raise ValueError(
+                f"rank {dist.rank} on host {socket.gethostname()}: {store_path} was made from other files than "
+                f"{source} lists here: mount the same data on every node."
+            )
+    # decided once, on rank 0, from one read: ranks that read `status` while others write it could differ
+    complete, pending = dist.broadcast(
+        (bool(store.attrs.get("complete")), [c for c in store.chunks() if not store.chunk_done(*c)])
+        if dist.main
+        else None
+    )
+    if complete:
         dist.close()
         summary = {"store": str(store_path), "already_complete": True, **store.attrs.get("counts", {})}
         if dist.main:
             print(f"{store_path} is already complete ({summary.get('done', 0)} images tokenized): nothing to do.")
         return summary
 
-    pending = [c for c in store.chunks() if not store.chunk_done(*c)]
     mine = pending[dist.rank :: dist.world]
     shapes = ImageBatches(shape_builder(cfg.threads), cfg.batch_size, None, cfg.seed)
     renders = ImageBatches(
