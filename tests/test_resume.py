@@ -85,7 +85,10 @@ def test_tokenize_killed_at_each_moment_resumes_to_the_uninterrupted_store(photo
     command = [sys.executable, "-m", "beit", "tokenize", source, store, "--tokenizer", tokenizer, *SMALL]
 
     def attrs() -> dict:
-        return json.loads((store / "zarr.json").read_text()).get("attributes", {})
+        try:
+            return json.loads((store / "zarr.json").read_text()).get("attributes", {})
+        except ValueError:  # the kill cut its writing short: an unfinished store
+            return {}
 
     def creating() -> bool:  # the group exists: its arrays are being made
         return (store / "zarr.json").exists()
