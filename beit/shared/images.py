@@ -59,21 +59,23 @@ class Source:
         }
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def _entries_under(folder: Path) -> list[Path]:
-    """Everything under `folder` named like an image, readable or not: files, symbolic links
-    (broken ones too), folders, pipes, other image formats; and folders that cannot be listed.
-    Side files (.txt, .json, ...) are not entries."""
-    entries = []
+def _images_under(folder: Path, every_entry: bool = False) -> tuple[list[Path], list[Path]]:
+    """(the image files under `folder`, its entries), from one walk. Entries are everything named
+    like an image, readable or not: files, symbolic links (broken ones too), folders, pipes, other
+    image formats; and folders that cannot be listed. Side files (.txt, .json, ...) are neither.
+    Without `every_entry` the entries are the image files."""
+    images, entries = [], []
     for path in folder.rglob("*"):
-        if path.suffix.lower() in IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES:
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            images.append(path)
+            entries.append(path)
+        elif not every_entry:
+            continue
+        elif path.suffix.lower() in IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES:
             entries.append(path)
         elif not path.is_symlink() and path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
             entries.append(path)  # its images cannot be listed: it stands for them
-    return sorted(entries)
+    return sorted(images), sorted(entries)
 
 
 def read_source(source: Path, every_entry: bool = False) -> Source:
@@ -83,15 +85,20 @@ def read_source(source: Path, every_entry: bool = False) -> Source:
 
     A folder source lists its readable image files; with `every_entry` (what `beit tokenize` asks,
     so that its store accounts for every input) also each entry named like an image that cannot be
-    read (`_entries_under`): it fails when decoded, with its reason. The layout (ImageFolder or
+    read (`_images_under`): it fails when decoded, with its reason. The layout (ImageFolder or
     not) and the classes come from the readable images alone; an entry outside the class folders
     has label -1."""
     source = Path(source)
     if source.is_dir():
-        images = _images_under(source)
+        images, files = _images_under(source, every_entry)
+        if not images and files:
+            raise ValueError(
+                f"{source} holds no image this project reads ({', '.join(sorted(IMAGE_SUFFIXES))}), only "
+                f"{len(files)} entries such as {files[0].relative_to(source)} that it cannot read: convert "
+                "them to JPEG or PNG, or check the path."
+            )
         if not images:
             raise ValueError(f"{source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): check the path.")
-        files = _entries_under(source) if every_entry else images
         keys = [p.relative_to(source).as_posix() for p in files]
         image_keys = [p.relative_to(source).as_posix() for p in images]
         if all("/" in k for k in image_keys):
