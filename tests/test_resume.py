@@ -147,6 +147,7 @@ def _killed_while_saving_its_first_checkpoint(command: list, out: Path, checkpoi
     assert (out / "config.toml").exists() and not (out / checkpoint).exists()
     result = subprocess.run([*map(str, command)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not any(out.glob(".*.tmp"))  # the killed write's temporary file is cleared, not left for good
 
 
 def _steps(out: Path) -> list[int]:
@@ -194,3 +195,4 @@ def test_tokenizer_train_killed_in_its_first_seconds_runs_again_to_the_end(photo
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(out.with_suffix(".json").read_text())["report"]["steps"] == 4
     assert not out.with_suffix(".ckpt.pt").exists()
+    assert not any(tmp_path.glob(".*.tmp"))

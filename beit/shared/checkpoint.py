@@ -30,6 +30,7 @@ geometric-progression interpolation), and dropping what the target model has no 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import pickle
@@ -78,6 +79,10 @@ def save_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> 
 
 
 def _atomic_write(path: Path, write) -> None:
+    # A write killed half-way leaves its temporary file (a base model's is gigabytes): one
+    # writer per path, so any such file left beside `path` is stale.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
