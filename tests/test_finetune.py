@@ -38,10 +38,9 @@ ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """colour vs grey photos: train/ 12 images, val/ 4, as 96 px JPEGs."""
-    root = tmp_path_factory.mktemp("ft")
+def write_data(root, init_seed: int = 0):
+    """colour vs grey photos: train/ 12 images, val/ 4, as 96 px JPEGs; and a randomly
+    initialised MIM model (from `init_seed`) to stand for a pre-trained one."""
     for cls, names in (("colour", COLOUR[:8]), ("grey", GREY[:7] + ["chessboard_GRAY.png"])):
         for i, path in enumerate(copy_photos(root / "raw", names)):
             split = "val" if i % 4 == 0 else "train"
@@ -51,10 +50,15 @@ def data(tmp_path_factory):
             image.resize((round(image.width * scale), round(image.height * scale))).save(
                 root / "data" / split / cls / f"{path.stem}.jpg", quality=90
             )
-    torch.manual_seed(0)
+    torch.manual_seed(init_seed)
     pretrained = root / "pt.pt"
     save_checkpoint(pretrained, {"model": BeitForMIM(ModelConfig(**MODEL)).state_dict()}, {"kind": "pretrain"})
     return root / "data", pretrained
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("ft"))
 
 
 def test_layer_wise_learning_rates_follow_the_released_formula():

@@ -44,11 +44,9 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def write_store(root: Path) -> tuple[Path, Path]:
     """16 real photos (and one truncated file) tokenized into 10 views each: 64 px patch views
     (4x4 patches of 16), 32 px tokenizer views (4x4 tokens of 8)."""
-    root = tmp_path_factory.mktemp("stage2")
     source = root / "photos"
     source.mkdir()
     for path in copy_photos(root / "raw", COLOUR + GREY):
@@ -77,6 +75,11 @@ def store(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return location, tokenizer
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_store(tmp_path_factory.mktemp("stage2"))
 
 
 def test_stage2_pixels_retokenize_to_the_cached_grids_and_failed_images_are_never_sampled(store):
