@@ -412,9 +412,9 @@ def evaluate(
     batch_size: Annotated[int, typer.Option()] = 64,
 ) -> None:
     """Top-1 / top-5 accuracy and loss of a fine-tuned checkpoint on a labelled set."""
-    import torch
 
     from beit.shared.checkpoint import CheckpointError, load_checkpoint
+    from beit.shared.dist import choose_device
     from beit.shared.images import read_source
     from beit.shared.model import BeitClassifier, ModelConfig
     from beit.train.finetune import ClassificationData, FinetuneConfig
@@ -433,9 +433,14 @@ def evaluate(
             raise ValueError(f"{data} has classes the checkpoint does not know ({', '.join(unknown[:5])}).")
         source.labels = [names.index(source.class_names[label]) for label in source.labels]
         cfg = FinetuneConfig(batch_size=batch_size)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = choose_device()
         loader = ClassificationData(
-            source, model.cfg.image_size, batch_size, False, cfg, device_id=0 if device.type == "cuda" else None
+            source,
+            model.cfg.image_size,
+            batch_size,
+            False,
+            cfg,
+            device_id=device.index if device.type == "cuda" else None,
         )
         result = run_evaluate(model.to(device), loader, device, len(names))
     except (CheckpointError, ValueError) as error:

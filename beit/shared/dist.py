@@ -34,6 +34,10 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    def device(self, setting: str = "auto") -> torch.device:
+        """This rank's device for a `device` setting (`choose_device`)."""
+        return choose_device(setting, self.local_rank)
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
@@ -139,6 +143,26 @@ def _first_difference(reference: list[tuple[str, int]], mine: list[tuple[str, in
         if theirs[name] != ours[name]:
             return f"{name} is {ours[name]} bytes there and {theirs[name]} on rank 0"
     return "the listings differ in order only"
+
+
+def choose_device(setting: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device a `device` setting means, the same in every command: 'auto' is this rank's GPU
+    when there is one, else the CPU; 'cuda' (no index) is this rank's GPU; 'cuda:N', 'cpu' are
+    taken as written."""
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(setting)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {setting!r} is not a device: use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {setting!r} needs a CUDA GPU, and torch sees none: use --set device=cpu (or auto)."
+            )
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
 
 
 def init_dist(backend: str | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Dist:

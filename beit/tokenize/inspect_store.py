@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from beit.shared.decode import ImageBatches
+from beit.shared.dist import choose_device
 from beit.shared.dvae import encoder_sha256, load_tokenizer
 from beit.shared.store import DONE, StoreError, TokenStore
 from beit.shared.views import render_builder
@@ -72,9 +73,7 @@ def verify_store(
     """Render `sample` done images' recorded views again, tokenize them, compare with the store."""
     store = TokenStore.open(location)
     attrs = store.attrs
-    torch_device = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    torch_device = choose_device(device)
     tokenizer = load_tokenizer(tokenizer_path, torch_device)
     if encoder_sha256(tokenizer) != attrs["tokenizer"]["sha256"]:
         raise StoreError(

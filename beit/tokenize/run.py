@@ -59,12 +59,6 @@ RENDERER = {
 }
 
 
-def _device(cfg: TokenizeConfig, local_rank: int) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(cfg.device)
-
-
 def tokenize(
     source: Path,
     store_path: str,
@@ -75,7 +69,7 @@ def tokenize(
 ) -> dict:
     """Run stage 1; returns the summary (also written as JSON next to a local store)."""
     dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
-    device = _device(cfg, dist.local_rank)
+    device = dist.device(cfg.device)
     device_id = device.index if device.type == "cuda" else None
     dtype = {
         "auto": torch.float16 if device.type == "cuda" else None,

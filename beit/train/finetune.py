@@ -383,9 +383,7 @@ def evaluate(model: BeitClassifier, data: ClassificationData, device: torch.devi
 
 def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True, progress: bool = True) -> dict:
     dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
-    device = torch.device(
-        (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    device = dist.device(cfg.device)
     device_id = device.index if device.type == "cuda" else None
     out = Path(out)
     train_source, val_source = read_splits(data_dir, cfg.held_out, cfg.seed)

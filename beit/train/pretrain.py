@@ -145,9 +145,7 @@ def _check_model(cfg: PretrainConfig, data: PretrainData, location: str) -> Mode
 
 def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, progress: bool = True) -> dict:
     dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
-    device = torch.device(
-        (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    device = dist.device(cfg.device)
     device_id = device.index if device.type == "cuda" else None
     out = Path(out)
     data = PretrainData(

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from beit.shared.checkpoint import load_pretrained
+from beit.shared.dist import choose_device
 from beit.shared.model import BeitClassifier, ModelConfig
 from beit.train.finetune import ClassificationData, FinetuneConfig, read_splits
 
@@ -90,7 +91,7 @@ def probe(
     classes = len(train_source.class_names)
     model = BeitClassifier(ModelConfig(**{**model_cfg.__dict__, "num_classes": classes}))
     notes = [] if init == "none" else load_pretrained(model, Path(init))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = choose_device()
     model.to(device)
     depth = model.cfg.depth
     chosen = layers or list(range(1, depth + 1))
