@@ -27,22 +27,33 @@ SMALL = [
     "--set",
     "held_out=0.2",
 ]
+STEPS = 300
+
+
+def write_photos(source, folder):
+    """The scikit-image photos at 320 px on the shorter side, each cut into 2 x 2 tiles written as
+    JPEGs (quality 90) of about 160 px: 64 files, so that the held-out 20% is 13 tiles from most of
+    the photos rather than 3 whole photos, whose mean colour decided the measure (issue 11)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in copy_photos(source, COLOUR + GREY):
+        whole = Image.open(save_jpeg(path, source / f"{path.stem}-320.jpg", 320))
+        width, height = whole.size
+        for row in range(2):
+            for column in range(2):
+                box = (column * width // 2, row * height // 2, (column + 1) * width // 2, (row + 1) * height // 2)
+                whole.crop(box).save(folder / f"{path.stem}-{row}{column}.jpg", quality=90)
+    return folder
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """The scikit-image photos as JPEGs of 160 px on the shorter side (quality 90)."""
-    source = tmp_path_factory.mktemp("source")
-    folder = tmp_path_factory.mktemp("photos")
-    for path in copy_photos(source, COLOUR + GREY):
-        save_jpeg(path, folder / f"{path.stem}.jpg", 160)
-    return folder
+    return write_photos(tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("photos"))
 
 
 @pytest.fixture(scope="module")
 def trained(photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer") / "tok.safetensors"
-    result = beit("tokenizer", "train", photos, "-o", out, "--steps", "300", *SMALL)
+    result = beit("tokenizer", "train", photos, "-o", out, "--steps", STEPS, *SMALL)
     assert result.returncode == 0, result.stderr[-2000:]
     return out, result.stdout
 
@@ -51,17 +62,21 @@ def test_a_trained_tokenizer_beats_the_mean_colour_and_uses_its_codebook(trained
     out, stdout = trained
     report = json.loads(out.with_suffix(".json").read_text())["report"]
     held = report["held_out"]
-    # Recorded on the 2-core CPU machine (2026-11-22): about 18.6 dB against 13.6 dB, 180 of 256 codes.
-    assert held["psnr"] >= held["baseline_psnr"] + 3.0, held
-    assert held["codes_used"] >= 0.25 * 256, held
-    assert report["held_out_images"] == 3 and report["train_images"] == 13
+    # PSNR minus that of each crop's mean colour, on the same 512 crops of the 13 held-out tiles:
+    # 8 seeds on AMD EPYC, 2 threads (2026-11-30, bench/tokenizer_seeds.py): min 4.82, median 5.00,
+    # max 5.17 dB (baseline 15.15 dB); threshold = min - 1.0 dB. (Before issue 11: 3 held-out photos picked
+    # by the seed, gap 0.1 to 6.1 dB over 5 seeds.)
+    assert held["psnr"] >= held["baseline_psnr"] + 3.8, held
+    # the same runs: min 233, median 237.5 codes of 256; threshold = min - 30%
+    assert held["codes_used"] >= 163, held
+    assert report["held_out_images"] == 13 and report["train_images"] == 51
     assert "PSNR" in stdout and "codes used" in stdout
     assert not out.with_suffix(".ckpt.pt").exists()  # the training checkpoint is removed when done
 
 
 def test_reconstruct_writes_a_grid_and_reports_psnr(trained, photos, tmp_path):
     out, _ = trained
-    images = sorted(photos.iterdir())[:3]
+    images = sorted(photos.iterdir())[::4][:3]  # the top-left tiles of three photos
     grid = tmp_path / "grid.png"
     result = beit("tokenizer", "reconstruct", out, *images, "-o", grid)
     assert result.returncode == 0, result.stderr
@@ -98,16 +113,16 @@ def test_bad_inputs(tmp_path, photos):
     assert result.returncode == 1 and "not a multiple of the tokenizer's downsampling 8" in result.stderr
     result = beit("tokenizer", "train", photos, "--set", "temprature_end=0.1")
     assert result.returncode == 1 and "unknown config key temprature_end" in result.stderr
-    result = beit("tokenizer", "reconstruct", tmp_path / "missing.safetensors", photos / "coffee.jpg")
+    result = beit("tokenizer", "reconstruct", tmp_path / "missing.safetensors", photos / "coffee-00.jpg")
     assert result.returncode == 1 and "does not exist" in result.stderr
 
 
 def test_bad_image_files_are_skipped_and_recorded(photos, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
-    for path in sorted(photos.iterdir())[:6]:
+    for path in sorted(photos.iterdir())[::4][:6]:
         (folder / path.name).write_bytes(path.read_bytes())
-    (folder / "truncated.jpg").write_bytes((photos / "coffee.jpg").read_bytes()[:3000])
+    (folder / "truncated.jpg").write_bytes((photos / "coffee-00.jpg").read_bytes()[:3000])
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.jpg").write_text("not an image")
     out = tmp_path / "tok.safetensors"
