@@ -3,10 +3,12 @@
 with `--seed S` added, one run after another.
 
     python bench/pretrain_seeds.py [--seeds 0-7]
+    python bench/pretrain_seeds.py --ablation="--targets online"    (test_every_ablation_runs_and_its_loss_falls)
 
 Prints, per seed, the last logged MIM accuracy minus the majority-token rate, the last loss
 against ln(128) and against the first logged loss (the test's three quantities), then
-min / median / max of each.
+min / median / max of each. With --ablation, the ablation test's run instead (25 epochs, log
+every 10 steps, the flag added), whose test checks last / first loss.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0-7", help="'0-7' or '0,3,5'")
     parser.add_argument("--json", type=Path, help="append one JSON line per seed here")
+    parser.add_argument("--ablation", help="the ablation test's run with this flag: --ablation='--mask random'")
     args = parser.parse_args()
 
     import numpy as np
@@ -44,8 +47,12 @@ def main() -> None:
         table = []
         for seed in seeds:
             run = Path(tmp) / f"run{seed}"
-            command = ["pretrain", location, "--out", run, *test_pretrain.TINY, "--epochs", "150"]
-            result = beit(*command, "--set", "log_every=50", "--seed", seed)
+            command = ["pretrain", location, "--out", run, *test_pretrain.TINY]
+            if args.ablation:
+                command += [*args.ablation.split(), "--epochs", "25", "--set", "log_every=10"]
+            else:
+                command += ["--epochs", "150", "--set", "log_every=50"]
+            result = beit(*command, "--seed", seed)
             assert result.returncode == 0, result.stderr[-3000:]
             rows = test_pretrain.metrics(run)
             row = (
@@ -58,7 +65,8 @@ def main() -> None:
             print(f"{seed:4d}  {row[0]:.4f}  {row[1]:17.4f}  {row[2]:15.3f}  {row[3]:15.3f}", flush=True)
             if args.json:
                 with args.json.open("a") as f:
-                    f.write(json.dumps({"seed": seed, "majority": majority, "rows": [rows[0], rows[-1]]}) + "\n")
+                    record = {"seed": seed, "ablation": args.ablation, "majority": majority}
+                    f.write(json.dumps({**record, "rows": [rows[0], rows[-1]]}) + "\n")
         names = ("accuracy-majority", "last-loss/ln128", "last/first-loss")
         for name, column in zip(names, list(zip(*table, strict=True))[1:], strict=True):
             low, middle, high = min(column), np.median(column), max(column)

@@ -140,11 +140,12 @@ def test_a_few_hundred_steps_lower_the_loss_and_beat_the_majority_token(store, t
     assert rows[-1]["step"] == 300
     tokens = PretrainData(str(location), batch_size=8, seed=0).tokens
     majority = np.bincount(tokens.ravel()).max() / tokens.size
-    # An untrained model predicts about uniformly: loss ln(128) = 4.85. Recorded on the 2-core
-    # CPU (2026-11-22): the mean over steps 1-50 is 2.48 and over steps 251-300 1.56, accuracy
-    # about 0.46 against a majority-token rate of 0.34; the thresholds leave room for noise.
-    assert rows[-1]["loss"] < 0.4 * np.log(128) and rows[-1]["loss"] < 0.8 * rows[0]["loss"]
-    assert rows[-1]["mim_accuracy"] > majority + 0.06, (rows[-1], majority)
+    # An untrained model predicts about uniformly: loss ln(128) = 4.85. 8 seeds (--seed 0-7) on AMD
+    # EPYC (2026-11-30, bench/pretrain_seeds.py), majority-token rate 0.32: last loss / ln(128) median
+    # 0.321, max 0.330, threshold = max + 0.05; last / first loss median 0.639, max 0.651, threshold =
+    # max + 0.1; accuracy - majority min 0.114, median 0.132, max 0.146, threshold = min - 0.044.
+    assert rows[-1]["loss"] < 0.38 * np.log(128) and rows[-1]["loss"] < 0.75 * rows[0]["loss"]
+    assert rows[-1]["mim_accuracy"] > majority + 0.07, (rows[-1], majority)
     picture = tmp_path / "curves.png"
     result = beit("plot", run, "-o", picture)
     assert result.returncode == 0 and "loss, mim_accuracy, lr, grad_norm" in result.stdout, result.stderr
