@@ -225,14 +225,21 @@ def test_two_processes_with_torchrun_resume_after_sigkill_with_the_same_losses(s
     assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole)]
 
 
-@pytest.mark.parametrize("flag", [["--targets", "online"], ["--targets", "pixels"], ["--mask", "random"]])
-def test_every_ablation_runs_and_its_loss_falls(store, tmp_path, flag):
+# Last / first loss, 8 seeds on AMD EPYC (2026-11-30, bench/pretrain_seeds.py --ablation=FLAG):
+# --targets online median 0.463, max 0.477; --targets pixels median 0.868, max 0.888 (a pixel
+# loss falls less in 50 steps: the old 0.9 was flaky); --mask random median 0.473, max 0.489.
+# Threshold = max + 0.1.
+@pytest.mark.parametrize(
+    "flag, most",
+    [(["--targets", "online"], 0.58), (["--targets", "pixels"], 0.99), (["--mask", "random"], 0.59)],
+)
+def test_every_ablation_runs_and_its_loss_falls(store, tmp_path, flag, most):
     location, _ = store
     run = tmp_path / "run"
     result = beit("pretrain", location, "--out", run, *TINY, *flag, "--epochs", "25", "--set", "log_every=10")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics(run)
-    assert rows[-1]["loss"] < 0.9 * rows[0]["loss"], rows
+    assert rows[-1]["loss"] < most * rows[0]["loss"], rows
 
 
 def test_mismatches_are_refused(store, tmp_path):
