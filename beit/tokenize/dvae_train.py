@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from beit.shared.checkpoint import load_checkpoint, save_checkpoint
 from beit.shared.decode import ImageBatches
+from beit.shared.dist import choose_device
 from beit.shared.dvae import DVAE, DVAEConfig, check_grid, map_pixels, save_tokenizer, unmap_pixels
 from beit.shared.images import list_images
 from beit.shared.progress import progress_bar
@@ -236,11 +237,7 @@ def evaluate(model: DVAE, stream: CropStream, batches: int) -> dict:
 def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = True, progress: bool = True) -> dict:
     """Train a dVAE on `images` and write it to `out`; returns the final report."""
     out = Path(out)
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    device = choose_device(cfg.device)
     model_cfg = DVAEConfig(
         n_hid=cfg.n_hid,
         blocks_per_group=cfg.blocks_per_group,
