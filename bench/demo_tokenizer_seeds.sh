@@ -18,7 +18,7 @@ for seed in $(seq "$first" "$last"); do
   # the demo's settings (scripts/demo.sh), with the seed
   "$py" -m beit tokenizer train "$out/data/train" -o "$out/tok$seed.safetensors" --no-resume \
     --steps 400 --input-size 28 --vocab-size 512 --batch-size 64 --set group_count=3 \
-    --set n_hid=32 --set n_init=32 --set warmup_steps=50 --set held_out=0.05 --set min_crop_area=0.5 \
+    --set n_hid=32 --set n_init=32 --set warmup_steps=100 --set held_out=0.05 --set min_crop_area=0.5 \
     --set seed="$seed" "$@" >/dev/null 2>&1
   "$py" -c "
 import json, sys
