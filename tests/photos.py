@@ -48,6 +48,18 @@ def save_jpeg(path: Path, dest: Path, side: int) -> Path:
     return dest
 
 
+def tiny_tokenizer(path: Path) -> Path:
+    """A tiny random tokenizer (cosine logits, 128 codes, 32 px views: a 4x4 grid), the same every time."""
+    import torch
+
+    from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
+
+    torch.manual_seed(0)
+    model = DVAE(DVAEConfig(n_hid=16, blocks_per_group=1, group_count=4, vocab_size=128, n_init=8, cosine_logits=True))
+    save_tokenizer(model, path, input_size=32)
+    return path
+
+
 def beit(*args, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m beit ARGS` in a subprocess, output captured."""
     return subprocess.run(

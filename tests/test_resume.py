@@ -17,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
-from photos import COLOUR, GREY, copy_photos, kill_when, save_jpeg
+from photos import COLOUR, GREY, copy_photos, kill_when, save_jpeg, tiny_tokenizer
 
-from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
 from beit.shared.store import DONE, TokenStore
 
 CHUNK = 4
@@ -43,13 +41,7 @@ def photos(tmp_path_factory):
     folder.mkdir()
     for path in copy_photos(root / "raw", COLOUR[:3] + GREY[:3]):
         save_jpeg(path, folder / f"{path.stem}.jpg", 96)
-    torch.manual_seed(0)
-    tokenizer = root / "tok.safetensors"
-    save_tokenizer(
-        DVAE(DVAEConfig(n_hid=16, blocks_per_group=1, group_count=4, vocab_size=128, n_init=8, cosine_logits=True)),
-        tokenizer,
-        input_size=32,
-    )
+    tokenizer = tiny_tokenizer(root / "tok.safetensors")
     return sorted(folder.iterdir()), tokenizer
 
 

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
-from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when, save_jpeg
+from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when, save_jpeg, tiny_tokenizer
 from PIL import Image
 
-from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
 from beit.shared.store import DONE, FAILED, TokenStore
 
 # A 64 px patch view (4x4 patches of 16) and a 32 px tokenizer view (4x4 tokens of 8).
@@ -32,13 +30,7 @@ def data(tmp_path_factory):
         for path in copy_photos(root / "raw", names):
             (source / name).mkdir(parents=True, exist_ok=True)
             save_jpeg(path, source / name / f"{path.stem}.jpg", 120)
-    torch.manual_seed(0)
-    tokenizer = root / "tok.safetensors"
-    save_tokenizer(
-        DVAE(DVAEConfig(n_hid=16, blocks_per_group=1, group_count=4, vocab_size=128, n_init=8, cosine_logits=True)),
-        tokenizer,
-        input_size=32,
-    )
+    tokenizer = tiny_tokenizer(root / "tok.safetensors")
     return source, tokenizer
 
 
