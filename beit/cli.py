@@ -1,9 +1,9 @@
-"""The `beit` command. Thin: parse, build a config, call one function."""
+"""The `beit` command. Thin: parse, build a config, call one function of a stage, print its result."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -25,39 +25,53 @@ app.add_typer(data_app, name="data")
 store_app = typer.Typer(help="Token stores: what one holds, and whether its tokens check out.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 
+Config = Annotated[Path | None, typer.Option("--config", help="TOML file of the stage's config keys")]
+NoResume = Annotated[bool, typer.Option("--no-resume", help="start over, ignoring a checkpoint in --out")]
+
 
 def _fail(error: Exception) -> None:
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(1)
 
 
-@app.command()
-def tokenize(
+def _overrides(set_: list[str] | None, **explicit) -> list[str]:
+    """`--set k=v` overrides, then the explicit options given (`model__preset` names `model.preset`)."""
+    given = [f"{key.replace('__', '.')}={value}" for key, value in explicit.items() if value is not None]
+    return [*(set_ or []), *given]
+
+
+@app.command("tokenize")
+def tokenize_command(
     source: Annotated[Path, typer.Argument(help="ImageFolder tree, image folder, or .txt list: path, label per line")],
     store: Annotated[str, typer.Argument(help="token store to write: a folder, or an fsspec URL zarr can open")],
     tokenizer: Annotated[Path, typer.Option(help="tokenizer .safetensors (beit tokenizer convert/train)")],
-    views: Annotated[Optional[int], typer.Option(help="views per image (default 10)")] = None,  # noqa: UP045
-    seed: Annotated[Optional[int], typer.Option(help="seed of the views (default 0)")] = None,  # noqa: UP045
-    batch_size: Annotated[Optional[int], typer.Option(help="images per batch (default 16)")] = None,  # noqa: UP045
+    views: Annotated[int | None, typer.Option(help="views per image (default 10)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the views (default 0)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="images per batch (default 16)")] = None,
     embed_images: Annotated[bool, typer.Option("--embed-images", help="store the source files too")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="exit non-zero if any image failed")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a STORE made differently")] = False,
-    config: Annotated[Optional[Path], typer.Option(help="TOML file of TokenizeConfig keys")] = None,  # noqa: UP045
-    set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set view.jitter=0.3")] = [],  # noqa: B006
+    config: Config = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a config key: --set view.jitter=0.3")
+    ] = None,
 ) -> None:
     """Stage 1: decode images, draw V views each, and cache their dVAE tokens in a Zarr store."""
-    from beit.shared.config import ConfigError, load_config
-    from beit.shared.store import StoreError
-    from beit.tokenize.run import TokenizeConfig
-    from beit.tokenize.run import tokenize as run_tokenize
+    from beit.shared.config import load_config
+    from beit.tokenize.run import TokenizeConfig, tokenize
 
-    explicit = {"views": views, "seed": seed, "batch_size": batch_size}
-    overrides = [*set_, *(f"{k}={v}" for k, v in explicit.items() if v is not None)]
-    overrides += ["embed_images=true"] * embed_images + ["strict=true"] * strict
+    overrides = _overrides(
+        set_,
+        views=views,
+        seed=seed,
+        batch_size=batch_size,
+        embed_images="true" if embed_images else None,
+        strict="true" if strict else None,
+    )
     try:
         cfg = load_config(TokenizeConfig, config, overrides)
-        summary = run_tokenize(source, store, tokenizer, cfg, overwrite=overwrite)
-    except (ConfigError, StoreError, ValueError) as error:
+        summary = tokenize(source, store, tokenizer, cfg, overwrite=overwrite)
+    except ValueError as error:  # ConfigError, StoreError and the stage's own are all ValueErrors
         _fail(error)
     if summary.get("already_complete") or "done" not in summary:
         return
@@ -73,49 +87,46 @@ def tokenize(
         raise typer.Exit(3)
 
 
-@app.command()
-def pretrain(
+@app.command("pretrain")
+def pretrain_command(
     store: Annotated[str, typer.Argument(help="token store made by `beit tokenize`")],
     out: Annotated[Path, typer.Option("--out", help="run folder: config, metrics.jsonl, checkpoint.pt")],
-    model: Annotated[Optional[str], typer.Option(help="tiny | small | base | large")] = None,  # noqa: UP045
-    epochs: Annotated[Optional[int], typer.Option(help="default 800")] = None,  # noqa: UP045
-    batch_size: Annotated[Optional[int], typer.Option(help="per rank (default 64)")] = None,  # noqa: UP045
-    lr: Annotated[Optional[float], typer.Option(help="effective learning rate")] = None,  # noqa: UP045
-    blr: Annotated[Optional[float], typer.Option(help="lr at an effective batch of 2048 (1.5e-3)")] = None,  # noqa: UP045
-    warmup_epochs: Annotated[Optional[float], typer.Option(help="default 10")] = None,  # noqa: UP045
-    seed: Annotated[Optional[int], typer.Option()] = None,  # noqa: UP045
+    model: Annotated[str | None, typer.Option(help="tiny | small | base | large")] = None,
+    epochs: Annotated[int | None, typer.Option(help="default 800")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="per rank (default 64)")] = None,
+    lr: Annotated[float | None, typer.Option(help="effective learning rate")] = None,
+    blr: Annotated[float | None, typer.Option(help="lr at an effective batch of 2048 (1.5e-3)")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="default 10")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
     targets: Annotated[
-        Optional[str],  # noqa: UP045
+        str | None,
         typer.Option(help="cached (the store's tokens) | online (a fresh view each epoch, dVAE every step) | pixels"),
     ] = None,
-    mask: Annotated[Optional[str], typer.Option(help="block | random")] = None,  # noqa: UP045
-    config: Annotated[Optional[Path], typer.Option(help="TOML file of PretrainConfig keys")] = None,  # noqa: UP045
-    set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set model.depth=6")] = [],  # noqa: B006
-    no_resume: Annotated[bool, typer.Option("--no-resume", help="start over, ignoring a checkpoint in --out")] = False,
+    mask: Annotated[str | None, typer.Option(help="block | random")] = None,
+    config: Config = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set model.depth=6")] = None,
+    no_resume: NoResume = False,
 ) -> None:
     """Stage 2: pre-train a BEiT ViT from a token store's views and cached tokens."""
-    from beit.shared.checkpoint import CheckpointError
-    from beit.shared.config import ConfigError, load_config
-    from beit.shared.store import StoreError
-    from beit.train.pretrain import PretrainConfig
-    from beit.train.pretrain import pretrain as run_pretrain
+    from beit.shared.config import load_config
+    from beit.train.pretrain import PretrainConfig, pretrain
 
-    explicit = {
-        "model.preset": model,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "blr": blr,
-        "warmup_epochs": warmup_epochs,
-        "seed": seed,
-        "targets": targets,
-        "mask": mask,
-    }
-    overrides = [*set_, *(f"{k}={v}" for k, v in explicit.items() if v is not None)]
+    overrides = _overrides(
+        set_,
+        model__preset=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        blr=blr,
+        warmup_epochs=warmup_epochs,
+        seed=seed,
+        targets=targets,
+        mask=mask,
+    )
     try:
         cfg = load_config(PretrainConfig, config, overrides)
-        result = run_pretrain(store, out, cfg, resume=not no_resume)
-    except (ConfigError, StoreError, CheckpointError, ValueError) as error:
+        result = pretrain(store, out, cfg, resume=not no_resume)
+    except ValueError as error:  # ConfigError, StoreError, CheckpointError are ValueErrors
         _fail(error)
     typer.echo(
         f"pre-trained {result['steps']} steps (effective batch {result['effective_batch']}, lr "
@@ -123,40 +134,39 @@ def pretrain(
     )
 
 
-@app.command()
-def finetune(
+@app.command("finetune")
+def finetune_command(
     data: Annotated[Path, typer.Argument(help="folder with train/ and val/ ImageFolder trees, or a token store")],
     init: Annotated[str, typer.Option(help="pre-trained checkpoint (beit, unilm .pth, timm) or 'none'")],
     out: Annotated[Path, typer.Option("--out", help="run folder")],
-    model: Annotated[Optional[str], typer.Option(help="tiny | small | base | large")] = None,  # noqa: UP045
-    epochs: Annotated[Optional[int], typer.Option(help="default 100")] = None,  # noqa: UP045
-    batch_size: Annotated[Optional[int], typer.Option(help="per rank (default 64)")] = None,  # noqa: UP045
-    lr: Annotated[Optional[float], typer.Option(help="effective learning rate")] = None,  # noqa: UP045
-    blr: Annotated[Optional[float], typer.Option(help="lr at an effective batch of 1024 (4e-3)")] = None,  # noqa: UP045
-    layer_decay: Annotated[Optional[float], typer.Option(help="layer-wise lr decay (0.65)")] = None,  # noqa: UP045
-    config: Annotated[Optional[Path], typer.Option(help="TOML file of FinetuneConfig keys")] = None,  # noqa: UP045
-    set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set mixup=0")] = [],  # noqa: B006
-    no_resume: Annotated[bool, typer.Option("--no-resume", help="start over, ignoring a checkpoint in --out")] = False,
+    model: Annotated[str | None, typer.Option(help="tiny | small | base | large")] = None,
+    epochs: Annotated[int | None, typer.Option(help="default 100")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="per rank (default 64)")] = None,
+    lr: Annotated[float | None, typer.Option(help="effective learning rate")] = None,
+    blr: Annotated[float | None, typer.Option(help="lr at an effective batch of 1024 (4e-3)")] = None,
+    layer_decay: Annotated[float | None, typer.Option(help="layer-wise lr decay (0.65)")] = None,
+    config: Config = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set mixup=0")] = None,
+    no_resume: NoResume = False,
 ) -> None:
     """Fine-tune a pre-trained BEiT for classification (layer decay, mixup/cutmix, RandAugment)."""
-    from beit.shared.checkpoint import CheckpointError
-    from beit.shared.config import ConfigError, load_config
-    from beit.train.finetune import FinetuneConfig
-    from beit.train.finetune import finetune as run_finetune
+    from beit.shared.config import load_config
+    from beit.train.finetune import FinetuneConfig, finetune
 
-    explicit = {
-        "model.preset": model,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "blr": blr,
-        "layer_decay": layer_decay,
-    }
-    overrides = [*set_, f"init={init}", *(f"{k}={v}" for k, v in explicit.items() if v is not None)]
+    overrides = _overrides(
+        set_,
+        init=init,
+        model__preset=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        blr=blr,
+        layer_decay=layer_decay,
+    )
     try:
         cfg = load_config(FinetuneConfig, config, overrides)
-        result = run_finetune(data, out, cfg, resume=not no_resume)
-    except (ConfigError, CheckpointError, ValueError) as error:
+        result = finetune(data, out, cfg, resume=not no_resume)
+    except ValueError as error:  # ConfigError, CheckpointError are ValueErrors
         _fail(error)
     for note in result["notes"]:
         typer.echo(f"init: {note}")
@@ -169,9 +179,9 @@ def finetune(
 
 
 @tokenizer_app.command("convert")
-def tokenizer_convert(
+def tokenizer_convert_command(
     encoder: Annotated[Path, typer.Argument(help="the released encoder.pkl")],
-    decoder: Annotated[Optional[Path], typer.Argument(help="the released decoder.pkl (for reconstructions)")] = None,  # noqa: UP045
+    decoder: Annotated[Path | None, typer.Argument(help="the released decoder.pkl (for reconstructions)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="tokenizer file to write (.safetensors)")] = Path(
         "tokenizer.safetensors"
     ),
@@ -197,29 +207,28 @@ def tokenizer_convert(
 
 
 @tokenizer_app.command("train")
-def tokenizer_train(
+def tokenizer_train_command(
     images: Annotated[Path, typer.Argument(help="folder of images (recursive) or a .txt file listing them")],
     out: Annotated[Path, typer.Option("--out", "-o", help="tokenizer file to write (.safetensors)")] = Path(
         "tokenizer.safetensors"
     ),
-    steps: Annotated[Optional[int], typer.Option(help="training steps")] = None,  # noqa: UP045
-    batch_size: Annotated[Optional[int], typer.Option(help="crops per step")] = None,  # noqa: UP045
-    input_size: Annotated[Optional[int], typer.Option(help="crop size in pixels")] = None,  # noqa: UP045
-    vocab_size: Annotated[Optional[int], typer.Option(help="codebook size")] = None,  # noqa: UP045
-    config: Annotated[Optional[Path], typer.Option(help="TOML file of DVAETrainConfig keys")] = None,  # noqa: UP045
-    set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set lr=2e-3")] = [],  # noqa: B006
-    no_resume: Annotated[bool, typer.Option("--no-resume", help="start over, ignoring a checkpoint")] = False,
+    steps: Annotated[int | None, typer.Option(help="training steps")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="crops per step")] = None,
+    input_size: Annotated[int | None, typer.Option(help="crop size in pixels")] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="codebook size")] = None,
+    config: Config = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set lr=2e-3")] = None,
+    no_resume: NoResume = False,
 ) -> None:
     """Train a dVAE tokenizer on your images (Gumbel-softmax, KL to a uniform prior, DALI crops)."""
-    from beit.shared.config import ConfigError, load_config
+    from beit.shared.config import load_config
     from beit.tokenize.dvae_train import DVAETrainConfig, train_dvae
 
-    explicit = {"steps": steps, "batch_size": batch_size, "input_size": input_size, "vocab_size": vocab_size}
-    overrides = [*set_, *(f"{k}={v}" for k, v in explicit.items() if v is not None)]
+    overrides = _overrides(set_, steps=steps, batch_size=batch_size, input_size=input_size, vocab_size=vocab_size)
     try:
         cfg = load_config(DVAETrainConfig, config, overrides)
         report = train_dvae(images, out, cfg, resume=not no_resume)
-    except (ConfigError, ValueError) as error:
+    except ValueError as error:
         _fail(error)
     held = report.get("held_out")
     summary = f"wrote {out} after {report['steps']} steps on {report['train_images']} images"
@@ -234,11 +243,11 @@ def tokenizer_train(
 
 
 @tokenizer_app.command("reconstruct")
-def tokenizer_reconstruct(
+def tokenizer_reconstruct_command(
     tokenizer: Annotated[Path, typer.Argument(help="tokenizer .safetensors (with its decoder)")],
     images: Annotated[list[Path], typer.Argument(help="image files")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("reconstructions.png"),
-    size: Annotated[Optional[int], typer.Option(help="pixels (default: the tokenizer's input size)")] = None,  # noqa: UP045
+    size: Annotated[int | None, typer.Option(help="pixels (default: the tokenizer's input size)")] = None,
 ) -> None:
     """Write a PNG grid of original / reconstruction / token map for each image, and print PSNR."""
     from beit.shared.dvae import check_grid, load_tokenizer
@@ -261,7 +270,7 @@ def tokenizer_reconstruct(
 
 
 @store_app.command("info")
-def store_info(
+def store_info_command(
     store: Annotated[str, typer.Argument(help="token store (folder or URL)")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON (with every failed item)")] = False,
     failures: Annotated[bool, typer.Option("--failures", help="list every failed item, not the first 10")] = False,
@@ -269,59 +278,31 @@ def store_info(
     """Images, views, grid, vocab, tokenizer, failed items, token usage and size of a store."""
     import json
 
-    from beit.shared.store import StoreError
-    from beit.tokenize.inspect_store import store_info as info_of
+    from beit.tokenize.inspect_store import info_text, store_info
 
     shown = None if failures or as_json else 10
     try:
-        info = info_of(store, failures=shown)
-    except (StoreError, ValueError) as error:
+        info = store_info(store, failures=shown)
+    except ValueError as error:
         _fail(error)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    usage = info["token_usage"]
-    size = info["bytes_on_disk"]
-    lines = [
-        f"store      {info['store']} ({'complete' if info['complete'] else 'INCOMPLETE'}; {info['writer']}, "
-        f"{info['created']})",
-        f"images     {info['images']}: {info['done']} done, {info['failed']} failed, {info['pending']} pending; "
-        f"{info['classes']} classes; source {info['source']['kind']} "
-        f"(fingerprint {info['source']['fingerprint'][:12]})",
-        f"views      {info['views_per_image']} per image, seed {info['views']['seed']}, "
-        f"{info['views']['image_size']} px patches / {info['views']['tokenizer_size']} px tokenizer",
-        f"tokens     grid {info['grid'][0]}x{info['grid'][1]}, vocab {info['vocab_size']}: "
-        f"{usage['codes_used']} codes used, perplexity {usage['perplexity']:.0f}, "
-        f"top code {usage['top_codes'][0][0] if usage['top_codes'] else '-'} "
-        f"({usage['top_codes'][0][1] * 100 if usage['top_codes'] else 0:.1f}%)",
-        f"tokenizer  {info['tokenizer']['kind']}, sha256 {info['tokenizer']['sha256'][:16]}",
-        f"size       {size / 2**20:.1f} MiB on disk" if size is not None else "size       (remote)",
-    ]
-    lines += [f"failed     {key}: {error}" for key, error in info["failures"]]
-    if info["failed"] > len(info["failures"]):
-        more = info["failed"] - len(info["failures"])
-        lines.append(f"failed     ... and {more} more: add --failures to list them all")
-    typer.echo("\n".join(lines))
+    typer.echo(info_text(info))
 
 
 @store_app.command("verify")
-def store_verify(
+def store_verify_command(
     store: Annotated[str, typer.Argument(help="token store (folder or URL)")],
     sample: Annotated[int, typer.Option(help="images to check")] = 64,
-    tokenizer: Annotated[Path | None, typer.Option(help="the store's tokenizer (default: the recorded path)")] = None,  # noqa: UP045
+    tokenizer: Annotated[Path | None, typer.Option(help="the store's tokenizer (default: the recorded path)")] = None,
 ) -> None:
     """Re-render a sample of views from their recorded parameters, re-tokenize, compare with the store."""
-    from beit.shared.store import StoreError, TokenStore
     from beit.tokenize.inspect_store import verify_store
 
     try:
-        if tokenizer is None:
-            recorded = TokenStore.open(store).attrs.get("tokenizer_path")
-            if not recorded or not Path(recorded).exists():
-                raise StoreError(f"{store} does not record a tokenizer file that exists here: pass --tokenizer.")
-            tokenizer = Path(recorded)
         report = verify_store(store, tokenizer, sample=sample)
-    except (StoreError, ValueError) as error:
+    except ValueError as error:
         _fail(error)
     typer.echo(
         f"{report['views_checked']} views of {report['images_checked']} images re-rendered from {report['source']} "
@@ -334,8 +315,8 @@ def store_verify(
         raise typer.Exit(4)
 
 
-@app.command()
-def plot(
+@app.command("plot")
+def plot_command(
     runs: Annotated[list[Path], typer.Argument(help="run folders (their metrics.jsonl are overlaid)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("curves.png"),
 ) -> None:
@@ -349,28 +330,29 @@ def plot(
     typer.echo(f"wrote {out}: {', '.join(drawn)}")
 
 
-@app.command()
-def attention(
+@app.command("attention")
+def attention_command(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint.pt of `beit pretrain` or `beit finetune`")],
     images: Annotated[list[Path], typer.Argument(help="image files")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("attention.png"),
-    query: Annotated[list[str], typer.Option(help="query patch ROW,COL (repeat; default: four spread out)")] = [],  # noqa: B006
+    query: Annotated[
+        list[str] | None, typer.Option(help="query patch ROW,COL (repeat; default: four spread out)")
+    ] = None,
     layer: Annotated[int, typer.Option(help="block whose attention to draw: 1..depth, -1 = the last")] = -1,
 ) -> None:
     """Draw self-attention maps of chosen query patches over each image (the BEiT paper's Figure 2)."""
-    from beit.shared.checkpoint import CheckpointError
     from beit.train.pictures import attention_picture, load_model
 
     try:
         queries = []
-        for text in query:
+        for text in query or []:
             parts = text.split(",")
             if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
                 raise ValueError(f"--query {text} is not ROW,COL: give two patch indices such as 3,5.")
             queries.append((int(parts[0]), int(parts[1])))
         model = load_model(checkpoint)
         summaries = attention_picture(model, images, out, layer, queries or None)
-    except (CheckpointError, ValueError) as error:
+    except ValueError as error:  # CheckpointError is a ValueError
         _fail(error)
     for path, rows in zip(images, summaries, strict=True):
         for s in rows:
@@ -381,12 +363,12 @@ def attention(
     typer.echo(f"wrote {out}")
 
 
-@app.command()
-def mask(
+@app.command("mask")
+def mask_command(
     image: Annotated[Path, typer.Argument(help="an image file")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("masks.png"),
     grid: Annotated[int, typer.Option(help="patches per side")] = 14,
-    count: Annotated[int, typer.Option(help="patches to mask")] = 75,
+    count: Annotated[int, typer.Option(help="patches to mask (0: 75 of 196, scaled to the grid)")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     random_: Annotated[bool, typer.Option("--random", help="uniform random patches, not blocks")] = False,
     samples: Annotated[int, typer.Option(help="masks to draw")] = 4,
@@ -404,83 +386,43 @@ def mask(
     typer.echo(f"wrote {out}")
 
 
-@app.command()
-def evaluate(
+@app.command("evaluate")
+def evaluate_command(
     checkpoint: Annotated[Path, typer.Argument(help="a fine-tuned checkpoint (best.pt / checkpoint.pt)")],
     data: Annotated[Path, typer.Argument(help="an ImageFolder tree with the checkpoint's classes")],
     per_class: Annotated[bool, typer.Option("--per-class", help="print accuracy per class")] = False,
     batch_size: Annotated[int, typer.Option()] = 64,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Top-1 / top-5 accuracy and loss of a fine-tuned checkpoint on a labelled set."""
-
-    from beit.shared.checkpoint import CheckpointError, load_checkpoint
-    from beit.shared.dist import choose_device
-    from beit.shared.images import read_source
-    from beit.shared.model import BeitClassifier, ModelConfig
-    from beit.train.finetune import ClassificationData, FinetuneConfig
-    from beit.train.finetune import evaluate as run_evaluate
+    from beit.train.evaluate import evaluate_checkpoint
 
     try:
-        state, meta = load_checkpoint(checkpoint)
-        if meta.get("kind") != "finetune":
-            raise ValueError(f"{checkpoint} is a {meta.get('kind')} checkpoint: evaluate a fine-tuned one.")
-        model = BeitClassifier(ModelConfig(**meta["model"]))
-        model.load_state_dict(state["model"])
-        source = read_source(data)
-        names = meta["class_names"]
-        unknown = sorted(set(source.class_names) - set(names))
-        if unknown:
-            raise ValueError(f"{data} has classes the checkpoint does not know ({', '.join(unknown[:5])}).")
-        source.labels = [names.index(source.class_names[label]) for label in source.labels]
-        cfg = FinetuneConfig(batch_size=batch_size)
-        device = choose_device()
-        loader = ClassificationData(
-            source,
-            model.cfg.image_size,
-            batch_size,
-            False,
-            cfg,
-            device_id=device.index if device.type == "cuda" else None,
-        )
-        result = run_evaluate(model.to(device), loader, device, len(names))
-    except (CheckpointError, ValueError) as error:
+        result = evaluate_checkpoint(checkpoint, data, batch_size, device)
+    except ValueError as error:  # CheckpointError is a ValueError
         _fail(error)
     typer.echo(
         f"{result['images']} images: top-1 {result['top1'] * 100:.2f}%, top-5 {result['top5'] * 100:.2f}%, "
         f"loss {result['loss']:.4f}"
     )
     if per_class:
-        for name, (hit, count) in zip(names, result["per_class"], strict=True):
+        for name, (hit, count) in zip(result["class_names"], result["per_class"], strict=True):
             if count:
                 typer.echo(f"  {name:<24} {hit / count * 100:6.2f}%  ({hit}/{count})")
 
 
-@app.command()
-def export(
+@app.command("export")
+def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="a beit checkpoint (fine-tuned classifier)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="file to write")],
     format: Annotated[str, typer.Option(help="timm (torch.save state dict) | safetensors")] = "timm",
 ) -> None:
     """Write a classifier's weights in timm's BEiT key layout (loadable by timm's beit_* models)."""
-    import torch
-
-    from beit.shared.checkpoint import CheckpointError, load_checkpoint, to_timm
+    from beit.shared.checkpoint import export_classifier
 
     try:
-        state, meta = load_checkpoint(checkpoint)
-        if meta.get("kind") != "finetune":
-            raise ValueError(f"{checkpoint} is a {meta.get('kind')} checkpoint: export a fine-tuned classifier.")
-        weights = to_timm(state["model"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if format == "safetensors":
-            from safetensors.torch import save_file
-
-            save_file(weights, out)
-        elif format == "timm":
-            torch.save(weights, out)
-        else:
-            raise ValueError(f"--format {format} is not one of timm, safetensors.")
-    except (CheckpointError, ValueError) as error:
+        weights, meta = export_classifier(checkpoint, out, format)
+    except ValueError as error:  # CheckpointError is a ValueError
         _fail(error)
     typer.echo(
         f"wrote {out}: {len(weights)} tensors in timm's layout ({meta['model'].get('preset')}, "
@@ -488,28 +430,29 @@ def export(
     )
 
 
-@app.command()
-def probe(
+@app.command("probe")
+def probe_command(
     data: Annotated[Path, typer.Argument(help="folder with train/ and val/ ImageFolder trees")],
     init: Annotated[str, typer.Option(help="pre-trained checkpoint (beit, unilm .pth, timm) or 'none'")],
     model: Annotated[str, typer.Option(help="tiny | small | base | large")] = "base",
-    layer: Annotated[Optional[int], typer.Option(help="block whose output to probe (default: the last)")] = None,  # noqa: UP045
+    layer: Annotated[int | None, typer.Option(help="block whose output to probe (default: the last)")] = None,
     all_layers: Annotated[bool, typer.Option("--all-layers", help="probe every block")] = False,
     epochs: Annotated[int, typer.Option(help="epochs of the linear classifier")] = 300,
     batch_size: Annotated[int, typer.Option()] = 64,
-    set_: Annotated[list[str], typer.Option("--set", help="model keys: --set model.image_size=96")] = [],  # noqa: B006
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="model keys and device: --set model.image_size=96")
+    ] = None,
 ) -> None:
     """Linear probe of a frozen backbone: cls + mean patch token of a block, a linear classifier."""
-    from beit.shared.checkpoint import CheckpointError
-    from beit.shared.config import ConfigError, load_config
-    from beit.train.probe import ProbeConfig
-    from beit.train.probe import probe as run_probe
+    from beit.shared.config import load_config
+    from beit.train.probe import ProbeConfig, probe
 
     try:
-        model_cfg = load_config(ProbeConfig, None, [f"model.preset={model}", *set_]).model.resolved()
+        cfg = load_config(ProbeConfig, None, [f"model.preset={model}", *(set_ or [])])
+        model_cfg = cfg.model.resolved()
         layers = None if all_layers else [layer or model_cfg.depth]
-        result = run_probe(data, init, model_cfg, layers, batch_size=batch_size, epochs=epochs)
-    except (ConfigError, CheckpointError, ValueError) as error:
+        result = probe(data, init, model_cfg, layers, batch_size=batch_size, epochs=epochs, device=cfg.device)
+    except ValueError as error:  # ConfigError, CheckpointError are ValueErrors
         _fail(error)
     typer.echo(f"linear probe on {result['train_images']} train / {result['val_images']} val images:")
     for k, accuracy in result["accuracy"].items():
@@ -517,14 +460,14 @@ def probe(
 
 
 @data_app.command("fashion-mnist")
-def data_fashion_mnist(
+def fashion_mnist_command(
     out: Annotated[Path, typer.Argument(help="folder to write train/<class>/*.png and val/<class>/*.png into")],
     size: Annotated[int, typer.Option(help="image side in pixels (28 = the originals)")] = 28,
     source: Annotated[
         Path | None, typer.Option(help="folder with the official idx files (default: the shipped subset)")
-    ] = None,  # noqa: UP045
-    train: Annotated[Optional[int], typer.Option(help="training images, class-balanced (default: all)")] = None,  # noqa: UP045
-    val: Annotated[Optional[int], typer.Option(help="validation images, class-balanced (default: all)")] = None,  # noqa: UP045
+    ] = None,
+    train: Annotated[int | None, typer.Option(help="training images, class-balanced (default: all)")] = None,
+    val: Annotated[int | None, typer.Option(help="validation images, class-balanced (default: all)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Fashion-MNIST (Zalando, MIT) as ImageFolder trees: the shipped 10,000-image subset, or all 70,000."""

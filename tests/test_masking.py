@@ -95,3 +95,24 @@ def test_batched_masks_depend_on_their_own_key_only():
         assert np.array_equal(together[5:6], make(keys[5:6], (7, 7), 19))
     exact = random_masks(counter_key(0, np.arange(4000)), (14, 14), 75)
     assert np.all(exact.sum((1, 2)) == 75) and np.allclose(exact.mean(0), 75 / 196, atol=0.04)
+
+
+def test_batched_block_masks_report_their_blocks_without_changing_the_masks():
+    keys = counter_key(5, np.arange(500))
+    blocks: list[list[Block]] = []
+    masks = block_masks(keys, (14, 14), 75, blocks=blocks)
+    assert np.array_equal(masks, block_masks(keys, (14, 14), 75))
+    assert len(blocks) == 500
+    low, high = math.log(0.3), math.log(1 / 0.3)
+    for mask, drawn in zip(masks, blocks, strict=True):
+        union = np.zeros((14, 14), dtype=bool)
+        masked = 0
+        for b in drawn:
+            remaining = 75 - masked
+            assert min(16, remaining) <= b.area <= max(16, remaining) and low <= math.log(b.aspect) <= high
+            assert (b.height, b.width) == (round(math.sqrt(b.area * b.aspect)), round(math.sqrt(b.area / b.aspect)))
+            window = union[b.top : b.top + b.height, b.left : b.left + b.width]
+            assert b.added == b.height * b.width - window.sum() and 1 <= b.added <= remaining
+            window[...] = True
+            masked += b.added
+        assert np.array_equal(union, mask) and masked == mask.sum()

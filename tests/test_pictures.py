@@ -11,9 +11,11 @@ from PIL import Image
 
 from beit.shared.checkpoint import save_checkpoint
 from beit.shared.config import to_dict
+from beit.shared.counter import counter_key
 from beit.shared.images import read_image
-from beit.shared.masking import block_mask, random_mask
+from beit.shared.masking import block_masks, random_masks
 from beit.shared.model import BeitClassifier, BeitForMIM, ModelConfig
+from beit.train.data import SamplePlan
 from beit.train.pictures import (
     GREY,
     GREY_WEIGHT,
@@ -189,9 +191,14 @@ def test_mask_command_writes_the_picture(photos, tmp_path):
 @pytest.mark.parametrize("random", [False, True])
 def test_masks_grey_out_exactly_the_masked_patches(photos, tmp_path, random):
     masks, panels, blocks = mask_picture(photos[0], tmp_path / "m.png", grid=7, count=20, seed=3, random=random)
-    rng = np.random.default_rng(3)
-    draw = random_mask if random else block_mask
-    expected = [draw(rng, (7, 7), 20) for _ in range(4)]
+    # the training sampler, keyed as pre-training keys images 0..3 of epoch 0 under seed 3
+    keys = counter_key(3, 0, np.arange(4), 2)
+    expected = random_masks(keys, (7, 7), 20) if random else block_masks(keys, (7, 7), 20, min_block=4)
+    # and what SamplePlan itself gives those images (min_block 4 is its default for 7x7)
+    plan = SamplePlan(np.arange(4), 1, (7, 7), 4, seed=3, mask="random" if random else "block", mask_count=20)
+    images, _, planned = plan.at(0)
+    for image, want in zip(images, planned, strict=True):
+        np.testing.assert_array_equal(masks[image].reshape(-1), want)
     original = (read_image(photos[0], 224).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     greyed = np.round(original * (1 - GREY_WEIGHT) + GREY * GREY_WEIGHT).astype(np.uint8)
     for mask, want, panel, drawn in zip(masks, expected, panels, blocks, strict=True):
@@ -202,6 +209,8 @@ def test_masks_grey_out_exactly_the_masked_patches(photos, tmp_path, random):
             for b in drawn:
                 union[b.top : b.top + b.height, b.left : b.left + b.width] = True
             np.testing.assert_array_equal(union, mask)
+        else:
+            assert drawn == []
         for r in range(7):
             for c in range(7):
                 cut = np.s_[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32]

@@ -18,7 +18,7 @@ from beit.shared.model import BeitForMIM, ModelConfig
 from beit.shared.store import StoreError
 from beit.shared.views import draw_views
 from beit.train.data import PretrainData
-from beit.train.pretrain import truncate_metrics
+from beit.train.scaffold import truncate_metrics
 
 TINY = [
     "--model",

@@ -398,3 +398,22 @@ def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key in ("mask_token", "lm_head.weight", "lm_head.bias"):
         out.pop(key, None)
     return out
+
+
+def export_classifier(checkpoint: Path, out: Path, format: str = "timm") -> tuple[dict[str, torch.Tensor], dict]:
+    """Write a fine-tuned checkpoint's classifier in timm's layout to `out`: a `torch.save`d
+    state dict ("timm") or a safetensors file. Returns (the weights, the checkpoint's meta)."""
+    if format not in ("timm", "safetensors"):
+        raise ValueError(f"--format {format} is not one of timm, safetensors.")
+    state, meta = load_checkpoint(checkpoint)
+    if meta.get("kind") != "finetune":
+        raise ValueError(f"{checkpoint} is a {meta.get('kind')} checkpoint: export a fine-tuned classifier.")
+    weights = to_timm(state["model"])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if format == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(weights, out)
+    else:
+        torch.save(weights, out)
+    return weights, meta

@@ -78,6 +78,39 @@ def precheck(path: Path | bytes) -> str | None:
     return "not an image (unknown file signature)"
 
 
+def pipeline_builder(graph: Callable, threads: int = 2, decoded: bool = True, gpu: bool = True, conditionals=False):
+    """The one DALI pipeline factory: a `build(batch_size, device_id, seed)` for `ImageBatches`.
+    Its pipeline reads each file's bytes from an external source named "encoded", decodes them
+    to RGB HWC uint8 with EXIF orientation applied ('mixed' on a GPU, the CPU otherwise; raw
+    bytes when not `decoded`), and returns `graph(images, device_id)`: one output or a tuple.
+    `graph` may declare more per-sample inputs as named external sources. `gpu=False` keeps the
+    whole pipeline on the CPU (for header peeks); `conditionals` allows `if` on DALI data."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    def build(batch_size: int, device_id: int | None, seed: int):
+        device_id = device_id if gpu else None
+
+        @pipeline_def(
+            batch_size=batch_size,
+            num_threads=threads,
+            device_id=device_id,
+            seed=seed,
+            exec_dynamic=True,
+            prefetch_queue_depth=1,
+            enable_conditionals=conditionals,
+        )
+        def pipeline():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            if not decoded:
+                return graph(encoded, device_id)
+            device = "mixed" if device_id is not None else "cpu"
+            return graph(fn.decoders.image(encoded, device=device, output_type=types.RGB), device_id)
+
+        return pipeline()
+
+    return build
+
+
 def _decode_error(path: Path | bytes, error: BaseException) -> str:
     """One line on why `path` failed: PIL's diagnosis when it has one (DALI's exception text
     does not carry the codec's reason), else DALI's own line."""

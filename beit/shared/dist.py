@@ -165,6 +165,11 @@ def choose_device(setting: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
+def dali_device_id(device: torch.device) -> int | None:
+    """The `device_id` DALI takes for a torch device: the GPU's index, or None on the CPU."""
+    return (device.index or 0) if device.type == "cuda" else None
+
+
 def init_dist(backend: str | None = None, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Dist:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK); one process
     otherwise. A collective (a barrier while rank 0 works alone) waits `timeout_minutes` at most."""

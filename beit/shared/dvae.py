@@ -86,23 +86,30 @@ def _init_conv(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def _add_groups(blocks: OrderedDict, cfg: DVAEConfig, widths: list[int], n_in: int, kernels, between) -> int:
+    """Add the released groups to `blocks`: group_g of `blocks_per_group` residual blocks of
+    width widths[g-1], then `between` = (name, make module) except after the last; returns the
+    last width."""
+    n_layers = cfg.group_count * cfg.blocks_per_group
+    for g, width in enumerate(widths):
+        stage: OrderedDict[str, nn.Module] = OrderedDict()
+        for b in range(cfg.blocks_per_group):
+            stage[f"block_{b + 1}"] = _Block(n_in, width, n_layers, kernels)
+            n_in = width
+        if g < cfg.group_count - 1:
+            stage[between[0]] = between[1]()
+        blocks[f"group_{g + 1}"] = nn.Sequential(stage)
+    return n_in
+
+
 class Encoder(nn.Module):
     """[B, 3, H, W] mapped pixels -> [B, vocab, H/8, W/8] logits (released names: blocks.group_1.block_1...)."""
 
     def __init__(self, cfg: DVAEConfig):
         super().__init__()
-        n_layers = cfg.group_count * cfg.blocks_per_group
         widths = [cfg.n_hid * 2**g for g in range(cfg.group_count)]
         blocks: OrderedDict[str, nn.Module] = OrderedDict(input=nn.Conv2d(3, cfg.n_hid, 7, padding=3))
-        n_in = cfg.n_hid
-        for g, width in enumerate(widths):
-            group: OrderedDict[str, nn.Module] = OrderedDict()
-            for b in range(cfg.blocks_per_group):
-                group[f"block_{b + 1}"] = _Block(n_in, width, n_layers, (3, 3, 3, 1))
-                n_in = width
-            if g < cfg.group_count - 1:
-                group["pool"] = nn.MaxPool2d(kernel_size=2)
-            blocks[f"group_{g + 1}"] = nn.Sequential(group)
+        n_in = _add_groups(blocks, cfg, widths, cfg.n_hid, (3, 3, 3, 1), ("pool", lambda: nn.MaxPool2d(kernel_size=2)))
         blocks["output"] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(n_in, cfg.vocab_size, 1)))
         self.blocks = nn.Sequential(blocks)
         self.apply(_init_conv)
@@ -127,18 +134,10 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: DVAEConfig):
         super().__init__()
-        n_layers = cfg.group_count * cfg.blocks_per_group
         widths = [cfg.n_hid * 2**g for g in reversed(range(cfg.group_count))]
         blocks: OrderedDict[str, nn.Module] = OrderedDict(input=nn.Conv2d(cfg.vocab_size, cfg.n_init, 1))
-        n_in = cfg.n_init
-        for g, width in enumerate(widths):
-            group: OrderedDict[str, nn.Module] = OrderedDict()
-            for b in range(cfg.blocks_per_group):
-                group[f"block_{b + 1}"] = _Block(n_in, width, n_layers, (1, 3, 3, 3))
-                n_in = width
-            if g < cfg.group_count - 1:
-                group["upsample"] = nn.Upsample(scale_factor=2, mode="nearest")
-            blocks[f"group_{g + 1}"] = nn.Sequential(group)
+        upsample = ("upsample", lambda: nn.Upsample(scale_factor=2, mode="nearest"))
+        n_in = _add_groups(blocks, cfg, widths, cfg.n_init, (1, 3, 3, 3), upsample)
         blocks["output"] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(n_in, 6, 1)))
         self.blocks = nn.Sequential(blocks)
         self.apply(_init_conv)

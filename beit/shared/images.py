@@ -23,7 +23,7 @@ class Source:
 
     kind: str  # "imagefolder" | "folder" | "list"
     root: Path
-    files: list[Path]
+    files: list[Path | bytes]  # the file, or its bytes when held in memory (a store's embedded copy)
     keys: list[str]  # path relative to root (or as listed), the stable name of each image
     labels: list[int]
     class_names: list[str] = field(default_factory=list)
@@ -34,6 +34,9 @@ class Source:
         with what it holds)."""
         out = []
         for key, path in zip(self.keys, self.files, strict=True):
+            if isinstance(path, (bytes, bytearray)):  # an image held in memory (a store's embedded copy)
+                out.append((key, len(path)))
+                continue
             try:
                 info = path.stat()
                 size = info.st_size if stat.S_ISREG(info.st_mode) else -1

@@ -106,11 +106,14 @@ def block_masks(
     min_block: int = 16,
     max_block: int | None = None,
     min_aspect: float = 0.3,
+    blocks: list[list[Block]] | None = None,
 ) -> np.ndarray:
     """One blockwise mask per uint64 key (`counter_key`), all at once: bool [len(keys), gh, gw].
     Each round gives every unfinished mask its next block: its 10 attempts are drawn together
     from (key, round), the first that fits and adds 1..remaining new patches wins (counted with
-    2-D prefix sums); a mask whose 10 attempts all fail is done. A mask depends on its key only."""
+    2-D prefix sums); a mask whose 10 attempts all fail is done. A mask depends on its key only.
+    When a list is given as `blocks`, one list per key is appended to it, holding that mask's
+    accepted blocks in order (for tests and pictures); the masks are the same either way."""
     gh, gw = grid
     if not 0 < count <= gh * gw:
         raise ValueError(f"mask count {count} must be between 1 and the {gh * gw} patches of a {gh}x{gw} grid.")
@@ -122,6 +125,9 @@ def block_masks(
     masked = np.zeros(len(keys), dtype=np.int64)
     active = np.arange(len(keys))
     rows, cols = np.arange(gh)[None, :, None], np.arange(gw)[None, None, :]
+    per_mask: list[list[Block]] = [[] for _ in range(len(keys) if blocks is not None else 0)]
+    if blocks is not None:
+        blocks.extend(per_mask)
     round_ = 0
     while len(active):
         u = counter_uniforms(counter_key(keys[active], round_), 40).reshape(len(active), 4, 10)
@@ -148,6 +154,10 @@ def block_masks(
         into = active[chosen]
         masks[into] |= (rows >= t) & (rows < t + hh) & (cols >= l_) & (cols < l_ + ww)
         masked[into] += new[chosen, pick]
+        if blocks is not None:
+            fields = (a[chosen, pick].tolist() for a in (top, left, h, w, area, aspect, new))
+            for index, *block in zip(into.tolist(), *fields, strict=True):
+                per_mask[index].append(Block(*block))
         active = into[masked[into] < count]
     return masks
 

@@ -35,6 +35,11 @@ Group attributes (everything needed to know what a store is without the command 
 `TokenStore.open` refuses a store of another format or version, or an incomplete one, naming
 both sides. For training, `tokens` is read whole into memory (or a memmap): random zarr reads
 are far slower.
+
+This module is the only reader of the layout: the rest of beit asks `TokenStore` for what it
+records (typed properties: tokenizer identity, view config, source fingerprint, class names)
+and holds (`tokens`, `view_params`, `labels`, `keys`), and for the bytes to decode for an image
+(`items`), by one rule: the embedded copy when the store holds one, else the original file.
 """
 
 from __future__ import annotations
@@ -99,6 +104,8 @@ class TokenStore:
         self.group = group
         self.location = location
         self.attrs = dict(group.attrs)
+        self._keys: list[str] | None = None
+        self._embedded: np.ndarray | None = None
 
     # ---------------------------------------------------------------- opening and creating
 
@@ -216,6 +223,97 @@ class TokenStore:
         )
         return cls(group, location)
 
+    # ---------------------------------------------------------------- what it records (typed)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """{images, done, failed}, recorded when the store was completed ({} before)."""
+        return dict(self.attrs.get("counts") or {})
+
+    @property
+    def writer(self) -> str | None:
+        """ "beit X.Y.Z" of the release that made the store."""
+        return self.attrs.get("writer")
+
+    @property
+    def created(self) -> str | None:
+        """When the store was created (UTC, ISO 8601)."""
+        return self.attrs.get("created")
+
+    @property
+    def tokenizer_record(self) -> dict:
+        """The tokenizer's identity: {kind, sha256, vocab_size, input_size, grid, downsample, arch}."""
+        return dict(self.attrs["tokenizer"])
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.attrs["tokenizer"]["sha256"]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.attrs["tokenizer"]["vocab_size"])
+
+    @property
+    def tokenizer_size(self) -> int:
+        """The tokenizer's input size in pixels: the side of a view as it was tokenized."""
+        return int(self.attrs["tokenizer"]["input_size"])
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        """Where the tokenizer file was when the store was made (a hint: it may be gone)."""
+        path = self.attrs.get("tokenizer_path")
+        return Path(path) if path else None
+
+    @property
+    def view_seed(self) -> int:
+        return int(self.attrs["views"]["seed"])
+
+    @property
+    def view_config(self):
+        """The `views.ViewConfig` the views were drawn and rendered with."""
+        from beit.shared.views import ViewConfig
+
+        config = self.attrs["views"]["config"]
+        return ViewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+
+    @property
+    def image_size(self) -> int:
+        """The side in pixels of a view as the ViT sees it (a multiple of the patch size)."""
+        return int(self.attrs["views"]["config"]["image_size"])
+
+    @property
+    def source_record(self) -> dict:
+        """{kind, images, fingerprint, classes}: what the source was."""
+        return dict(self.attrs["source"])
+
+    @property
+    def source_fingerprint(self) -> str:
+        return self.attrs["source"]["fingerprint"]
+
+    @property
+    def source_root(self) -> Path:
+        """The folder the keys are relative to, on the host that tokenized."""
+        return Path(self.attrs.get("source_root", "."))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs.get("class_names") or [])
+
+    @property
+    def has_embedded_images(self) -> bool:
+        return "images" in self.group
+
+    def record_locations(self, source_root: Path, tokenizer_path: Path) -> None:
+        """Where the images and the tokenizer are (resolved), for stage 2, verify and online targets."""
+        self.group.update_attributes(
+            {"source_root": str(Path(source_root).resolve()), "tokenizer_path": str(Path(tokenizer_path).resolve())}
+        )
+        self.attrs = dict(self.group.attrs)
+
     # ---------------------------------------------------------------- what it holds
 
     def __len__(self) -> int:
@@ -297,6 +395,65 @@ class TokenStore:
             found += [(str(keys[i]), str(errors[i])) for i in failed]
         return found if limit is None else found[:limit]
 
-    def tokens(self) -> np.ndarray:
-        """All tokens, [N, V, gh, gw] uint16, in memory."""
-        return self.group["tokens"][:]
+    def tokens(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """The tokens of the images `indices` (sorted store indices; None: all), [n, V, gh, gw]
+        uint16, in memory."""
+        return _select(self.group["tokens"], indices)
+
+    def view_params(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """The views' parameters of the images `indices` (sorted; None: all), [n, V, 8] float32."""
+        return _select(self.group["views"], indices)
+
+    def labels(self) -> np.ndarray:
+        """[N] int32 class indices, -1 = none."""
+        return self.group["labels"][:]
+
+    def keys(self, indices: np.ndarray | None = None) -> list[str]:
+        """The images' keys (paths relative to the source root, or as listed)."""
+        return [str(k) for k in _select(self.group["keys"], indices)]
+
+    def items(self, indices, cache: bool = False) -> list[Path | bytes]:
+        """What to decode for the images `indices`, by the one rule: the store's embedded copy
+        when it holds one (exactly the bytes that were tokenized, even if the source changed
+        since), else the original file, source_root / key. With `cache`, the embedded copies are
+        read whole once and kept in memory (training visits every image; random reads of zarr
+        chunks are slow); without it, only the chunks holding `indices` are read."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if not self.has_embedded_images:
+            if self._keys is None:
+                self._keys = self.keys()
+            root = self.source_root
+            return [root / self._keys[i] for i in indices]
+        if cache:
+            if self._embedded is None:
+                self._embedded = self.group["images"][:]
+            return [bytes(self._embedded[i]) for i in indices]
+        order = np.argsort(indices)
+        picked = _select(self.group["images"], indices[order])
+        out: list = [b""] * len(indices)
+        for position, blob in zip(order, picked, strict=True):
+            out[position] = bytes(blob)
+        return out
+
+    def check_sources(self, indices, flag: str = "--embed-images") -> None:
+        """Refuse, in one sentence, a store whose images come from source files (it embeds none)
+        when any of `indices`' files is gone."""
+        if self.has_embedded_images:
+            return
+        missing = [str(path) for path in self.items(indices) if not Path(path).is_file()]
+        if missing:
+            raise StoreError(
+                f"{self.location}'s source file {missing[0]} is gone (and {len(missing) - 1} more of the "
+                f"{len(indices)} checked), and the store holds no copies: restore the source at "
+                f"{self.source_root}, or tokenize again with {flag}."
+            )
+
+
+def _select(array, indices: np.ndarray | None) -> np.ndarray:
+    """array[indices] along the first axis (all of it for None), reading only the chunks needed."""
+    if indices is None:
+        return array[:]
+    indices = np.asarray(indices, dtype=np.int64)
+    if not len(indices):
+        return array[0:0]
+    return array.get_orthogonal_selection((indices,))

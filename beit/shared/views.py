@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from beit.shared.counter import counter_key, counter_uniforms
+from beit.shared.decode import pipeline_builder
 
 PARAMS = ("x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")
 JITTER_PLACEMENT = "after crop and resize, before flip; DALI color_twist (brightness, contrast about 128, saturation)"
@@ -121,34 +122,14 @@ def render(images, params, size: int, kind: str):
     return fn.crop_mirror_normalize(coloured, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, mirror=flip)
 
 
-def decode(encoded, device_id: int | None):
-    """DALI graph fragment: encoded bytes -> RGB HWC uint8, EXIF orientation applied
-    ('mixed' decoding on a GPU, CPU otherwise)."""
-    from nvidia.dali import fn, types
-
-    return fn.decoders.image(encoded, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
-
-
 def shape_builder(threads: int = 2):
     """Pipeline factory for `ImageBatches`: encoded bytes -> (height, width) after EXIF orientation."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, types
 
-    def build(batch_size: int, device_id: int | None, seed: int):
-        @pipeline_def(
-            batch_size=batch_size,
-            num_threads=threads,
-            device_id=None,
-            seed=seed,
-            exec_dynamic=True,
-            prefetch_queue_depth=1,
-        )
-        def pipeline():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            return fn.peek_image_shape(encoded, dtype=types.INT64)[0:2]
+    def graph(encoded, device_id):
+        return fn.peek_image_shape(encoded, dtype=types.INT64)[0:2]
 
-        return pipeline()
-
-    return build
+    return pipeline_builder(graph, threads, decoded=False, gpu=False)
 
 
 def render_builder(views: int, size: int, kind: str, threads: int = 2, twin: tuple[int, str] | None = None):
@@ -156,28 +137,15 @@ def render_builder(views: int, size: int, kind: str, threads: int = 2, twin: tup
     from the parameter inputs "view0" .. "view{views-1}" (float32 [8] each) -> `views` outputs
     [3, size, size] float32 per image; with `twin` = (size, kind), each view is rendered a
     second time at that size too (outputs view0, twin0, view1, twin1, ...)."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, types
 
-    def build(batch_size: int, device_id: int | None, seed: int):
-        @pipeline_def(
-            batch_size=batch_size,
-            num_threads=threads,
-            device_id=device_id,
-            seed=seed,
-            exec_dynamic=True,
-            prefetch_queue_depth=1,
-        )
-        def pipeline():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            images = decode(encoded, device_id)
-            outputs = []
-            for v in range(views):
-                params = fn.external_source(name=f"view{v}", dtype=types.FLOAT, ndim=1)
-                outputs.append(render(images, params, size, kind))
-                if twin is not None:
-                    outputs.append(render(images, params, *twin))
-            return tuple(outputs)
+    def graph(images, device_id):
+        outputs = []
+        for v in range(views):
+            params = fn.external_source(name=f"view{v}", dtype=types.FLOAT, ndim=1)
+            outputs.append(render(images, params, size, kind))
+            if twin is not None:
+                outputs.append(render(images, params, *twin))
+        return tuple(outputs)
 
-        return pipeline()
-
-    return build
+    return pipeline_builder(graph, threads)

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from beit.shared.checkpoint import load_checkpoint, save_checkpoint
-from beit.shared.decode import ImageBatches
-from beit.shared.dist import choose_device
+from beit.shared.decode import ImageBatches, pipeline_builder
+from beit.shared.dist import choose_device, dali_device_id
 from beit.shared.dvae import DVAE, DVAEConfig, check_grid, map_pixels, save_tokenizer, unmap_pixels
 from beit.shared.images import list_images
 from beit.shared.progress import progress_bar
@@ -128,37 +128,22 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def crop_builder(cfg: DVAETrainConfig):
     """A DALI pipeline factory for `ImageBatches`: decode ('mixed' on a GPU), random resized
     crop to input_size, random flip, [0, 1] CHW float."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, types
 
-    def build(batch_size: int, device_id: int | None, seed: int):
-        @pipeline_def(
-            batch_size=batch_size,
-            num_threads=cfg.threads,
-            device_id=device_id,
-            seed=seed,
-            exec_dynamic=True,
-            prefetch_queue_depth=1,
+    def graph(images, device_id):
+        images = fn.random_resized_crop(
+            images, size=[cfg.input_size] * 2, random_area=[cfg.min_crop_area, 1.0], antialias=True
         )
-        def pipeline():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            images = fn.decoders.image(
-                encoded, device="mixed" if device_id is not None else "cpu", output_type=types.RGB
-            )
-            images = fn.random_resized_crop(
-                images, size=[cfg.input_size] * 2, random_area=[cfg.min_crop_area, 1.0], antialias=True
-            )
-            return fn.crop_mirror_normalize(
-                images,
-                dtype=types.FLOAT,
-                output_layout="CHW",
-                mean=[0.0] * 3,
-                std=[255.0] * 3,
-                mirror=fn.random.coin_flip(),
-            )
+        return fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[0.0] * 3,
+            std=[255.0] * 3,
+            mirror=fn.random.coin_flip(),
+        )
 
-        return pipeline()
-
-    return build
+    return pipeline_builder(graph, cfg.threads)
 
 
 class CropStream:
@@ -168,8 +153,7 @@ class CropStream:
 
     def __init__(self, files: list[Path], cfg: DVAETrainConfig, seed: int, device: torch.device, start_batch: int = 0):
         self.files, self.cfg, self.seed, self.device = files, cfg, seed, device
-        device_id = (device.index or 0) if device.type == "cuda" else None
-        self.batches = ImageBatches(crop_builder(cfg), cfg.batch_size, device_id, seed + start_batch)
+        self.batches = ImageBatches(crop_builder(cfg), cfg.batch_size, dali_device_id(device), seed + start_batch)
         self.position = start_batch * cfg.batch_size
 
     def _file_at(self, position: int) -> Path:
@@ -283,8 +267,8 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
     counts = torch.zeros(cfg.vocab_size, dtype=torch.long, device=device)
     while step < cfg.steps:
         pixels = stream.next().contiguous(memory_format=torch.channels_last)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+        for entry in optimizer.param_groups:
+            entry["lr"] = lr_at(step, cfg)
         target = map_pixels(pixels)
         logits = model.encoder(target)
         soft = F.gumbel_softmax(logits, tau=temperature_at(step, cfg), dim=1)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from beit.shared.decode import ImageBatches
-from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, init_dist
+from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, dali_device_id, init_dist
 from beit.shared.dvae import check_grid, encoder_sha256, load_tokenizer
 from beit.shared.images import read_source
 from beit.shared.progress import progress_bar
@@ -70,7 +70,7 @@ def tokenize(
     """Run stage 1; returns the summary (also written as JSON next to a local store)."""
     dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
     device = dist.device(cfg.device)
-    device_id = device.index if device.type == "cuda" else None
+    device_id = dali_device_id(device)
     dtype = {
         "auto": torch.float16 if device.type == "cuda" else None,
         "fp32": None,
@@ -121,26 +121,22 @@ def tokenize(
         store = TokenStore.prepare(
             store_path, identity, src.keys, src.labels, src.class_names, cfg.chunk_images, cfg.embed_images, overwrite
         )
-        store.group.update_attributes(
-            {"source_root": str(src.root.resolve()), "tokenizer_path": str(Path(tokenizer_path).resolve())}
-        )
+        store.record_locations(src.root, tokenizer_path)
     dist.barrier()
     if not dist.main:
         store = TokenStore.open(store_path, mode="r+", require_complete=False)
-        if store.attrs["source"]["fingerprint"] != identity["source"]["fingerprint"]:
+        if store.source_fingerprint != identity["source"]["fingerprint"]:
             raise ValueError(
                 f"rank {dist.rank} on host {socket.gethostname()}: {store_path} was made from other files than "
                 f"{source} lists here: mount the same data on every node."
             )
     # decided once, on rank 0, from one read: ranks that read `status` while others write it could differ
     complete, pending = dist.broadcast(
-        (bool(store.attrs.get("complete")), [c for c in store.chunks() if not store.chunk_done(*c)])
-        if dist.main
-        else None
+        (store.complete, [c for c in store.chunks() if not store.chunk_done(*c)]) if dist.main else None
     )
     if complete:
         dist.close()
-        summary = {"store": str(store_path), "already_complete": True, **store.attrs.get("counts", {})}
+        summary = {"store": str(store_path), "already_complete": True, **store.counts}
         if dist.main:
             print(f"{store_path} is already complete ({summary.get('done', 0)} images tokenized): nothing to do.")
         return summary

@@ -13,16 +13,14 @@ epoch e shows each image's view e instead, drawn as stage 1 draws views (the fir
 cached ones; later ones are new).
 
 Pixels are rendered by `beit.shared.views.render` at the store's patch size (bicubic, ImageNet
-normalisation) from the original files (the store's source_root + key) or, when the files are
-not there, from the store's embedded images; with `twin`, the tokenizer-size view is rendered
+normalisation) from what `TokenStore.items` gives (the store's embedded copies when it holds
+them, else the original files: source_root + key); with `twin`, the tokenizer-size view is rendered
 too (for online targets and for checking the store). Tokens are read once into memory.
 A background thread prepares the next batches while the model trains.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +31,8 @@ from beit.shared.counter import counter_key, counter_uniforms
 from beit.shared.decode import ImageBatches
 from beit.shared.masking import block_masks, random_masks
 from beit.shared.store import DONE, StoreError, TokenStore
-from beit.shared.views import ViewConfig, draw_views, render_builder, shape_builder
+from beit.shared.views import draw_views, render_builder, shape_builder
+from beit.train.scaffold import prefetch
 
 
 @dataclass
@@ -115,7 +114,6 @@ class PretrainData:
         fresh: bool = False,
     ):
         self.store = TokenStore.open(location)
-        attrs = self.store.attrs
         self.tokens = self.store.tokens()  # [N, V, gh, gw], in memory: random zarr reads are slow
         self.grid = self.store.grid
         # views > 0: only the first `views` of each image's V (the V ablation on one store; the
@@ -125,7 +123,7 @@ class PretrainData:
                 f"views = {views} is more than the {self.store.views_per_image} views per image {location} "
                 "holds: lower it, or tokenize with more --views."
             )
-        self.params = self.store.group["views"][:]
+        self.params = self.store.view_params()
         done = np.flatnonzero(self.store.status() == DONE)
         views = views or self.store.views_per_image
         self.plan = SamplePlan(done, views, self.grid, batch_size, seed, rank, world, mask, mask_count, min_block)
@@ -135,18 +133,13 @@ class PretrainData:
                 f"{location} has {len(done)} tokenized images, fewer than one global batch "
                 f"({batch_size} x {world} ranks): lower --batch-size."
             )
-        self.image_size = attrs["views"]["config"]["image_size"]
-        self.tokenizer_size = attrs["tokenizer"]["input_size"]
-        root = Path(attrs.get("source_root", "."))
-        keys = self.store.group["keys"][:]
-        self.files = [root / str(k) for k in keys]
-        self.embedded = None
-        if "images" in self.store.group and not all(self.files[i].exists() for i in done[:16]):
-            self.embedded = self.store.group["images"][:]  # the source files are gone: use the store's copies
+        self.image_size = self.store.image_size
+        self.tokenizer_size = self.store.tokenizer_size
+        self.store.check_sources(done[:16])
         self.fresh = fresh
         if fresh:  # a new view every epoch, drawn as stage 1 draws them: needs each image's size
-            self.view_seed = attrs["views"]["seed"]
-            self.view_cfg = ViewConfig(**attrs["views"]["config"])
+            self.view_seed = self.store.view_seed
+            self.view_cfg = self.store.view_config
             self.sizes = self._sizes(done, threads)
         twin_render = (self.tokenizer_size, "tokenizer") if twin else None
         self.renders = ImageBatches(
@@ -155,22 +148,19 @@ class PretrainData:
 
     # ---------------------------------------------------------------- batches
 
-    def _items(self, images) -> list:
-        return [bytes(self.embedded[i]) if self.embedded is not None else self.files[i] for i in images]
-
     def _sizes(self, done: np.ndarray, threads: int) -> np.ndarray:
         """(height, width) of the done images, read from their headers."""
-        sizes = np.zeros((len(self.files), 2), dtype=np.int64)
+        sizes = np.zeros((len(self.store), 2), dtype=np.int64)
         shapes = ImageBatches(shape_builder(threads), 256, None, 0)
         for b0 in range(0, len(done), 256):
             chunk = done[b0 : b0 + 256]
-            peeked, kept = shapes.run(self._items(chunk))
+            peeked, kept = shapes.run(self.store.items(chunk, cache=True))
             sizes[chunk[kept]] = peeked[0]
         return sizes
 
     def batch(self, step: int) -> Batch:
         images, views, mask = self.plan.at(step)
-        items = self._items(images)
+        items = self.store.items(images, cache=True)
         if self.fresh:  # view `epoch` of each image: the first V are the cached ones, then new ones
             epoch = step // self.steps_per_epoch
             params = draw_views(self.view_seed, images, self.sizes[images], 1, self.view_cfg, first=epoch)[:, 0]
@@ -181,7 +171,8 @@ class PretrainData:
         feeds = {"view0": list(params)}
         outputs, kept = self.renders.run(items, feeds)
         if len(kept) != len(images):
-            bad = [str(self.files[images[j]]) for j in range(len(images)) if j not in kept]
+            bad = [str(items[j]) for j in range(len(images)) if j not in kept and isinstance(items[j], Path)]
+            bad = bad or self.store.keys(np.sort([images[j] for j in range(len(images)) if j not in kept]))
             raise StoreError(
                 f"could not read {', '.join(bad[:3])} although the store tokenized it: the source changed "
                 "since tokenization; restore it, or tokenize again with --embed-images."
@@ -197,35 +188,3 @@ class PretrainData:
     def stream(self, start_step: int, depth: int = 2):
         """Batches from global step `start_step` on, prepared `depth` ahead in a thread."""
         return prefetch(self.batch, start_step, depth)
-
-
-def prefetch(make, start_step: int, depth: int = 2):
-    """make(start_step), make(start_step + 1), ... computed `depth` ahead in a thread (DALI and
-    numpy release the GIL); an error in the thread is raised in the consumer."""
-    out: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work():
-        step = start_step
-        try:
-            while not stop.is_set():
-                out.put((True, make(step)))
-                step += 1
-        except BaseException as error:
-            out.put((False, error))
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, item = out.get()
-            if not ok:
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                out.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)

@@ -15,7 +15,9 @@ them from the block's own q/k, q bias, scale and relative position bias while an
 forward pass runs; the model's forward path is untouched.
 
 `beit mask`: samples of the blockwise mask (or the uniform random one) pre-training draws,
-over the image resized to a square: masked patches are greyed out.
+over the image resized to a square: masked patches are greyed out. They are drawn with
+pre-training's own batched sampler and keys, so each is exactly a mask pre-training with that
+seed draws (`mask_picture` says which).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import numpy as np
 import torch
 
 from beit.shared.checkpoint import CheckpointError, load_checkpoint, load_weights
+from beit.shared.counter import counter_key
 from beit.shared.images import read_image
-from beit.shared.masking import Block, block_mask, random_mask
+from beit.shared.masking import Block, block_masks, random_masks
 from beit.shared.model import Attention, BeitClassifier, BeitForMIM, ModelConfig
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
 
@@ -227,26 +230,33 @@ def mask_picture(
     image: Path,
     out: Path,
     grid: int = 14,
-    count: int = 75,
+    count: int = 0,
     seed: int = 0,
     random: bool = False,
     samples: int = 4,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[list[Block]]]:
     """Write the PNG: the image resized to a square of whole patches, then `samples` masks over
-    it (drawn one after another from `numpy.random.default_rng(seed)`). Returns the masks
-    [grid, grid], the panels drawn (uint8 [S, S, 3]) and each mask's blocks (empty for random)."""
+    it. Sample i is the mask pre-training (`SamplePlan.at`) draws for store image i in epoch 0
+    under `seed` with a `count`-patch mask (0: BEiT's 75 of 196 patches scaled to the grid, as
+    training's default): key `counter_key(seed, 0, i, 2)`, and for blocks
+    training's default minimum block, BEiT's 16 of 196 patches scaled to the grid. Returns the
+    masks [grid, grid], the panels drawn (uint8 [S, S, 3]) and each mask's blocks (empty for
+    random)."""
     if grid < 1 or samples < 1:
         raise ValueError(f"--grid {grid} and --samples {samples} must both be at least 1.")
+    count = count or max(1, round(75 * grid * grid / 196))  # SamplePlan's default, scaled to the grid
     side = grid * max(1, MASK_SIDE // grid)
     picture = (read_image(Path(image), side).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    rng = np.random.default_rng(seed)
-    masks, panels, blocks = [], [], []
-    for _ in range(samples):
-        drawn: list[Block] = []
-        mask = random_mask(rng, (grid, grid), count) if random else block_mask(rng, (grid, grid), count, blocks=drawn)
-        masks.append(mask)
-        panels.append(masked_view(picture, mask))
-        blocks.append(drawn)
+    keys = counter_key(seed, 0, np.arange(samples), 2)  # as SamplePlan.at keys images 0.. of epoch 0
+    blocks: list[list[Block]] = []
+    if random:
+        drawn = random_masks(keys, (grid, grid), count)
+        blocks = [[] for _ in range(samples)]
+    else:
+        min_block = max(1, round(16 * grid * grid / 196))  # SamplePlan's default, scaled to the grid
+        drawn = block_masks(keys, (grid, grid), count, min_block=min_block, blocks=blocks)
+    masks = list(drawn)
+    panels = [masked_view(picture, mask) for mask in masks]
 
     plt = _pyplot()
     figure, axes = plt.subplots(1, 1 + samples, figsize=(2.6 * (1 + samples), 3.0), squeeze=False, layout="constrained")

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +31,13 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from beit.shared.checkpoint import load_checkpoint, save_checkpoint
-from beit.shared.config import resume_fields, to_dict, to_toml
-from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, init_dist
+from beit.shared.config import to_dict
+from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.shared.model import BeitForMIM, ModelConfig, mim_loss
-from beit.shared.progress import progress_bar
 from beit.shared.store import StoreError
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
 from beit.train.data import PretrainData
+from beit.train.scaffold import Run, lr_at, set_lr
 
 
 @dataclass
@@ -85,14 +82,6 @@ class PretrainConfig:
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 works alone
 
 
-def lr_at(step: int, base: float, minimum: float, warmup: int, total: int) -> float:
-    """Linear warm-up from 0 to `base` over `warmup` steps, then cosine to `minimum` at `total`."""
-    if step < warmup:
-        return base * step / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """The released groups: no weight decay on biases, norms (1-D parameters) and the names
     the model lists (cls token)."""
@@ -124,7 +113,7 @@ def pixel_targets(pixels: torch.Tensor, patch: int) -> torch.Tensor:
 
 def _check_model(cfg: PretrainConfig, data: PretrainData, location: str) -> ModelConfig:
     model_cfg = ModelConfig(**to_dict(cfg.model))
-    store_vocab = data.store.attrs["tokenizer"]["vocab_size"]
+    store_vocab = data.store.vocab_size
     model_cfg.image_size = model_cfg.image_size or data.image_size
     model_cfg.vocab_size = model_cfg.vocab_size or store_vocab
     model_cfg = model_cfg.resolved()
@@ -143,11 +132,23 @@ def _check_model(cfg: PretrainConfig, data: PretrainData, location: str) -> Mode
     return model_cfg
 
 
+def build_online_tokenizer(data: PretrainData, location: str, device: torch.device):
+    """The store's own tokenizer, for `targets = "online"`: from its recorded path, checked."""
+    from beit.shared.dvae import encoder_sha256, load_tokenizer
+
+    path = data.store.tokenizer_path
+    if path is None or not path.exists():
+        raise StoreError(f"--targets online needs {location}'s tokenizer, and its recorded path {path} is gone.")
+    tokenizer = load_tokenizer(path, device)
+    if encoder_sha256(tokenizer) != data.store.tokenizer_sha256:
+        raise StoreError(f"{path} is no longer the tokenizer {location} was made with.")
+    return tokenizer
+
+
 def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, progress: bool = True) -> dict:
-    dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
-    device = dist.device(cfg.device)
-    device_id = device.index if device.type == "cuda" else None
-    out = Path(out)
+    run = Run(out, cfg, "pretrain", progress)
+    dist, device = run.dist, run.device
+    online = cfg.targets == "online"
     data = PretrainData(
         store,
         cfg.batch_size,
@@ -156,23 +157,14 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
         dist.world,
         cfg.mask,
         cfg.mask_count,
-        twin=cfg.targets == "online",
-        fresh=cfg.targets == "online",
+        twin=online,
+        fresh=online,
         threads=cfg.threads,
-        device_id=device_id,
+        device_id=run.device_id,
         views=cfg.views,
     )
     model_cfg = _check_model(cfg, data, store)
-    tokenizer = None
-    if cfg.targets == "online":
-        from beit.shared.dvae import encoder_sha256, load_tokenizer
-
-        path = data.store.attrs.get("tokenizer_path")
-        if not path or not Path(path).exists():
-            raise StoreError(f"--targets online needs {store}'s tokenizer, and its recorded path {path} is gone.")
-        tokenizer = load_tokenizer(path, device)
-        if encoder_sha256(tokenizer) != data.store.attrs["tokenizer"]["sha256"]:
-            raise StoreError(f"{path} is no longer the tokenizer {store} was made with.")
+    tokenizer = build_online_tokenizer(data, store, device) if online else None
 
     torch.manual_seed(cfg.seed)
     model = BeitForMIM(model_cfg).to(device)
@@ -190,53 +182,21 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda"
     )
-    identity = {
-        "config": resume_fields(PretrainConfig, to_dict(cfg)),
-        "store_fingerprint": data.store.attrs["source"]["fingerprint"],
-        "tokenizer": data.store.attrs["tokenizer"]["sha256"],
-        "world_size": dist.world,
-    }
+    identity = run.identity(store_fingerprint=data.store.source_fingerprint, tokenizer=data.store.tokenizer_sha256)
     dist.check_same(f"the store {store} with fingerprint, tokenizer and images", (*identity.values(), len(data.store)))
-
-    step = 0
-    checkpoint = out / "checkpoint.pt"
-    if dist.resume_from(checkpoint, resume):
-        state, meta = load_checkpoint(checkpoint)
-        theirs = {k: meta.get(k) for k in identity}
-        theirs["config"] = resume_fields(PretrainConfig, theirs["config"])
-        if json.loads(json.dumps(theirs)) != json.loads(json.dumps(identity)):
-            changed = [k for k in identity if json.dumps(theirs[k]) != json.dumps(identity[k])]
-            raise StoreError(
-                f"{checkpoint} is from another run ({', '.join(changed)} differ): use another --out, or --no-resume "
-                "to start over here."
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        dist.restore_rng(state["rng"], device)
-        step = meta["step"]
-        dist.check_same(f"{checkpoint} at step", step)
-        if dist.main:
-            print(f"resuming from {checkpoint} at step {step} of {total}", flush=True)
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(to_toml(cfg))
-        truncate_metrics(out / "metrics.jsonl", step)
-    trained = model
-    if dist.world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device_id is not None else None
-        )
+    meta = run.resume(resume, model, optimizer, total)
+    step = meta["step"] if meta else 0
+    run.start(step)
+    trained = run.wrap(model)
     forward = torch.compile(trained) if cfg.compile else trained
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     stream = data.stream(step * cfg.accumulation)
-    bar = progress_bar(total=total, initial=step, disable=not (progress and dist.main), unit="step", desc="pretrain")
+    bar = run.bar(total, step)
     sums = torch.zeros(3, device=device)  # loss, correct, predictions since the last log
     wait, logged_at = 0.0, step
     last_log, images_since = time.perf_counter(), 0
     while step < total:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr, cfg.min_lr, warmup, total)
+        set_lr(optimizer, lr_at(step, lr, cfg.min_lr, warmup, total))
         for micro in range(cfg.accumulation):
             t0 = time.perf_counter()
             batch = next(stream)
@@ -244,16 +204,14 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
             pixels = batch.pixels.to(device, non_blocking=True)
             mask = batch.mask.to(device, non_blocking=True)
             index = batch.mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # no device sync
-            if cfg.targets == "online":
-                targets = tokenizer.tokenize(
-                    batch.twin.to(device, non_blocking=True), dtype=torch.float16 if device.type == "cuda" else None
-                )
-                targets = targets.flatten(1)
+            if online:
+                twin = batch.twin.to(device, non_blocking=True)
+                targets = tokenizer.tokenize(twin, dtype=torch.float16 if device.type == "cuda" else None).flatten(1)
             else:
                 targets = batch.tokens.to(device, non_blocking=True)
             sync = micro == cfg.accumulation - 1 or dist.world == 1
             context = trained.no_sync() if not sync else contextlib.nullcontext()  # no all-reduce mid-accumulation
-            with context, autocast:
+            with context, run.autocast():
                 output = forward(pixels, mask, index)
                 if cfg.targets == "pixels":
                     patches = pixel_targets(pixels, model_cfg.patch_size)
@@ -286,53 +244,30 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
             }
             if cfg.targets != "pixels":
                 row["mim_accuracy"] = values[1] / max(values[2], 1)
-            if dist.main:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.set_postfix(
-                    loss=f"{row['loss']:.3f}",
-                    acc=f"{row.get('mim_accuracy', 0):.3f}",
-                    img_s=f"{row['images_per_s']:.0f}",
-                    wait=f"{row['data_wait']:.2f}",
-                )
+            run.log(row)
+            bar.set_postfix(
+                loss=f"{row['loss']:.3f}",
+                acc=f"{row.get('mim_accuracy', 0):.3f}",
+                img_s=f"{row['images_per_s']:.0f}",
+                wait=f"{row['data_wait']:.2f}",
+            )
             sums.zero_()
             wait, images_since, last_log, logged_at = 0.0, 0, time.perf_counter(), step
         if step % cfg.checkpoint_every == 0 or step == total:
             rng = dist.rng_states(device)  # every rank's: each draws its own drop path
-            if dist.main:
-                save_checkpoint(
-                    checkpoint,
-                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng},
-                    {
-                        "kind": "pretrain",
-                        "step": step,
-                        "epoch": step / steps_per_epoch,
-                        "data_position": {"micro_batch": step * cfg.accumulation},
-                        "effective_lr": lr,
-                        "effective_batch": effective_batch,
-                        "seed": cfg.seed,
-                        "model": to_dict(model_cfg),
-                        "store": store,
-                        **identity,
-                    },
-                )
+            meta = {
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                "data_position": {"micro_batch": step * cfg.accumulation},
+                "effective_lr": lr,
+                "effective_batch": effective_batch,
+                "seed": cfg.seed,
+                "model": to_dict(model_cfg),
+                "store": store,
+            }
+            run.save(run.checkpoint, model, optimizer, rng, meta)
             dist.barrier()
     bar.close()
     stream.close()
-    dist.close()
-    return {"steps": step, "effective_lr": lr, "effective_batch": effective_batch, "checkpoint": str(checkpoint)}
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint (they are logged again) and a row the
-    crash cut in half."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    path.write_text("".join(line + "\n" for line in kept))
+    run.close()
+    return {"steps": step, "effective_lr": lr, "effective_batch": effective_batch, "checkpoint": str(run.checkpoint)}

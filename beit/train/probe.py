@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from beit.shared.checkpoint import load_pretrained
-from beit.shared.dist import choose_device
+from beit.shared.dist import choose_device, dali_device_id
 from beit.shared.model import BeitClassifier, ModelConfig
-from beit.train.finetune import ClassificationData, FinetuneConfig, read_splits
+from beit.train.classification import ClassificationData, read_splits
 
 
 @dataclass
 class ProbeConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="base"))
+    device: str = "auto"
 
 
 @torch.no_grad()
@@ -67,8 +68,8 @@ def train_linear(
     torch.nn.init.zeros_(head.bias)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     for epoch in range(epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        for entry in optimizer.param_groups:
+            entry["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         loss = F.cross_entropy(head(train_x), train_y)
         optimizer.zero_grad()
         loss.backward()
@@ -85,24 +86,24 @@ def probe(
     batch_size: int = 64,
     epochs: int = 300,
     threads: int = 2,
+    device: str = "auto",
 ) -> dict:
     """{layer (1-based block): val top-1}; `layers` None = every block."""
     train_source, val_source = read_splits(data_dir)
     classes = len(train_source.class_names)
     model = BeitClassifier(ModelConfig(**{**model_cfg.__dict__, "num_classes": classes}))
     notes = [] if init == "none" else load_pretrained(model, Path(init))
-    device = choose_device()
-    model.to(device)
+    torch_device = choose_device(device)
+    model.to(torch_device)
     depth = model.cfg.depth
     chosen = layers or list(range(1, depth + 1))
     bad = [k for k in chosen if not 1 <= k <= depth]
     if bad:
         raise ValueError(f"--layer {bad[0]} is outside the model's blocks 1..{depth}.")
-    cfg = FinetuneConfig(batch_size=batch_size, threads=threads)
-    device_id = 0 if device.type == "cuda" else None
-    train = ClassificationData(train_source, model.cfg.image_size, batch_size, False, cfg, device_id=device_id)
-    val = ClassificationData(val_source, model.cfg.image_size, batch_size, False, cfg, device_id=device_id)
-    train_x, train_y = layer_features(model, train, device)
-    val_x, val_y = layer_features(model, val, device)
+    size, device_id = model.cfg.image_size, dali_device_id(torch_device)
+    train = ClassificationData(train_source, size, batch_size, False, threads=threads, device_id=device_id)
+    val = ClassificationData(val_source, size, batch_size, False, threads=threads, device_id=device_id)
+    train_x, train_y = layer_features(model, train, torch_device)
+    val_x, val_y = layer_features(model, val, torch_device)
     accuracy = {k: train_linear(train_x[k - 1], train_y, val_x[k - 1], val_y, classes, epochs) for k in chosen}
     return {"accuracy": accuracy, "notes": notes, "train_images": len(train_y), "val_images": len(val_y)}

@@ -1,0 +1,72 @@
+"""`beit evaluate`: top-1, top-5, loss and per-class accuracy of a fine-tuned classifier on a
+labelled split, and the evaluation fine-tuning runs after its epochs.
+
+    beit evaluate runs/ft/best.pt DATA/val --per-class
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from beit.shared.checkpoint import load_checkpoint
+from beit.shared.dist import choose_device, dali_device_id
+from beit.shared.images import read_source
+from beit.shared.model import BeitClassifier, ModelConfig
+from beit.train.classification import ClassificationData, relabel
+
+
+@torch.no_grad()
+def evaluate(model: BeitClassifier, data: ClassificationData, device: torch.device, classes: int) -> dict:
+    """Top-1, top-5, loss and per-class [hits, images] over a whole (unsharded) split."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    per_class = np.zeros((classes, 2), dtype=np.int64)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for step in range(data.steps_per_epoch):
+        pixels, labels = data.batch(step)
+        if not len(labels):
+            continue
+        with autocast:
+            logits = model(pixels.to(device)).float()
+        labels = labels.to(device)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, classes), dim=1).indices
+        hit1 = top[:, 0] == labels
+        correct1 += int(hit1.sum())
+        correct5 += int((top == labels[:, None]).any(1).sum())
+        total += len(labels)
+        np.add.at(per_class, (labels.cpu().numpy(), 0), hit1.cpu().numpy().astype(np.int64))
+        np.add.at(per_class, (labels.cpu().numpy(), 1), 1)
+    model.train()
+    return {
+        "top1": correct1 / max(total, 1),
+        "top5": correct5 / max(total, 1),
+        "loss": loss_sum / max(total, 1),
+        "images": total,
+        "per_class": per_class.tolist(),
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint: Path, data: Path, batch_size: int = 64, device: str = "auto", threads: int = 2
+) -> dict:
+    """`evaluate` of a fine-tuned checkpoint on an ImageFolder tree (or folder) whose classes
+    the checkpoint knows; adds "class_names" to the result."""
+    state, meta = load_checkpoint(checkpoint)
+    if meta.get("kind") != "finetune":
+        raise ValueError(f"{checkpoint} is a {meta.get('kind')} checkpoint: evaluate a fine-tuned one.")
+    model = BeitClassifier(ModelConfig(**meta["model"]))
+    model.load_state_dict(state["model"])
+    source = read_source(data)
+    names = meta["class_names"]
+    relabel(source, names)
+    torch_device = choose_device(device)
+    loader = ClassificationData(
+        source, model.cfg.image_size, batch_size, False, threads=threads, device_id=dali_device_id(torch_device)
+    )
+    return {**evaluate(model.to(torch_device), loader, torch_device, len(names)), "class_names": names}

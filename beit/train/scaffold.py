@@ -1,0 +1,199 @@
+"""The run scaffold every trainer stands on: what pre-training, fine-tuning and any later trainer
+do around their loop, written once.
+
+    run = Run(out, cfg, "finetune")           # torchrun group, this rank's device, the run folder
+    run.identity(classes=names)                # what must match to resume (+ the config, world size)
+    meta = run.resume(resume, model, optimizer, total)   # checked, loaded, RNG restored; None: fresh
+    run.start(step)                            # config.toml, metrics.jsonl (rows past `step` dropped)
+    trained = run.wrap(model)                  # DDP under torchrun
+    set_lr(optimizer, lr_at(step, ...)); run.log(row); run.save(path, model, optimizer, rng, meta)
+
+A run folder holds config.toml (the resolved config), metrics.jsonl (one JSON object per row)
+and checkpoints (`beit.shared.checkpoint`: tensors + a JSON of step, config, identity). Running
+the same command again resumes from `checkpoint.pt` when its identity (the config less the keys
+the config class frees on resume, what the trainer adds, the world size) equals this run's;
+otherwise it is refused, naming what differs. Also here: the lr schedule (`lr_at`, `set_lr`)
+and `prefetch`, which prepares batches in a thread while the model trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from beit.shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from beit.shared.config import resume_fields, to_dict, to_toml
+from beit.shared.dist import dali_device_id, init_dist
+from beit.shared.progress import progress_bar
+
+
+def lr_at(step: int, base: float, minimum: float, warmup: int, total: int) -> float:
+    """Linear warm-up from 0 to `base` over `warmup` steps, then cosine to `minimum` at `total`."""
+    if step < warmup:
+        return base * step / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr to `lr` times the group's `lr_scale` (layer-wise decay; 1 without)."""
+    for entry in optimizer.param_groups:
+        entry["lr"] = lr * entry.get("lr_scale", 1.0)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint (they are logged again) and a row the
+    crash cut in half."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def prefetch(make, start_step: int, depth: int = 2):
+    """make(start_step), make(start_step + 1), ... computed `depth` ahead in a thread (DALI and
+    numpy release the GIL); an error in the thread is raised in the consumer."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        step = start_step
+        try:
+            while not stop.is_set():
+                out.put((True, make(step)))
+                step += 1
+        except BaseException as error:
+            out.put((False, error))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = out.get()
+            if not ok:
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                out.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+def changed_keys(theirs: Any, ours: Any, prefix: str = "") -> list[str]:
+    """The dotted keys where two JSON-like values differ (tuples and lists alike)."""
+    theirs, ours = json.loads(json.dumps(theirs)), json.loads(json.dumps(ours))
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        out = []
+        for key in sorted(set(theirs) | set(ours)):
+            out += changed_keys(theirs.get(key), ours.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if theirs == ours else [prefix or "value"]
+
+
+class Run:
+    """One training run of `kind` ("pretrain", "finetune", ...) in the folder `out`, under
+    torchrun or alone; `cfg` is the trainer's config dataclass (its `device`,
+    `dist_timeout_minutes` and FREE_ON_RESUME are used)."""
+
+    def __init__(self, out: Path, cfg: Any, kind: str, progress: bool = True):
+        self.cfg, self.kind, self.progress = cfg, kind, progress
+        self.dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
+        self.device = self.dist.device(cfg.device)
+        self.device_id = dali_device_id(self.device)  # for DALI pipelines: decode on this GPU
+        self.out = Path(out)
+        self.checkpoint = self.out / "checkpoint.pt"
+        self.fields: dict[str, Any] = {}
+
+    @property
+    def main(self) -> bool:
+        return self.dist.main
+
+    def autocast(self):
+        """bf16 autocast on a GPU; nothing on the CPU."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def identity(self, **fields: Any) -> dict[str, Any]:
+        """What a checkpoint must share with this run to be resumed: the config (less the keys
+        the config class frees on resume), `fields`, and the world size. Saved with every checkpoint."""
+        self.fields = {
+            "config": resume_fields(type(self.cfg), to_dict(self.cfg)),
+            **fields,
+            "world_size": self.dist.world,
+        }
+        return self.fields
+
+    def resume(self, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer, total: int) -> dict | None:
+        """The checkpoint's meta after loading it into `model` and `optimizer` and restoring every
+        rank's random state, when the run resumes (rank 0 decides); None when it starts afresh."""
+        if not self.dist.resume_from(self.checkpoint, resume):
+            return None
+        state, meta = load_checkpoint(self.checkpoint)
+        theirs = {key: meta.get(key) for key in self.fields}
+        theirs["config"] = resume_fields(type(self.cfg), theirs["config"])
+        changed = changed_keys(theirs, self.fields)
+        if changed:
+            raise CheckpointError(
+                f"{self.checkpoint} is from another run ({', '.join(changed[:5])} differ): use another --out, or "
+                "--no-resume to start over here."
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        self.dist.restore_rng(state["rng"], self.device)
+        self.dist.check_same(f"{self.checkpoint} at step", meta["step"])
+        if self.main:
+            print(f"resuming from {self.checkpoint} at step {meta['step']} of {total}", flush=True)
+        return meta
+
+    def start(self, step: int) -> None:
+        """Write the run folder's config.toml, and start metrics.jsonl (at step 0) or drop its rows
+        past `step` (on resume)."""
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(to_toml(self.cfg))
+            if step == 0:
+                (self.out / "metrics.jsonl").write_text("")
+            else:
+                truncate_metrics(self.out / "metrics.jsonl", step)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` under DistributedDataParallel when there are several ranks, else itself."""
+        if self.dist.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def bar(self, total: int, initial: int):
+        return progress_bar(
+            total=total, initial=initial, disable=not (self.progress and self.main), unit="step", desc=self.kind
+        )
+
+    def log(self, row: dict) -> None:
+        """Append one row to metrics.jsonl (rank 0)."""
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save(self, path: Path, model: torch.nn.Module, optimizer, rng: list[dict], meta: dict) -> None:
+        """Write a checkpoint (rank 0): model and optimizer state, every rank's `rng`, and `meta`
+        with the run's kind and identity."""
+        if self.main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
+            save_checkpoint(path, state, {"kind": self.kind, **meta, **self.fields})
+
+    def close(self) -> None:
+        self.dist.close()
