@@ -34,14 +34,25 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _overrides(set_: list[str] | None, **explicit) -> list[str]:
-    """`--set k=v` overrides, then the explicit options given (`model__preset` names `model.preset`)."""
-    given = [f"{key.replace('__', '.')}={value}" for key, value in explicit.items() if value is not None]
-    return [*(set_ or []), *given]
+def _config(ctx: typer.Context, cls: type):
+    """The command's config of class `cls`: the --config TOML file, then the --set overrides, then
+    the explicit options given, each named as its config key (--model is model.preset)."""
+    from dataclasses import fields
+
+    from beit.shared.config import load_config
+
+    keys = {field.name for field in fields(cls)}
+    explicit = []
+    for name, value in ctx.params.items():
+        key = "model.preset" if name == "model" else name
+        if key.split(".")[0] in keys and value is not None and value is not False:
+            explicit.append(f"{key}={'true' if value is True else value}")
+    return load_config(cls, ctx.params.get("config"), [*(ctx.params.get("set_") or []), *explicit])
 
 
 @app.command("tokenize")
 def tokenize_command(
+    ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="ImageFolder tree, image folder, or .txt list: path, label per line")],
     store: Annotated[str, typer.Argument(help="token store to write: a folder, or an fsspec URL zarr can open")],
     tokenizer: Annotated[Path, typer.Option(help="tokenizer .safetensors (beit tokenizer convert/train)")],
@@ -57,19 +68,10 @@ def tokenize_command(
     ] = None,
 ) -> None:
     """Stage 1: decode images, draw V views each, and cache their dVAE tokens in a Zarr store."""
-    from beit.shared.config import load_config
     from beit.tokenize.run import TokenizeConfig, tokenize
 
-    overrides = _overrides(
-        set_,
-        views=views,
-        seed=seed,
-        batch_size=batch_size,
-        embed_images="true" if embed_images else None,
-        strict="true" if strict else None,
-    )
     try:
-        cfg = load_config(TokenizeConfig, config, overrides)
+        cfg = _config(ctx, TokenizeConfig)
         summary = tokenize(source, store, tokenizer, cfg, overwrite=overwrite)
     except ValueError as error:  # ConfigError, StoreError and the stage's own are all ValueErrors
         _fail(error)
@@ -89,6 +91,7 @@ def tokenize_command(
 
 @app.command("pretrain")
 def pretrain_command(
+    ctx: typer.Context,
     store: Annotated[str, typer.Argument(help="token store made by `beit tokenize`")],
     out: Annotated[Path, typer.Option("--out", help="run folder: config, metrics.jsonl, checkpoint.pt")],
     model: Annotated[str | None, typer.Option(help="tiny | small | base | large")] = None,
@@ -108,23 +111,10 @@ def pretrain_command(
     no_resume: NoResume = False,
 ) -> None:
     """Stage 2: pre-train a BEiT ViT from a token store's views and cached tokens."""
-    from beit.shared.config import load_config
     from beit.train.pretrain import PretrainConfig, pretrain
 
-    overrides = _overrides(
-        set_,
-        model__preset=model,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        blr=blr,
-        warmup_epochs=warmup_epochs,
-        seed=seed,
-        targets=targets,
-        mask=mask,
-    )
     try:
-        cfg = load_config(PretrainConfig, config, overrides)
+        cfg = _config(ctx, PretrainConfig)
         result = pretrain(store, out, cfg, resume=not no_resume)
     except ValueError as error:  # ConfigError, StoreError, CheckpointError are ValueErrors
         _fail(error)
@@ -136,6 +126,7 @@ def pretrain_command(
 
 @app.command("finetune")
 def finetune_command(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="folder with train/ and val/ ImageFolder trees, or a token store")],
     init: Annotated[str, typer.Option(help="pre-trained checkpoint (beit, unilm .pth, timm) or 'none'")],
     out: Annotated[Path, typer.Option("--out", help="run folder")],
@@ -150,21 +141,10 @@ def finetune_command(
     no_resume: NoResume = False,
 ) -> None:
     """Fine-tune a pre-trained BEiT for classification (layer decay, mixup/cutmix, RandAugment)."""
-    from beit.shared.config import load_config
     from beit.train.finetune import FinetuneConfig, finetune
 
-    overrides = _overrides(
-        set_,
-        init=init,
-        model__preset=model,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        blr=blr,
-        layer_decay=layer_decay,
-    )
     try:
-        cfg = load_config(FinetuneConfig, config, overrides)
+        cfg = _config(ctx, FinetuneConfig)
         result = finetune(data, out, cfg, resume=not no_resume)
     except ValueError as error:  # ConfigError, CheckpointError are ValueErrors
         _fail(error)
@@ -208,6 +188,7 @@ def tokenizer_convert_command(
 
 @tokenizer_app.command("train")
 def tokenizer_train_command(
+    ctx: typer.Context,
     images: Annotated[Path, typer.Argument(help="folder of images (recursive) or a .txt file listing them")],
     out: Annotated[Path, typer.Option("--out", "-o", help="tokenizer file to write (.safetensors)")] = Path(
         "tokenizer.safetensors"
@@ -221,12 +202,10 @@ def tokenizer_train_command(
     no_resume: NoResume = False,
 ) -> None:
     """Train a dVAE tokenizer on your images (Gumbel-softmax, KL to a uniform prior, DALI crops)."""
-    from beit.shared.config import load_config
     from beit.tokenize.dvae_train import DVAETrainConfig, train_dvae
 
-    overrides = _overrides(set_, steps=steps, batch_size=batch_size, input_size=input_size, vocab_size=vocab_size)
     try:
-        cfg = load_config(DVAETrainConfig, config, overrides)
+        cfg = _config(ctx, DVAETrainConfig)
         report = train_dvae(images, out, cfg, resume=not no_resume)
     except ValueError as error:
         _fail(error)
@@ -296,12 +275,13 @@ def store_verify_command(
     store: Annotated[str, typer.Argument(help="token store (folder or URL)")],
     sample: Annotated[int, typer.Option(help="images to check")] = 64,
     tokenizer: Annotated[Path | None, typer.Option(help="the store's tokenizer (default: the recorded path)")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Re-render a sample of views from their recorded parameters, re-tokenize, compare with the store."""
     from beit.tokenize.inspect_store import verify_store
 
     try:
-        report = verify_store(store, tokenizer, sample=sample)
+        report = verify_store(store, tokenizer, sample=sample, device=device)
     except ValueError as error:
         _fail(error)
     typer.echo(
@@ -432,6 +412,7 @@ def export_command(
 
 @app.command("probe")
 def probe_command(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="folder with train/ and val/ ImageFolder trees")],
     init: Annotated[str, typer.Option(help="pre-trained checkpoint (beit, unilm .pth, timm) or 'none'")],
     model: Annotated[str, typer.Option(help="tiny | small | base | large")] = "base",
@@ -444,11 +425,10 @@ def probe_command(
     ] = None,
 ) -> None:
     """Linear probe of a frozen backbone: cls + mean patch token of a block, a linear classifier."""
-    from beit.shared.config import load_config
     from beit.train.probe import ProbeConfig, probe
 
     try:
-        cfg = load_config(ProbeConfig, None, [f"model.preset={model}", *(set_ or [])])
+        cfg = _config(ctx, ProbeConfig)
         model_cfg = cfg.model.resolved()
         layers = None if all_layers else [layer or model_cfg.depth]
         result = probe(data, init, model_cfg, layers, batch_size=batch_size, epochs=epochs, device=cfg.device)

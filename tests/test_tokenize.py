@@ -4,6 +4,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import zarr
 from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when, save_jpeg, tiny_tokenizer
 from PIL import Image
 
-from beit.shared.store import DONE, FAILED, TokenStore
+from beit.shared.store import DONE, FAILED, StoreError, TokenStore
 
 # A 64 px patch view (4x4 patches of 16) and a 32 px tokenizer view (4x4 tokens of 8).
 SMALL = ["--views", "3", "--set", "view.image_size=64", "--set", "chunk_images=2", "--batch-size", "4"]
@@ -338,3 +339,37 @@ def test_the_fingerprint_of_a_source_of_images_alone_is_what_older_stores_record
     for path in sorted(p for p in source.rglob("*") if p.suffix == ".jpg"):
         digest.update(f"{path.relative_to(source).as_posix()}\t{path.stat().st_size}\n".encode())
     assert TokenStore.open(reference[0]).attrs["source"]["fingerprint"] == digest.hexdigest()
+
+
+def test_the_store_answers_for_its_layout_and_gives_each_image_by_one_rule(data, reference, tmp_path):
+    """TokenStore's typed accessors agree with its arrays and attributes; an image's bytes are the
+    store's embedded copy when it holds one (even after the source changed), else the source file."""
+    store = TokenStore.open(reference[0])
+    a, attrs = arrays(reference[0]), store.attrs
+    assert (store.vocab_size, store.tokenizer_size, store.image_size, store.view_seed) == (128, 32, 64, 0)
+    assert store.view_config.image_size == 64 and store.view_config.scale == (0.08, 1.0)
+    assert store.tokenizer_sha256 == attrs["tokenizer"]["sha256"] and store.complete
+    assert store.source_fingerprint == attrs["source"]["fingerprint"] and store.class_names == ["colour", "grey"]
+    assert store.keys() == list(a["keys"]) and np.array_equal(store.labels(), a["labels"])
+    assert np.array_equal(store.view_params(), a["views"]) and np.array_equal(store.tokens(), a["tokens"])
+    assert np.array_equal(store.tokens(np.array([3, 7])), a["tokens"][[3, 7]])
+    assert store.items([5]) == [data[0] / a["keys"][5]] and not store.has_embedded_images
+
+    source = tmp_path / "source"
+    shutil.copytree(data[0], source)
+    for name, extra in (("embedded", ["--embed-images"]), ("plain", [])):
+        result = beit("tokenize", source, tmp_path / name, "--tokenizer", data[1], *SMALL, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+    original = (source / a["keys"][2]).read_bytes()
+    (source / a["keys"][2]).write_bytes((source / a["keys"][9]).read_bytes())  # the source changes
+    (source / a["keys"][4]).unlink()
+    embedded = TokenStore.open(tmp_path / "embedded")
+    assert embedded.items([2, 4]) == [original, embedded.items([4], cache=True)[0]]
+    assert embedded.items([4, 2], cache=True)[1] == original
+    embedded.check_sources(np.arange(12))  # a store with its own copies needs no source
+    plain = TokenStore.open(tmp_path / "plain")
+    assert plain.items([2]) == [source / a["keys"][2]]
+    with pytest.raises(
+        StoreError, match=rf"source file {re.escape(str(source / a['keys'][4]))} is gone .*--embed-images\.$"
+    ):
+        plain.check_sources(np.arange(12))

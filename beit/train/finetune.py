@@ -36,21 +36,14 @@ from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.shared.model import BeitClassifier, ModelConfig
 from beit.train.classification import ClassificationData, read_splits
 from beit.train.evaluate import evaluate
-from beit.train.scaffold import Run, lr_at, set_lr
+from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr
 
 
 @dataclass
 class FinetuneConfig:
-    # keys that must be at least 1 (load_config checks them)
     # keys a resumed run may change (they do not change what it computes)
-    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (
-        "log_every",
-        "checkpoint_every",
-        "eval_every",
-        "threads",
-        "device",
-        "dist_timeout_minutes",
-    )
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_SETTINGS, "eval_every")
+    # keys that must be at least 1 (load_config checks them)
     MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(
         ("epochs", "batch_size", "log_every", "checkpoint_every", "eval_every", "threads"), 1
     )

@@ -37,21 +37,14 @@ from beit.shared.model import BeitForMIM, ModelConfig, mim_loss
 from beit.shared.store import StoreError
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
 from beit.train.data import PretrainData
-from beit.train.scaffold import Run, lr_at, set_lr
+from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr
 
 
 @dataclass
 class PretrainConfig:
-    # keys that must be at least 1 (load_config checks them)
     # keys a resumed run may change (they do not change what it computes)
-    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (
-        "log_every",
-        "checkpoint_every",
-        "compile",
-        "threads",
-        "device",
-        "dist_timeout_minutes",
-    )
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_SETTINGS, "compile")
+    # keys that must be at least 1 (load_config checks them)
     MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(
         ("epochs", "batch_size", "accumulation", "log_every", "checkpoint_every", "threads"), 1
     )

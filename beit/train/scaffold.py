@@ -32,6 +32,9 @@ from beit.shared.config import resume_fields, to_dict, to_toml
 from beit.shared.dist import dali_device_id, init_dist
 from beit.shared.progress import progress_bar
 
+# Config keys of how a run runs, not what it computes: every trainer's resumed run may change them.
+RUN_SETTINGS = ("log_every", "checkpoint_every", "threads", "device", "dist_timeout_minutes")
+
 
 def lr_at(step: int, base: float, minimum: float, warmup: int, total: int) -> float:
     """Linear warm-up from 0 to `base` over `warmup` steps, then cosine to `minimum` at `total`."""
