@@ -127,7 +127,7 @@ def main() -> None:
     print(f"beit tokenize: {ours:8.1f} views/s end to end ({ours_seconds:.1f} s, incl. set-up; inside: {split})")
 
     # the released approach on the same views
-    params = TokenStore.open(str(store)).group["views"][:]
+    params = TokenStore.open(str(store)).view_params()
     encoder = model.to(device).eval()
     dtype = torch.float16 if cuda else None
     jobs = [(str(f), params[i], 112) for i, f in enumerate(files)]

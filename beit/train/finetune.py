@@ -1,16 +1,15 @@
-"""Fine-tune a pre-trained BEiT for classification (the released recipe), and evaluate it.
+"""Fine-tune a pre-trained BEiT for classification (the released recipe).
 
     beit finetune DATA --init runs/pt/checkpoint.pt --out runs/ft --model base --epochs 100
     beit finetune DATA --init beit_base_patch16_224_pt22k.pth --out runs/ft      # official unilm weights
     beit finetune DATA --init none --out runs/scratch                              # the baseline
     beit evaluate runs/ft/best.pt DATA/val --per-class
 
-DATA is a folder with ImageFolder trees train/ and val/ (the same class sub-folders), or a
-token store made from labelled images (its images and labels, `held_out` of each class as
-val), so a tokenized data set is fine-tuned without re-reading its source listing. Training
-views: RandomResizedCrop to the model's size (bicubic), flip, RandAugment (n 2, m 9; DALI),
-normalised; then in torch: random erasing, mixup / cutmix with label smoothing (soft-target
-cross-entropy). Evaluation: resize the shorter side to size / 0.875, centre crop. AdamW with
+DATA is a folder with ImageFolder trees train/ and val/, or a labelled token store (`held_out`
+of each class as val); its views come from `beit.train.classification` (RandomResizedCrop, flip,
+RandAugment in DALI; evaluation: resize to size / 0.875, centre crop), then, in torch: random
+erasing, mixup / cutmix with label smoothing (soft-target cross-entropy). After each
+`eval_every` epochs, `beit.train.evaluate.evaluate` on val. AdamW with
 layer-wise lr decay (the released layer ids: patch embed and cls 0, block i -> i + 1, the rest
 depth + 1; scale = decay ^ (depth + 1 - id)), warm-up + cosine, drop path, bf16 on a GPU.
 RUN_DIR: config.toml, metrics.jsonl (train rows and eval rows), checkpoint.pt (the latest: every
@@ -149,6 +148,20 @@ def random_erasing(pixels: torch.Tensor, probability: float, generator: np.rando
     return pixels
 
 
+def build_model(cfg: FinetuneConfig, classes: int, data_dir: Path) -> tuple[BeitClassifier, list[str]]:
+    """The classifier for `classes` classes, initialised from `cfg.init` (with seed `cfg.seed`);
+    also returns what loading the pre-trained weights noted."""
+    model_cfg = ModelConfig(**{**to_dict(cfg.model), "num_classes": cfg.model.num_classes or classes}).resolved()
+    if model_cfg.num_classes != classes:
+        raise ValueError(
+            f"model.num_classes {model_cfg.num_classes} does not match the {classes} classes of {data_dir}/train."
+        )
+    torch.manual_seed(cfg.seed)
+    model = BeitClassifier(model_cfg)
+    notes = [] if cfg.init == "none" else load_pretrained(model, Path(cfg.init))
+    return model, notes
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -159,14 +172,8 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
     for source, split in ((train_source, "train"), (val_source, "val")):  # else ranks would mix up images and labels
         dist.check_same_listing(f"the {split} images of {data_dir}", source.fingerprint(), source.entries)
     classes = len(train_source.class_names)
-    model_cfg = ModelConfig(**{**to_dict(cfg.model), "num_classes": cfg.model.num_classes or classes}).resolved()
-    if model_cfg.num_classes != classes:
-        raise ValueError(
-            f"model.num_classes {model_cfg.num_classes} does not match the {classes} classes of {data_dir}/train."
-        )
-    torch.manual_seed(cfg.seed)
-    model = BeitClassifier(model_cfg)
-    notes = [] if cfg.init == "none" else load_pretrained(model, Path(cfg.init))
+    model, notes = build_model(cfg, classes, data_dir)
+    model_cfg = model.cfg
     model.to(device)
     views = {"seed": cfg.seed, "randaugment": cfg.randaugment, "threads": cfg.threads, "device_id": run.device_id}
     size = model_cfg.image_size

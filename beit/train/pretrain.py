@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 -m beit pretrain STORE --out runs/pt --model base
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m beit pretrain STORE --out runs/pt
 
-Each step: the pixels of one recorded view per image (rendered by DALI from the source), its
+Each step: the pixels of one recorded view per image (rendered by DALI from the image the store
+gives: its embedded copy, else the source file; `beit.train.data`), its
 cached token grid as the target, a blockwise mask; the ViT predicts the tokens of the masked
 patches (cross-entropy); AdamW with the released parameter groups, warm-up + cosine, gradient
 clipping, bf16 autocast on a GPU. No step runs the tokenizer, except with `targets = "online"`
@@ -104,7 +105,8 @@ def pixel_targets(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
 
 
-def _check_model(cfg: PretrainConfig, data: PretrainData, location: str) -> ModelConfig:
+def build_model_config(cfg: PretrainConfig, data: PretrainData, location: str) -> ModelConfig:
+    """The model's config, its image size and vocabulary taken from the store, checked against it."""
     model_cfg = ModelConfig(**to_dict(cfg.model))
     store_vocab = data.store.vocab_size
     model_cfg.image_size = model_cfg.image_size or data.image_size
@@ -156,7 +158,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
         device_id=run.device_id,
         views=cfg.views,
     )
-    model_cfg = _check_model(cfg, data, store)
+    model_cfg = build_model_config(cfg, data, store)
     tokenizer = build_online_tokenizer(data, store, device) if online else None
 
     torch.manual_seed(cfg.seed)
