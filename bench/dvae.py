@@ -1,5 +1,6 @@
-"""dVAE encoder throughput (views/s at 112 px) in fp32, bf16 and fp16, and how often the
-low-precision argmax agrees with fp32's.
+"""dVAE encoder throughput (views/s at 112 px) under each precision policy (`dvae.Precision`:
+the body in fp32, bf16 or fp16, TF32 on or off), and how often its argmax agrees with strict
+fp32's; the row "beit tokenize default" is the policy the command runs (TokenizeConfig).
 
     python bench/dvae.py                                  # released architecture, CPU or GPU
     python bench/dvae.py --tokenizer tok.safetensors      # a real tokenizer's weights
@@ -17,12 +18,14 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from beit.shared.dvae import DVAE, DVAEConfig, load_tokenizer, map_pixels
+from beit.shared.dvae import DVAE, DVAEConfig, Precision, load_tokenizer, map_pixels
+from beit.tokenize.run import TokenizeConfig
 
 
 def encoder_flops(model: DVAE, size: int) -> float:
@@ -97,7 +100,6 @@ def main() -> None:
     batch = args.batch or (256 if cuda else 8)
     reps = args.reps or (20 if cuda else 3)
     torch.manual_seed(0)
-    torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32: the reference for agreement
     model = load_tokenizer(args.tokenizer) if args.tokenizer else DVAE(DVAEConfig(), with_decoder=False).eval()
     flops = encoder_flops(model, args.size)
     model = model.to(device)
@@ -105,23 +107,37 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; encoder {flops / 1e9:.1f} GFLOP/view at {args.size} px; batch {batch}")
 
-    results = {}
-    tokens = {}
-    for label, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        run = lambda dtype=dtype, label=label: tokens.__setitem__(label, model.tokenize(pixels, dtype=dtype))  # noqa: E731
+    # the policies: strict fp32 (the reference), what `beit tokenize` runs by default, and the others
+    command = Precision.resolve(TokenizeConfig.precision, TokenizeConfig.tf32, device)
+    policies = {"fp32 (reference)": Precision("fp32", False), "beit tokenize default": command}
+    for body in ("fp32", "bf16", "fp16"):
+        for tf32 in (False, True) if cuda else (False,):
+            policy = Precision(body, tf32)
+            if policy not in policies.values():
+                policies[f"{body}{' + tf32' if tf32 else ''}"] = policy
+    results, tokens = {}, {}
+    for label, policy in policies.items():
+        run = lambda policy=policy, label=label: tokens.__setitem__(label, policy.tokenize(model, pixels))  # noqa: E731
         for _ in range(2 if cuda else 1):
             run()
         seconds = time_batches(run, reps, cuda)
         views = batch / seconds
-        results[label] = {"views_per_s": views, "tflops": views * flops / 1e12}
-        print(f"{label}: {views:9.1f} views/s  ({views * flops / 1e12:.2f} TFLOP/s)")
-    agreement = {k: (tokens["fp32"] == tokens[k]).float().mean().item() for k in ("bf16", "fp16")}
+        agreement = (tokens[label] == tokens["fp32 (reference)"]).float().mean().item()
+        results[label] = {
+            **asdict(policy),
+            "views_per_s": views,
+            "tflops": views * flops / 1e12,
+            "agreement": agreement,
+        }
     with torch.no_grad():
         margin = model.encoder(map_pixels(pixels)).float().topk(2, dim=1).values
-    print(
-        f"argmax agreement with fp32: bf16 {agreement['bf16'] * 100:.2f}%, fp16 {agreement['fp16'] * 100:.2f}% "
-        f"of tokens (median top-2 logit margin {(margin[:, 0] - margin[:, 1]).median().item():.3f})"
-    )
+    print(f"median top-2 logit margin {(margin[:, 0] - margin[:, 1]).median().item():.3f}")
+    print(f"{'policy':<24} {'body':>5} {'tf32':>5} {'views/s':>10} {'TFLOP/s':>8} {'agree w/ fp32':>14}")
+    for label, row in results.items():
+        print(
+            f"{label:<24} {row['body']:>5} {str(row['tf32']):>5} {row['views_per_s']:10.1f} {row['tflops']:8.2f} "
+            f"{row['agreement'] * 100:13.2f}%"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
@@ -132,8 +148,8 @@ def main() -> None:
                     "size": args.size,
                     "tokenizer": str(args.tokenizer or "released architecture, random weights"),
                     "gflops_per_view": flops / 1e9,
+                    "command_policy": asdict(command),
                     "results": results,
-                    "agreement_with_fp32": agreement,
                     "date": time.strftime("%Y-%m-%d"),
                 },
                 indent=2,

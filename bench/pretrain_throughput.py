@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tokenize_throughput import make_jpegs  # noqa: E402
 from train_step import matmul_peak, train_flops_per_image  # noqa: E402
 
+from beit.shared.decode import dali_threads  # noqa: E402
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer  # noqa: E402
 from beit.shared.model import ModelConfig  # noqa: E402
 from beit.tokenize.run import TokenizeConfig, tokenize  # noqa: E402
@@ -57,7 +57,7 @@ def main() -> None:
     batch = args.batch or (256 if cuda else 8)
     steps = args.steps or (30 if cuda else 4)
     images = args.images or (4096 if cuda else 32)
-    threads = os.cpu_count() or 2
+    threads = 0  # the commands' default: this rank's share of the cores (decode.dali_threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="beit-bench-"))
     make_jpegs(work / "images", images)
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def main() -> None:
             TokenizeConfig(views=2, batch_size=min(batch, 64), chunk_images=256, threads=threads),
             progress=False,
         )
-    device = torch.cuda.get_device_name() if cuda else f"CPU, {threads} cores"
+    device = torch.cuda.get_device_name() if cuda else f"CPU, {dali_threads(0)} DALI threads"
     peak = matmul_peak(torch.device("cuda")) if cuda else None
     print(f"device: {device}; batch {batch}; {steps} timed steps after {steps} warm-up steps; released-size dVAE")
 

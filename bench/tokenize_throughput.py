@@ -112,7 +112,7 @@ def main() -> None:
         views=args.views,
         batch_size=args.batch_size or (32 if cuda else 8),
         chunk_images=64,
-        threads=os.cpu_count() or 2,
+        threads=0,  # the command's default: this rank's share of the cores (decode.dali_threads)
     )
     start = time.perf_counter()
     summary = tokenize(work / "images", str(store), tokenizer, cfg, progress=False)

@@ -46,3 +46,10 @@ def test_dvae_low_precision_tokens_agree_with_fp32_on_cuda():
     reference = model.tokenize(pixels)
     assert (model.tokenize(pixels, dtype=torch.float16) == reference).float().mean() >= 0.99
     assert (model.tokenize(pixels, dtype=torch.bfloat16) == reference).float().mean() >= 0.98
+    # what `beit tokenize` runs by default (fp16 body, TF32 logits) against strict fp32
+    from beit.shared.dvae import Precision
+    from beit.tokenize.run import TokenizeConfig
+
+    command = Precision.resolve(TokenizeConfig.precision, TokenizeConfig.tf32, pixels.device)
+    assert command.tf32 and command.body == "fp16"
+    assert (command.tokenize(model, pixels) == reference).float().mean() >= 0.99

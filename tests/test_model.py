@@ -149,3 +149,45 @@ def test_relative_position_bias_distinguishes_cls_rows():
     assert index[0, 0] == rows - 1 and index[0, 1] == rows - 3 and index[1, 0] == rows - 2
     assert index[1:, 1:].max() < rows - 3
     assert torch.all(index[1:, 1:].diagonal() == index[1, 1])  # zero offset -> one row
+
+
+def test_static_masked_positions_give_the_flat_paths_logits_loss_and_gradients():
+    """The trainer's static-shape step (each image's masked patches padded to K, the padding
+    ignored) computes what the flat path over the M masked patches computes."""
+    from beit.shared.masking import masked_positions
+    from beit.train.pretrain import mim_step_loss
+
+    torch.manual_seed(0)
+    model = BeitForMIM(ModelConfig(preset="tiny", image_size=64, vocab_size=96, drop_path=0.0))
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, 16), dtype=bool)
+    for i in range(6):  # the images mask different numbers of patches, 2 to 7 (a block mask may stop short)
+        masks[i, rng.choice(16, size=i + 2, replace=False)] = True
+    positions, valid = (torch.from_numpy(a) for a in masked_positions(masks, 7))
+    mask = torch.from_numpy(masks)
+    pixels, targets = torch.randn(6, 3, 64, 64), torch.randint(0, 96, (6, 16))
+
+    flat = model(pixels, mask)
+    static = model(pixels, mask, positions=positions)
+    assert static.shape == (6, 7, 96) and int(valid.sum()) == flat.shape[0] == int(mask.sum())
+    torch.testing.assert_close(static[valid], flat, rtol=1e-5, atol=1e-5)
+    flat_loss = mim_loss(flat, targets, mask)
+    static_loss, correct, count = mim_step_loss(model, pixels, mask, positions, valid, targets, 16)
+    torch.testing.assert_close(static_loss, flat_loss, rtol=1e-6, atol=1e-6)
+    assert int(count) == int(mask.sum())
+    assert int(correct) == int((flat.argmax(-1) == targets[mask]).sum())
+    flat_grads = torch.autograd.grad(flat_loss, list(model.parameters()))
+    static_grads = torch.autograd.grad(static_loss, list(model.parameters()))
+    for a, b in zip(flat_grads, static_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    # pixel targets: the mean squared error over the masked patches alone
+    model.lm_head = torch.nn.Linear(model.cfg.width, 16 * 16 * 3)
+    from beit.train.pretrain import pixel_targets
+
+    patches = pixel_targets(pixels, 16).flatten(0, 1)[mask.flatten()]
+    flat_mse = torch.nn.functional.mse_loss(model(pixels, mask), patches)
+    static_mse, _, _ = mim_step_loss(model, pixels, mask, positions, valid, None, 16)
+    torch.testing.assert_close(static_mse, flat_mse, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="more than the 3 positions"):
+        masked_positions(masks, 3)

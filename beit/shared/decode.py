@@ -78,12 +78,26 @@ def precheck(path: Path | bytes) -> str | None:
     return "not an image (unknown file signature)"
 
 
-def pipeline_builder(graph: Callable, threads: int = 2, decoded: bool = True, gpu: bool = True, conditionals=False):
+def dali_threads(setting: int = 0) -> int:
+    """DALI's CPU threads for this process: `setting` when positive; 0 (every command's default)
+    gives each of the node's local ranks (torchrun's LOCAL_WORLD_SIZE) its share of the CPU
+    cores this process may run on."""
+    if setting > 0:
+        return setting
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def pipeline_builder(graph: Callable, threads: int = 0, decoded: bool = True, gpu: bool = True, conditionals=False):
     """The one DALI pipeline factory: a `build(batch_size, device_id, seed)` for `ImageBatches`.
     Its pipeline reads each file's bytes from an external source named "encoded", decodes them
     to RGB HWC uint8 with EXIF orientation applied ('mixed' on a GPU, the CPU otherwise; raw
     bytes when not `decoded`), and returns `graph(images, device_id)`: one output or a tuple.
-    `graph` may declare more per-sample inputs as named external sources. `gpu=False` keeps the
+    `graph` may declare more per-sample inputs as named external sources; `threads` as in
+    `dali_threads` (0: this rank's share of the cores). `gpu=False` keeps the
     whole pipeline on the CPU (for header peeks); `conditionals` allows `if` on DALI data."""
     from nvidia.dali import fn, pipeline_def, types
 
@@ -92,7 +106,7 @@ def pipeline_builder(graph: Callable, threads: int = 2, decoded: bool = True, gp
 
         @pipeline_def(
             batch_size=batch_size,
-            num_threads=threads,
+            num_threads=dali_threads(threads),
             device_id=device_id,
             seed=seed,
             exec_dynamic=True,

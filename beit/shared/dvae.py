@@ -165,13 +165,20 @@ class DVAE(nn.Module):
         self.decoder = Decoder(cfg) if with_decoder else None
 
     @torch.no_grad()
-    def tokenize(self, pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def tokenize(self, pixels: torch.Tensor, dtype: torch.dtype | None = None, tf32: bool = False) -> torch.Tensor:
         """[B, 3, H, W] pixels in [0, 1] -> [B, H/8, W/8] token ids (int64). Runs channels-last
         (faster convolutions on CPUs and GPUs alike); `dtype` (torch.float16 or bfloat16) runs
-        the encoder's body under autocast, the logits staying fp32."""
+        the encoder's body under autocast, the logits staying fp32; `tf32` lets cuDNN run the
+        fp32 convolutions (the logits, and an fp32 body) on TF32 tensor cores. `Precision`
+        holds the policy the commands, benchmarks and tests share."""
         x = map_pixels(pixels.float()).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return self.encoder(x).argmax(1)
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            with torch.autocast(device_type=x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                return self.encoder(x).argmax(1)
+        finally:
+            torch.backends.cudnn.allow_tf32 = previous
 
     @torch.no_grad()
     def reconstruct(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -179,6 +186,42 @@ class DVAE(nn.Module):
         if self.decoder is None:
             raise ValueError("this tokenizer has no decoder: convert it with its decoder file to reconstruct.")
         return unmap_pixels(torch.sigmoid(self.decoder.from_tokens(tokens)[:, :3].float()))
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the tokenizer runs, one policy for `beit tokenize`, online targets, `store verify`,
+    bench/dvae.py and the GPU test: the encoder body in `body` ("fp32", "fp16" or "bf16"), the
+    logits always fp32, and whether fp32 convolutions may use TF32 on a GPU (`tf32`). The store
+    records the policy it was made with."""
+
+    body: str = "fp32"
+    tf32: bool = False
+
+    @classmethod
+    def resolve(cls, precision: str, tf32: bool, device: torch.device) -> Precision:
+        """precision "auto" is fp16 on a GPU (as the release ran) and fp32 on the CPU; TF32 only means
+        something on a GPU."""
+        if precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ValueError(f"precision {precision!r} is not one of auto, fp32, fp16, bf16.")
+        cuda = device.type == "cuda"
+        body = ("fp16" if cuda else "fp32") if precision == "auto" else precision
+        return cls(body, tf32 and cuda)
+
+    @classmethod
+    def recorded(cls, record: dict | None, device: torch.device) -> Precision:
+        """The policy a store records (`TokenStore.tokenizer_precision`) when it ran on this kind
+        of device; else this device's default ("auto", TF32 off)."""
+        if record and record.get("device") == device.type:
+            return cls(record["body"], bool(record["tf32"]))
+        return cls.resolve("auto", False, device)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[self.body]
+
+    def tokenize(self, model: DVAE, pixels: torch.Tensor) -> torch.Tensor:
+        return model.tokenize(pixels, dtype=self.dtype, tf32=self.tf32)
 
 
 def check_grid(input_size: int, cfg: DVAEConfig) -> int:

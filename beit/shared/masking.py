@@ -171,3 +171,17 @@ def random_masks(keys: np.ndarray, grid: tuple[int, int] = (14, 14), count: int 
     masks = np.zeros((len(order), gh * gw), dtype=bool)
     np.put_along_axis(masks, order[:, :count], True, axis=1)
     return masks.reshape(len(order), gh, gw)
+
+
+def masked_positions(masks: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each mask's masked patches as a fixed number of positions, for a model step with static
+    shapes (one compiled graph, whatever a batch's masks hold): masks bool [B, N] (or [B, gh, gw])
+    -> (positions int64 [B, count], each row's masked patch indices ascending, padded with 0;
+    valid bool [B, count], False on the padding). A mask of more than `count` patches is an error."""
+    masks = np.asarray(masks, dtype=bool).reshape(len(masks), -1)
+    most = int(masks.sum(1).max(initial=0))
+    if most > count:
+        raise ValueError(f"a mask holds {most} patches, more than the {count} positions it is given.")
+    order = np.argsort(~masks, axis=1, kind="stable")[:, :count]  # masked patches first, in order
+    valid = np.take_along_axis(masks, order, axis=1)
+    return np.where(valid, order, 0).astype(np.int64), valid

@@ -269,21 +269,41 @@ class BeitForMIM(BeitBackbone):
         self.init_weights(conv=True)
         nn.init.trunc_normal_(self.mask_token, std=self.cfg.init_std)
 
-    def forward(self, pixels: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        mask: torch.Tensor,
+        index: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """pixels [B, 3, H, W], mask [B, N] bool -> logits [M, vocab] for the M masked patches,
         in row-major order of (sample, patch). `index` (the M flat positions of `mask`, made
-        where the mask was made) spares the GPU a host synchronisation on mask.nonzero()."""
+        where the mask was made) spares the GPU a host synchronisation on mask.nonzero().
+        With `positions` [B, K] (`masking.masked_positions`: each image's masked patches, padded
+        to K), logits [B, K, vocab] instead: the same shapes every step, for torch.compile."""
         x = self.norm(self.encode(pixels, mask, self.mask_token))[:, 1:]
+        if positions is not None:
+            return self.lm_head(x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
         if index is None:
             index = mask.flatten().nonzero().squeeze(1)
         return self.lm_head(x.flatten(0, 1).index_select(0, index))
 
 
 def mim_loss(
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy over masked positions only. logits [M, vocab] from `BeitForMIM`,
-    targets [B, N] token ids, mask [B, N] bool (or `index`, its M flat positions)."""
+    targets [B, N] token ids, mask [B, N] bool (or `index`, its M flat positions); or logits
+    [B, K, vocab] with the `positions` and `valid` [B, K] they were taken at (the padding is
+    ignored: the same mean as over the M masked patches)."""
+    if positions is not None:
+        picked = targets.gather(1, positions).long().masked_fill(~valid, -100)
+        return F.cross_entropy(logits.flatten(0, 1).float(), picked.flatten(), ignore_index=-100)
     if logits.shape[0] == 0:
         raise ValueError("no masked patches in this batch: a MIM loss needs at least one (check the mask count).")
     if index is None:

@@ -27,6 +27,7 @@ Group attributes (everything needed to know what a store is without the command 
     views       {count V, seed, config (ViewConfig), params, jitter, renderer}
     source      {kind, images, fingerprint (sha256 of sorted relative paths and sizes), classes}
     source_root, tokenizer_path     where the images and the tokenizer were (hints for verify)
+    tokenizer_precision   {body, tf32, device}: how the tokenizer ran (`dvae.Precision`)
     class_names [...]
     chunk_images (images per chunk: the configured chunk_images, or N when N is smaller),
     grid [gh, gw], counts {images, done, failed} (when complete)
@@ -307,10 +308,21 @@ class TokenStore:
     def has_embedded_images(self) -> bool:
         return "images" in self.group
 
-    def record_locations(self, source_root: Path, tokenizer_path: Path) -> None:
-        """Where the images and the tokenizer are (resolved), for stage 2, verify and online targets."""
+    @property
+    def tokenizer_precision(self) -> dict | None:
+        """How the tokenizer ran ({body, tf32, device}: `dvae.Precision` and the device type), or
+        None for a store made before it was recorded."""
+        return self.attrs.get("tokenizer_precision")
+
+    def record_run(self, source_root: Path, tokenizer_path: Path, precision: dict) -> None:
+        """Where the images and the tokenizer are (resolved) and how the tokenizer runs, for
+        stage 2, verify and online targets."""
         self.group.update_attributes(
-            {"source_root": str(Path(source_root).resolve()), "tokenizer_path": str(Path(tokenizer_path).resolve())}
+            {
+                "source_root": str(Path(source_root).resolve()),
+                "tokenizer_path": str(Path(tokenizer_path).resolve()),
+                "tokenizer_precision": precision,
+            }
         )
         self.attrs = dict(self.group.attrs)
 

@@ -122,7 +122,7 @@ def render(images, params, size: int, kind: str):
     return fn.crop_mirror_normalize(coloured, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, mirror=flip)
 
 
-def shape_builder(threads: int = 2):
+def shape_builder(threads: int = 0):
     """Pipeline factory for `ImageBatches`: encoded bytes -> (height, width) after EXIF orientation."""
     from nvidia.dali import fn, types
 
@@ -132,7 +132,7 @@ def shape_builder(threads: int = 2):
     return pipeline_builder(graph, threads, decoded=False, gpu=False)
 
 
-def render_builder(views: int, size: int, kind: str, threads: int = 2, twin: tuple[int, str] | None = None):
+def render_builder(views: int, size: int, kind: str, threads: int = 0, twin: tuple[int, str] | None = None):
     """Pipeline factory for `ImageBatches`: one decode of each image, then `views` renderings
     from the parameter inputs "view0" .. "view{views-1}" (float32 [8] each) -> `views` outputs
     [3, size, size] float32 per image; with `twin` = (size, kind), each view is rendered a

@@ -46,10 +46,11 @@ from beit.shared.progress import progress_bar
 
 @dataclass
 class DVAETrainConfig:
-    # keys that must be at least 1 (load_config checks them)
-    MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(
-        ("steps", "batch_size", "log_every", "checkpoint_every", "threads"), 1
-    )
+    # the lowest value of each key listed (load_config checks them)
+    MINIMUM: ClassVar[dict[str, int]] = {
+        **dict.fromkeys(("steps", "batch_size", "log_every", "checkpoint_every"), 1),
+        "threads": 0,
+    }
 
     input_size: int = 64
     n_hid: int = 64
@@ -79,7 +80,7 @@ class DVAETrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0
-    threads: int = 2
+    threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     device: str = "auto"
 
 

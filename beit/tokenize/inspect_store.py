@@ -4,6 +4,7 @@ are what its recorded views give when rendered and tokenized again."""
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from beit.shared.config import to_dict
 from beit.shared.decode import ImageBatches
 from beit.shared.dist import choose_device, dali_device_id
-from beit.shared.dvae import encoder_sha256, load_tokenizer
+from beit.shared.dvae import Precision, encoder_sha256, load_tokenizer
 from beit.shared.store import DONE, FAILED, PENDING, StoreError, TokenStore
 from beit.shared.views import render_builder
 
@@ -123,7 +124,7 @@ def verify_store(
     renders = ImageBatches(
         render_builder(views, store.tokenizer_size, "tokenizer"), batch_size, dali_device_id(torch_device), 0
     )
-    dtype = torch.float16 if torch_device.type == "cuda" else None
+    precision = Precision.recorded(store.tokenizer_precision, torch_device)
 
     agree = compared = views_equal = views_compared = 0
     missing: list[str] = []
@@ -137,7 +138,7 @@ def verify_store(
         if not kept:
             continue
         pixels = torch.from_numpy(np.stack(outputs, axis=1)).to(torch_device)
-        ids = tokenizer.tokenize(pixels.flatten(0, 1), dtype=dtype).view(len(kept), views, *store.grid).cpu().numpy()
+        ids = precision.tokenize(tokenizer, pixels.flatten(0, 1)).view(len(kept), views, *store.grid).cpu().numpy()
         cached = store.tokens(batch[kept])
         agree += int(np.sum(ids == cached))
         compared += ids.size
@@ -152,4 +153,5 @@ def verify_store(
         "unreadable_sources": missing,
         "device": str(torch_device),
         "source": "embedded images" if store.has_embedded_images else str(store.source_root),
+        "precision": asdict(precision),
     }

@@ -27,7 +27,7 @@ import torch
 
 from beit.shared.decode import ImageBatches
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, dali_device_id, init_dist
-from beit.shared.dvae import check_grid, encoder_sha256, load_tokenizer
+from beit.shared.dvae import Precision, check_grid, encoder_sha256, load_tokenizer
 from beit.shared.images import read_source
 from beit.shared.progress import progress_bar
 from beit.shared.store import DONE, FAILED, TokenStore
@@ -36,8 +36,8 @@ from beit.shared.views import JITTER_PLACEMENT, PARAMS, ViewConfig, draw_views, 
 
 @dataclass
 class TokenizeConfig:
-    # keys that must be at least 1 (load_config checks them)
-    MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(("views", "batch_size", "chunk_images", "threads"), 1)
+    # the lowest value of each key listed (load_config checks them)
+    MINIMUM: ClassVar[dict[str, int]] = {**dict.fromkeys(("views", "batch_size", "chunk_images"), 1), "threads": 0}
 
     views: int = 10
     seed: int = 0
@@ -47,9 +47,13 @@ class TokenizeConfig:
     view: ViewConfig = field(default_factory=ViewConfig)
     embed_images: bool = False
     strict: bool = False
-    threads: int = 2
+    threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     device: str = "auto"
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # the encoder's body; auto: fp16 on a GPU
+    # fp32 convolutions (the logits) on TF32 tensor cores, on a GPU: the logits conv is an eighth of the
+    # released encoder's FLOPs, and strict fp32 runs it at a fraction of the speed; agreement with
+    # strict fp32 is measured by bench/dvae.py for exactly this policy
+    tf32: bool = True
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 prepares
 
 
@@ -71,12 +75,7 @@ def tokenize(
     dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
     device = dist.device(cfg.device)
     device_id = dali_device_id(device)
-    dtype = {
-        "auto": torch.float16 if device.type == "cuda" else None,
-        "fp32": None,
-        "fp16": torch.float16,
-        "bf16": torch.bfloat16,
-    }[cfg.precision]
+    precision = Precision.resolve(cfg.precision, cfg.tf32, device)
 
     src = read_source(source, every_entry=True)  # the store accounts for every entry named like an image
     tokenizer = load_tokenizer(tokenizer_path, device)
@@ -121,7 +120,7 @@ def tokenize(
         store = TokenStore.prepare(
             store_path, identity, src.keys, src.labels, src.class_names, cfg.chunk_images, cfg.embed_images, overwrite
         )
-        store.record_locations(src.root, tokenizer_path)
+        store.record_run(src.root, tokenizer_path, {**asdict(precision), "device": device.type})
     dist.barrier()
     if not dist.main:
         store = TokenStore.open(store_path, mode="r+", require_complete=False)
@@ -181,7 +180,7 @@ def tokenize(
             if not rendered:
                 continue
             pixels = torch.from_numpy(np.stack(outputs, axis=1)).to(device)  # [m, V, 3, s, s]
-            ids = tokenizer.tokenize(pixels.flatten(0, 1), dtype=dtype).view(
+            ids = precision.tokenize(tokenizer, pixels.flatten(0, 1)).view(
                 len(rendered), cfg.views, token_side, token_side
             )
             rows = [b0 + kept[r] for r in rendered]

@@ -155,7 +155,7 @@ class ClassificationData:
         train: bool,
         seed: int = 0,
         randaugment: bool = True,
-        threads: int = 2,
+        threads: int = 0,
         rank: int = 0,
         world: int = 1,
         device_id: int | None = None,

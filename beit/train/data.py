@@ -29,7 +29,7 @@ import torch
 
 from beit.shared.counter import counter_key, counter_uniforms
 from beit.shared.decode import ImageBatches
-from beit.shared.masking import block_masks, random_masks
+from beit.shared.masking import block_masks, masked_positions, random_masks
 from beit.shared.store import DONE, StoreError, TokenStore
 from beit.shared.views import draw_views, render_builder, shape_builder
 from beit.train.scaffold import prefetch
@@ -40,6 +40,8 @@ class Batch:
     pixels: torch.Tensor  # [B, 3, S, S] float32, ImageNet-normalised
     tokens: torch.Tensor  # [B, gh * gw] int64, the cached targets
     mask: torch.Tensor  # [B, gh * gw] bool, True = masked
+    positions: torch.Tensor  # [B, K] int64: each image's masked patches, padded to the plan's K (`masked_positions`)
+    valid: torch.Tensor  # [B, K] bool: False on the padding
     images: np.ndarray  # [B] store indices
     twin: torch.Tensor | None = None  # [B, 3, s, s] in [0, 1], the tokenizer-size view
 
@@ -108,7 +110,7 @@ class PretrainData:
         mask_count: int = 0,
         min_block: int = 0,
         twin: bool = False,
-        threads: int = 2,
+        threads: int = 0,
         device_id: int | None = None,
         views: int = 0,
         fresh: bool = False,
@@ -177,10 +179,13 @@ class PretrainData:
                 f"could not read {', '.join(bad[:3])} although the store tokenized it: the source changed "
                 "since tokenization; restore it, or tokenize again with --embed-images."
             )
+        positions, valid = masked_positions(mask, self.plan.mask_count)
         return Batch(
             pixels=torch.from_numpy(outputs[0]),
             tokens=torch.from_numpy(tokens.astype(np.int64)),
             mask=torch.from_numpy(mask),
+            positions=torch.from_numpy(positions),
+            valid=torch.from_numpy(valid),
             images=images,
             twin=torch.from_numpy(outputs[1]) if len(outputs) > 1 else None,
         )

@@ -53,7 +53,7 @@ def evaluate(model: BeitClassifier, data: ClassificationData, device: torch.devi
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, data: Path, batch_size: int = 64, device: str = "auto", threads: int = 2
+    checkpoint: Path, data: Path, batch_size: int = 64, device: str = "auto", threads: int = 0
 ) -> dict:
     """`evaluate` of a fine-tuned checkpoint on an ImageFolder tree (or folder) whose classes
     the checkpoint knows; adds "class_names" to the result."""

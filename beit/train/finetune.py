@@ -42,10 +42,11 @@ from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr
 class FinetuneConfig:
     # keys a resumed run may change (they do not change what it computes)
     FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_SETTINGS, "eval_every")
-    # keys that must be at least 1 (load_config checks them)
-    MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(
-        ("epochs", "batch_size", "log_every", "checkpoint_every", "eval_every", "threads"), 1
-    )
+    # the lowest value of each key listed (load_config checks them)
+    MINIMUM: ClassVar[dict[str, int]] = {
+        **dict.fromkeys(("epochs", "batch_size", "log_every", "checkpoint_every", "eval_every"), 1),
+        "threads": 0,
+    }
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="base", num_classes=0))
     init: str = "none"  # a checkpoint (this project's, unilm .pth, timm state dict) or "none"
@@ -67,7 +68,7 @@ class FinetuneConfig:
     eval_every: int = 1  # epochs
     checkpoint_every: int = 1000  # steps; also after every evaluation and at the end
     log_every: int = 20
-    threads: int = 2
+    threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     device: str = "auto"
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 works alone
 

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
+from beit.shared.dvae import Precision
 from beit.shared.model import BeitForMIM, ModelConfig, mim_loss
 from beit.shared.store import StoreError
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
@@ -45,10 +45,11 @@ from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr
 class PretrainConfig:
     # keys a resumed run may change (they do not change what it computes)
     FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_SETTINGS, "compile")
-    # keys that must be at least 1 (load_config checks them)
-    MINIMUM: ClassVar[dict[str, int]] = dict.fromkeys(
-        ("epochs", "batch_size", "accumulation", "log_every", "checkpoint_every", "threads"), 1
-    )
+    # the lowest value of each key listed (load_config checks them)
+    MINIMUM: ClassVar[dict[str, int]] = {
+        **dict.fromkeys(("epochs", "batch_size", "accumulation", "log_every", "checkpoint_every"), 1),
+        "threads": 0,
+    }
 
     # image_size / vocab_size 0: take them from the store
     model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="base", image_size=0, vocab_size=0))
@@ -71,7 +72,7 @@ class PretrainConfig:
     log_every: int = 20
     checkpoint_every: int = 1000
     compile: bool = False
-    threads: int = 2
+    threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     device: str = "auto"
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 works alone
 
@@ -103,6 +104,30 @@ def pixel_targets(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     b, c, h, w = x.shape
     x = x.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, patch * patch * c)
     return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+
+
+def mim_step_loss(
+    forward,
+    pixels: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    targets: torch.Tensor | None,
+    patch: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The step's forward and loss, with static shapes (the K padded masked positions of each
+    image): (loss, correct predictions, masked patches); `targets` [B, N] token ids, or None to
+    regress each masked patch's normalised pixels. What the trainer runs and bench/train_step.py times."""
+    output = forward(pixels, mask, positions=positions)  # [B, K, vocab]
+    if targets is None:
+        patches = pixel_targets(pixels, patch)
+        picked = patches.gather(1, positions.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        weight = valid.unsqueeze(-1).float()
+        loss = ((output.float() - picked) ** 2 * weight).sum() / (weight.sum() * patches.shape[-1])
+        return loss, None, None
+    loss = mim_loss(output, targets, positions=positions, valid=valid)
+    correct = ((output.argmax(-1) == targets.gather(1, positions)) & valid).sum()
+    return loss, correct, valid.sum()
 
 
 def build_model_config(cfg: PretrainConfig, data: PretrainData, location: str) -> ModelConfig:
@@ -160,6 +185,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
     )
     model_cfg = build_model_config(cfg, data, store)
     tokenizer = build_online_tokenizer(data, store, device) if online else None
+    precision = Precision.recorded(data.store.tokenizer_precision, device)  # as the store's tokens were made
 
     torch.manual_seed(cfg.seed)
     model = BeitForMIM(model_cfg).to(device)
@@ -198,27 +224,25 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
             wait += time.perf_counter() - t0
             pixels = batch.pixels.to(device, non_blocking=True)
             mask = batch.mask.to(device, non_blocking=True)
-            index = batch.mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # no device sync
+            positions = batch.positions.to(device, non_blocking=True)
+            valid = batch.valid.to(device, non_blocking=True)
             if online:
                 twin = batch.twin.to(device, non_blocking=True)
-                targets = tokenizer.tokenize(twin, dtype=torch.float16 if device.type == "cuda" else None).flatten(1)
+                targets = precision.tokenize(tokenizer, twin).flatten(1)
             else:
-                targets = batch.tokens.to(device, non_blocking=True)
+                targets = batch.tokens.to(device, non_blocking=True) if cfg.targets == "cached" else None
             sync = micro == cfg.accumulation - 1 or dist.world == 1
             context = trained.no_sync() if not sync else contextlib.nullcontext()  # no all-reduce mid-accumulation
             with context, run.autocast():
-                output = forward(pixels, mask, index)
-                if cfg.targets == "pixels":
-                    patches = pixel_targets(pixels, model_cfg.patch_size)
-                    loss = F.mse_loss(output.float(), patches.flatten(0, 1).index_select(0, index))
-                else:
-                    loss = mim_loss(output, targets, mask, index)
+                loss, correct, count = mim_step_loss(
+                    forward, pixels, mask, positions, valid, targets, model_cfg.patch_size
+                )
             (loss / cfg.accumulation).backward()
             with torch.no_grad():
                 sums[0] += loss.detach()
-                if cfg.targets != "pixels":
-                    sums[1] += (output.argmax(-1) == targets.flatten().index_select(0, index)).sum()
-                    sums[2] += index.numel()
+                if correct is not None:
+                    sums[1] += correct
+                    sums[2] += count
             images_since += pixels.shape[0]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optimizer.step()

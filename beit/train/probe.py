@@ -85,7 +85,7 @@ def probe(
     layers: list[int] | None,
     batch_size: int = 64,
     epochs: int = 300,
-    threads: int = 2,
+    threads: int = 0,
     device: str = "auto",
 ) -> dict:
     """{layer (1-based block): val top-1}; `layers` None = every block."""
