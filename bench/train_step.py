@@ -5,7 +5,9 @@
     python bench/train_step.py --demo                   # the short CPU run `make demo` does
 
 Both models get the same configuration, weights, pixels, blockwise masks and targets; their steps
-alternate round by round, and each reports the median step time. Work is counted first:
+alternate round by round, and each reports the median step time. Ours is exactly the trainer's
+step (`pretrain.mim_step_loss`: static shapes, the masked patches padded to 75 per image; with
+--compile the model is compiled as the trainer compiles it). Work is counted first:
 model FLOPs per image = 3 x the forward's matmul FLOPs (patch embed, attention, MLP, and the
 MIM head on the masked patches only); on a GPU, MFU = achieved model FLOP/s over the bf16
 matmul peak measured in the same run. Transformers' BEiT is run through its own modules with
@@ -28,8 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from beit.shared.masking import block_mask  # noqa: E402
-from beit.shared.model import BeitForMIM, ModelConfig, mim_loss  # noqa: E402
+from beit.shared.counter import counter_key  # noqa: E402
+from beit.shared.masking import block_masks, masked_positions  # noqa: E402
+from beit.shared.model import BeitForMIM, ModelConfig  # noqa: E402
+from beit.train.pretrain import mim_step_loss  # noqa: E402
 
 
 def train_flops_per_image(cfg: ModelConfig, masked: float) -> float:
@@ -61,12 +65,20 @@ def matmul_peak(device: torch.device, dtype=torch.bfloat16, size: int = 8192, re
 
 
 class Stepper:
-    """One model with its optimizer; `step()` runs one training step on fixed inputs."""
+    """One model with its optimizer; `step()` runs one training step on fixed inputs.
+    `forward(model, pixels, mask, targets)` gives the loss; with `use_compile`, `compile_part`
+    ("model": the model alone, as the trainer compiles it; "step": the whole loss function) is
+    compiled."""
 
-    def __init__(self, name, model, forward, device, use_compile: bool):
+    def __init__(self, name, model, forward, device, use_compile: bool, compile_part: str = "model"):
         self.name = name
         self.model = model.to(device).train()
-        self.forward = torch.compile(forward) if use_compile else forward
+        compiled_model = torch.compile(self.model) if use_compile and compile_part == "model" else self.model
+
+        def loss(pixels, mask, targets):
+            return forward(compiled_model, pixels, mask, targets)
+
+        self.forward = torch.compile(loss) if use_compile and compile_part == "step" else loss
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=1e-4, weight_decay=0.05, fused=device.type == "cuda"
         )
@@ -91,15 +103,18 @@ class Stepper:
 def bench_model(preset: str, batch: int, steps: int, warmup: int, device, use_compile: bool, peer: bool, peak):
     cfg = ModelConfig(preset=preset)
     ours = BeitForMIM(cfg)
-    rng = np.random.default_rng(0)
     grid = ours.cfg.grid
-    mask = torch.from_numpy(np.stack([block_mask(rng, grid, 75).reshape(-1) for _ in range(batch)]))
+    # the masks training draws (SamplePlan: batched block_masks, BEiT's 75 of 196 and 16-patch blocks),
+    # and the trainer's static shapes: each image's masked patches padded to 75
+    masks = block_masks(counter_key(0, 0, np.arange(batch), 2), grid, 75, min_block=16).reshape(batch, -1)
+    positions, valid = (torch.from_numpy(a).to(device) for a in masked_positions(masks, 75))
+    mask = torch.from_numpy(masks)
     pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
     targets = torch.randint(0, ours.cfg.vocab_size, (batch, grid[0] * grid[1]))
     pixels, mask, targets = pixels.to(device), mask.to(device), targets.to(device)
 
-    def ours_forward(pixels, mask, targets):
-        return mim_loss(steppers[0].model(pixels, mask), targets, mask)
+    def ours_forward(model, pixels, mask, targets):  # exactly the trainer's step: pretrain.mim_step_loss
+        return mim_step_loss(model, pixels, mask, positions, valid, targets, ours.cfg.patch_size)[0]
 
     steppers = [Stepper("beit (ours)", ours, ours_forward, device, use_compile)]
     if peer:
@@ -107,14 +122,13 @@ def bench_model(preset: str, batch: int, steps: int, warmup: int, device, use_co
 
         hf = huggingface_twin(ours, drop_path=ours.cfg.drop_path)
 
-        def hf_forward(pixels, mask, targets):
+        def hf_forward(model, pixels, mask, targets):
             # its own modules, with the head on the masked patches only, as ours: the same work
-            model = steppers[1].model
             hidden = model.beit(pixel_values=pixels, bool_masked_pos=mask).last_hidden_state[:, 1:]
             logits = model.lm_head(model.layernorm(hidden[mask]))
             return torch.nn.functional.cross_entropy(logits.float(), targets[mask])
 
-        steppers.append(Stepper("transformers BEiT", hf, hf_forward, device, use_compile))
+        steppers.append(Stepper("transformers BEiT", hf, hf_forward, device, use_compile, compile_part="step"))
 
     for i in range(warmup + steps):
         for stepper in steppers:

@@ -53,3 +53,77 @@ def test_dvae_low_precision_tokens_agree_with_fp32_on_cuda():
     command = Precision.resolve(TokenizeConfig.precision, TokenizeConfig.tf32, pixels.device)
     assert command.tf32 and command.body == "fp16"
     assert (command.tokenize(model, pixels) == reference).float().mean() >= 0.99
+
+
+def synthetic_batch(batch: int, grid: tuple[int, int], vocab: int, image_size: int, device: str | None = None):
+    """A pre-training batch as `PretrainData` makes it for a GPU trainer: the masks training
+    draws, padded to 75 positions, and every host tensor in page-locked memory (or all of it on
+    `device`, as DALI's GPU output is)."""
+    from beit.shared.counter import counter_key
+    from beit.shared.masking import block_masks, masked_positions
+    from beit.train.data import Batch
+
+    masks = block_masks(counter_key(0, 0, np.arange(batch), 2), grid, 75, min_block=16).reshape(batch, -1)
+    positions, valid = masked_positions(masks, 75)
+    tensors = {
+        "pixels": torch.randn(batch, 3, image_size, image_size),
+        "tokens": torch.randint(0, vocab, (batch, grid[0] * grid[1])),
+        "mask": torch.from_numpy(masks),
+        "positions": torch.from_numpy(positions),
+        "valid": torch.from_numpy(valid),
+    }
+    moved = {k: v.to(device) if device else v.pin_memory() for k, v in tensors.items()}
+    return Batch(**moved, images=np.arange(batch))
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_pretraining_step_never_waits_for_the_gpu(accumulation):
+    """The trainer's step (`MIMStep`: copies from pinned memory, static shapes, backward, clipping,
+    fused AdamW) runs with torch.cuda.set_sync_debug_mode("error"): any host synchronisation raises."""
+    from beit.train.pretrain import MIMStep, PretrainConfig, param_groups
+
+    torch.manual_seed(0)
+    model = BeitForMIM(ModelConfig(preset="small", drop_path=0.1)).cuda()
+    cfg = PretrainConfig(accumulation=accumulation)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, fused=True)
+    step = MIMStep(model, model, optimizer, cfg, torch.device("cuda"))
+    batch = synthetic_batch(16, model.cfg.grid, model.cfg.vocab_size, 224)
+    step(lambda: batch, 1e-4)  # the first step allocates the optimizer's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            grad_norm = step(lambda: batch, 1e-4)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(grad_norm) and torch.isfinite(step.sums).all() and step.sums[2] > 0
+
+
+def test_dali_gpu_batches_reach_torch_on_the_gpu_without_the_host(tmp_path):
+    """A GPU pipeline's output is a torch tensor on the GPU (no copy through the host), with the
+    values the CPU pipeline gives (lossless PNGs; GPU and CPU resampling differ by rounding)."""
+    pytest.importorskip("nvidia.dali")
+    from PIL import Image
+
+    from beit.shared.decode import ImageBatches, as_tensor
+    from beit.shared.views import ViewConfig, draw_views, render_builder
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (96 + 8 * i, 128, 3), dtype=np.uint8)).save(path)
+        files.append(path)
+    sizes = np.asarray([[96 + 8 * i, 128] for i in range(4)])
+    params = draw_views(0, np.arange(4), sizes, 1, ViewConfig(image_size=64))
+    feeds = {"view0": [params[j, 0] for j in range(4)]}
+    outputs = {}
+    for device_id in (None, 0):
+        batches = ImageBatches(render_builder(1, 64, "patches"), 4, device_id, 0)
+        out, kept = batches.run(files, feeds)
+        assert kept == [0, 1, 2, 3]
+        outputs[device_id] = out[0]
+    assert isinstance(outputs[0], torch.Tensor) and outputs[0].is_cuda and outputs[0].shape == (4, 3, 64, 64)
+    assert isinstance(outputs[None], np.ndarray)
+    difference = (outputs[0].cpu() - as_tensor(outputs[None])).abs()
+    assert difference.mean() < 0.02 and difference.max() < 0.5

@@ -78,6 +78,18 @@ def precheck(path: Path | bytes) -> str | None:
     return "not an image (unknown file signature)"
 
 
+def as_tensor(output, pin: bool = False):
+    """An `ImageBatches` output as a torch tensor: a GPU output as it is; a CPU (numpy) output
+    without a copy, or in page-locked memory when `pin` (a GPU trainer's non-blocking copy then
+    really is asynchronous; torch's caching host allocator reuses the pinned blocks)."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    tensor = torch.from_numpy(np.ascontiguousarray(output))
+    return tensor.pin_memory() if pin else tensor
+
+
 def dali_threads(setting: int = 0) -> int:
     """DALI's CPU threads for this process: `setting` when positive; 0 (every command's default)
     gives each of the node's local ranks (torchrun's LOCAL_WORLD_SIZE) its share of the CPU
@@ -153,7 +165,8 @@ class ImageBatches:
 
         batches = ImageBatches(build, batch_size=64, device_id=None, seed=0)
         outputs, kept = batches.run(files, {"view0": [...], ...})
-        # outputs: one numpy array [len(kept), ...] per pipeline output; kept: the indices
+        # outputs: one array [len(kept), ...] per pipeline output (numpy for a CPU output, a
+        # torch tensor on the GPU for a GPU output: `as_tensor` takes either); kept: the indices
         # into `files` that succeeded. batches.failed: {path: error text}
     """
 
@@ -166,6 +179,7 @@ class ImageBatches:
         self._pipe = None
         self._single = None
         self._rebuilds = 0
+        self._stream = None  # the side stream GPU outputs are copied on
 
     def reseed(self, seed: int) -> None:
         """Random draws (crops, flips, augmentations) from `seed` on: the pipeline is built anew."""
@@ -177,16 +191,36 @@ class ImageBatches:
             self._pipe.build()
         return self._pipe
 
-    @staticmethod
-    def _run(pipe, feeds: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
+    def _run(self, pipe, feeds: dict[str, list[np.ndarray]]) -> list:
+        from nvidia.dali.backend import TensorListGPU
+
         for name, data in feeds.items():
             pipe.feed_input(name, data)
         outputs = []
         for out in pipe.run():
-            if hasattr(out, "as_cpu"):
-                out = out.as_cpu()
-            outputs.append(np.stack([np.asarray(out[i]) for i in range(len(out))]))
+            if isinstance(out, TensorListGPU):  # handed to torch on the GPU, never through the host
+                outputs.append(self._to_torch(out))
+            else:
+                outputs.append(np.stack([np.asarray(out[i]) for i in range(len(out))]))
         return outputs
+
+    def _to_torch(self, batch):
+        """A DALI GPU batch (one shape for all samples) as a torch tensor on the same GPU: one
+        device-to-device copy on a side stream, which this (data) thread waits for, so the
+        trainer's stream never does and DALI may reuse its buffer at once."""
+        import torch
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        device = torch.device("cuda", self.device_id)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        dense = batch.as_tensor()
+        with torch.cuda.stream(self._stream):  # allocated for the side stream: no block the trainer still uses
+            out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
+        feed_ndarray(dense, out, cuda_stream=self._stream)
+        self._stream.synchronize()
+        out.record_stream(torch.cuda.default_stream(device))  # freed only after the trainer's kernels that use it
+        return out
 
     def _decodes_alone(self, path: Path, feeds: dict[str, list[np.ndarray]]) -> str | None:
         """None when `path` runs through the pipeline on its own, else the error text."""

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from beit.shared.checkpoint import load_checkpoint, save_checkpoint
-from beit.shared.decode import ImageBatches, pipeline_builder
+from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder
 from beit.shared.dist import choose_device, dali_device_id
 from beit.shared.dvae import DVAE, DVAEConfig, check_grid, map_pixels, save_tokenizer, unmap_pixels
 from beit.shared.images import list_images
@@ -178,8 +178,8 @@ class CropStream:
             for path in set(self.batches.failed) - before:
                 print(f"skipping {path}: {self.batches.failed[path]}", flush=True)
             if kept:
-                arrays.extend(outputs[0])
-        return torch.from_numpy(np.stack(arrays)).to(self.device)
+                arrays.extend(as_tensor(outputs[0]))
+        return torch.stack(arrays).to(self.device)
 
 
 def _failures(failed: dict[Path, str], limit: int = 3) -> str:

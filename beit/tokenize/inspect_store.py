@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from beit.shared.config import to_dict
-from beit.shared.decode import ImageBatches
+from beit.shared.decode import ImageBatches, as_tensor
 from beit.shared.dist import choose_device, dali_device_id
 from beit.shared.dvae import Precision, encoder_sha256, load_tokenizer
 from beit.shared.store import DONE, FAILED, PENDING, StoreError, TokenStore
@@ -137,7 +137,7 @@ def verify_store(
         missing += [keys[j] for j in range(len(batch)) if j not in kept]
         if not kept:
             continue
-        pixels = torch.from_numpy(np.stack(outputs, axis=1)).to(torch_device)
+        pixels = torch.stack([as_tensor(o) for o in outputs], dim=1).to(torch_device)
         ids = precision.tokenize(tokenizer, pixels.flatten(0, 1)).view(len(kept), views, *store.grid).cpu().numpy()
         cached = store.tokens(batch[kept])
         agree += int(np.sum(ids == cached))

@@ -6,7 +6,9 @@
 Per batch of images: DALI peeks each image's size (after EXIF orientation); the views'
 parameters are drawn for (seed, image, view) (`beit.shared.views`); DALI decodes each image
 once and renders its V tokenizer views (crop box, Lanczos to the tokenizer's size, colour
-jitter, flip); the dVAE tokenizes them (fp16 on a GPU, fp32 on the CPU). Work is done a store
+jitter, flip); the dVAE tokenizes them (`dvae.Precision`: fp16 with TF32 logits on a GPU, fp32
+on the CPU). A data thread peeks, draws and renders the next batches while the encoder runs;
+the token ids come back to the host without waiting, once per chunk. Work is done a store
 chunk at a time, chunks dealt round-robin to torchrun ranks; a chunk is written whole, its
 status last, so a killed run resumes where it stopped and gives the same store. Files that
 cannot be decoded are marked failed with their error and skipped.
@@ -25,10 +27,11 @@ import fsspec
 import numpy as np
 import torch
 
-from beit.shared.decode import ImageBatches
+from beit.shared.decode import ImageBatches, as_tensor
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, dali_device_id, init_dist
 from beit.shared.dvae import Precision, check_grid, encoder_sha256, load_tokenizer
 from beit.shared.images import read_source
+from beit.shared.prefetch import ahead
 from beit.shared.progress import progress_bar
 from beit.shared.store import DONE, FAILED, TokenStore
 from beit.shared.views import JITTER_PLACEMENT, PARAMS, ViewConfig, draw_views, render_builder, shape_builder
@@ -61,6 +64,23 @@ RENDERER = {
     "tokenizer": "DALI slice + resize(Lanczos3, antialias) + color_twist + flip, [0,1] then map_pixels",
     "patches": "DALI slice + resize(cubic, antialias) + color_twist + flip, ImageNet mean/std",
 }
+
+
+def stack_views(outputs: list, pin: bool) -> torch.Tensor:
+    """The V rendered views of a batch, [m, V, 3, s, s]: on the GPU when DALI rendered them there,
+    else in page-locked memory for a GPU encoder (`pin`)."""
+    if isinstance(outputs[0], torch.Tensor):
+        return torch.stack(outputs, dim=1)
+    return as_tensor(np.stack(outputs, axis=1), pin)
+
+
+def to_host(ids: torch.Tensor) -> torch.Tensor:
+    """`ids` on the CPU: without waiting when they are on a GPU (into page-locked memory; the
+    caller synchronises before reading them)."""
+    if ids.device.type != "cuda":
+        return ids
+    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    return host.copy_(ids, non_blocking=True)
 
 
 def tokenize(
@@ -148,7 +168,29 @@ def tokenize(
         device_id,
         cfg.seed,
     )
-    timing = {"peek": 0.0, "decode_render": 0.0, "encoder": 0.0, "write": 0.0}
+    timing = {"peek": 0.0, "decode_render": 0.0, "wait": 0.0, "encoder": 0.0, "write": 0.0}
+    cuda = device.type == "cuda"
+    id_dtype = torch.int16 if tokenizer.cfg.vocab_size <= 2**15 else torch.int32  # fewer bytes to the host
+
+    def prepare(work: tuple[int, int, int]) -> tuple:
+        """In the data thread: peek, draw and render one batch of a chunk (while the encoder runs
+        on the batch before it)."""
+        start, stop, b0 = work
+        batch = src.files[start + b0 : min(start + b0 + cfg.batch_size, stop)]
+        t0 = time.perf_counter()
+        peeked, kept = shapes.run(batch)
+        t1 = time.perf_counter()
+        timing["peek"] += t1 - t0
+        if not kept:
+            return work, kept, [], None, None
+        drawn = draw_views(cfg.seed, np.asarray([start + b0 + k for k in kept]), peeked[0], cfg.views, view_cfg)
+        feeds = {f"view{v}": [drawn[j, v] for j in range(len(kept))] for v in range(cfg.views)}
+        outputs, rendered = renders.run([batch[k] for k in kept], feeds)
+        pixels = stack_views(outputs, pin=cuda) if rendered else None  # [m, V, 3, s, s]
+        timing["decode_render"] += time.perf_counter() - t1
+        return work, kept, rendered, drawn, pixels
+
+    work = [(start, stop, b0) for start, stop in mine for b0 in range(0, stop - start, cfg.batch_size)]
     done_images = failed_images = 0
     start_time = time.perf_counter()
     bar = progress_bar(
@@ -157,38 +199,37 @@ def tokenize(
         unit="img",
         desc=f"tokenize[{dist.rank}]" if dist.world > 1 else "tokenize",
     )
-    for start, stop in mine:
+    prepared = ahead(work, prepare, depth=2)
+    while True:
+        t0 = time.perf_counter()
+        item = next(prepared, None)
+        timing["wait"] += time.perf_counter() - t0
+        if item is None:
+            break
+        (start, stop, b0), kept, rendered, drawn, pixels = item
         n = stop - start
-        tokens = np.zeros((n, cfg.views, token_side, token_side), dtype=np.uint16)
-        params = np.zeros((n, cfg.views, len(PARAMS)), dtype=np.float32)
-        status = np.full(n, FAILED, dtype=np.uint8)
-        files = src.files[start:stop]
-        for b0 in range(0, n, cfg.batch_size):
-            batch = files[b0 : b0 + cfg.batch_size]
-            t0 = time.perf_counter()
-            peeked, kept = shapes.run(batch)
+        if b0 == 0:  # a new chunk
+            tokens = np.zeros((n, cfg.views, token_side, token_side), dtype=np.uint16)
+            params = np.zeros((n, cfg.views, len(PARAMS)), dtype=np.float32)
+            status = np.full(n, FAILED, dtype=np.uint8)
+            copies: list[tuple[list[int], torch.Tensor]] = []  # token ids on their way to the host
+        if rendered:
             t1 = time.perf_counter()
-            timing["peek"] += t1 - t0
-            if not kept:
-                continue
-            sizes = peeked[0]
-            drawn = draw_views(cfg.seed, np.asarray([start + b0 + k for k in kept]), sizes, cfg.views, view_cfg)
-            feeds = {f"view{v}": [drawn[j, v] for j in range(len(kept))] for v in range(cfg.views)}
-            outputs, rendered = renders.run([batch[k] for k in kept], feeds)
-            t2 = time.perf_counter()
-            timing["decode_render"] += t2 - t1
-            if not rendered:
-                continue
-            pixels = torch.from_numpy(np.stack(outputs, axis=1)).to(device)  # [m, V, 3, s, s]
-            ids = precision.tokenize(tokenizer, pixels.flatten(0, 1)).view(
-                len(rendered), cfg.views, token_side, token_side
-            )
+            ids = precision.tokenize(tokenizer, pixels.to(device, non_blocking=True).flatten(0, 1))
+            ids = ids.view(len(rendered), cfg.views, token_side, token_side).to(id_dtype)
             rows = [b0 + kept[r] for r in rendered]
-            tokens[rows] = ids.cpu().numpy().astype(np.uint16)
+            copies.append((rows, to_host(ids)))
             params[rows] = drawn[rendered]
             status[rows] = DONE
-            timing["encoder"] += time.perf_counter() - t2
-        t3 = time.perf_counter()
+            timing["encoder"] += time.perf_counter() - t1
+        if b0 + cfg.batch_size < n:
+            continue
+        t3 = time.perf_counter()  # the chunk's last batch: its tokens arrive, and it is written whole
+        if cuda and copies:
+            torch.cuda.current_stream(device).synchronize()
+        for rows, host in copies:
+            tokens[rows] = host.numpy().astype(np.uint16)
+        files = src.files[start:stop]
         errors = [
             "" if s == DONE else shapes.failed.get(f) or renders.failed.get(f) or "failed"
             for f, s in zip(files, status, strict=True)

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from beit.shared.counter import counter_key
-from beit.shared.decode import ImageBatches, pipeline_builder
+from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder
 from beit.shared.images import Source, read_source
+from beit.shared.prefetch import prefetch
 from beit.shared.store import DONE, TokenStore
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
-from beit.train.scaffold import prefetch
 
 STORE_URLS = ("s3://", "gs://", "gcs://", "file://")
 
@@ -186,8 +186,9 @@ class ClassificationData:
         if not len(chosen):
             return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
         outputs, kept = self.batches.run([self.source.files[i] for i in chosen])
-        labels = torch.tensor([self.source.labels[chosen[k]] for k in kept], dtype=torch.long)
-        return (torch.from_numpy(outputs[0]) if kept else torch.zeros(0, 3, 1, 1)), labels
+        pin = self.batches.device_id is not None  # a GPU trainer's non-blocking copy needs page-locked memory
+        labels = as_tensor(np.asarray([self.source.labels[chosen[k]] for k in kept], dtype=np.int64), pin)
+        return (as_tensor(outputs[0], pin) if kept else torch.zeros(0, 3, 1, 1)), labels
 
     def stream(self, start_step: int):
         """Batches from `start_step` on, prepared ahead in a thread."""

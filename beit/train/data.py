@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from beit.shared.counter import counter_key, counter_uniforms
-from beit.shared.decode import ImageBatches
+from beit.shared.decode import ImageBatches, as_tensor
 from beit.shared.masking import block_masks, masked_positions, random_masks
+from beit.shared.prefetch import prefetch
 from beit.shared.store import DONE, StoreError, TokenStore
 from beit.shared.views import draw_views, render_builder, shape_builder
-from beit.train.scaffold import prefetch
 
 
 @dataclass
@@ -143,6 +143,7 @@ class PretrainData:
             self.view_seed = self.store.view_seed
             self.view_cfg = self.store.view_config
             self.sizes = self._sizes(done, threads)
+        self.pin = device_id is not None
         twin_render = (self.tokenizer_size, "tokenizer") if twin else None
         self.renders = ImageBatches(
             render_builder(1, self.image_size, "patches", threads, twin=twin_render), batch_size, device_id, seed
@@ -180,14 +181,15 @@ class PretrainData:
                 "since tokenization; restore it, or tokenize again with --embed-images."
             )
         positions, valid = masked_positions(mask, self.plan.mask_count)
+        pin = self.pin  # a GPU trainer copies these without blocking only from page-locked memory
         return Batch(
-            pixels=torch.from_numpy(outputs[0]),
-            tokens=torch.from_numpy(tokens.astype(np.int64)),
-            mask=torch.from_numpy(mask),
-            positions=torch.from_numpy(positions),
-            valid=torch.from_numpy(valid),
+            pixels=as_tensor(outputs[0], pin),
+            tokens=as_tensor(tokens.astype(np.int64), pin),
+            mask=as_tensor(mask, pin),
+            positions=as_tensor(positions, pin),
+            valid=as_tensor(valid, pin),
             images=images,
-            twin=torch.from_numpy(outputs[1]) if len(outputs) > 1 else None,
+            twin=as_tensor(outputs[1], pin) if len(outputs) > 1 else None,
         )
 
     def stream(self, start_step: int, depth: int = 2):

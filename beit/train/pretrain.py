@@ -37,7 +37,7 @@ from beit.shared.dvae import Precision
 from beit.shared.model import BeitForMIM, ModelConfig, mim_loss
 from beit.shared.store import StoreError
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
-from beit.train.data import PretrainData
+from beit.train.data import Batch, PretrainData
 from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr
 
 
@@ -130,6 +130,54 @@ def mim_step_loss(
     return loss, correct, valid.sum()
 
 
+class MIMStep:
+    """One optimizer step of pre-training on `PretrainData` batches: the copies to the device
+    (non-blocking: the data thread pins what it makes on the host), the forward and loss with
+    static shapes (`mim_step_loss`), backward (no all-reduce before the last micro-batch),
+    clipping and AdamW. Nothing in it waits for the GPU: the loss and accuracy sums stay on the
+    device (`sums`: loss, correct, predictions) until the trainer reads them at a log step (a
+    GPU test holds it to that with torch.cuda.set_sync_debug_mode)."""
+
+    def __init__(self, model, trained, optimizer, cfg: PretrainConfig, device: torch.device, online=None):
+        self.model, self.trained, self.optimizer, self.cfg, self.device = model, trained, optimizer, cfg, device
+        self.forward = torch.compile(trained) if cfg.compile else trained
+        self.online = online  # (tokenizer, Precision): targets tokenized from each batch's twin view
+        self.sums = torch.zeros(3, device=device)
+
+    def __call__(self, next_batch, lr: float) -> torch.Tensor:
+        """Run one step on `accumulation` batches from `next_batch()` at learning rate `lr`; the
+        gradient norm before clipping (a device tensor)."""
+        cfg, device = self.cfg, self.device
+        set_lr(self.optimizer, lr)
+        for micro in range(cfg.accumulation):
+            batch = next_batch()
+            pixels = batch.pixels.to(device, non_blocking=True)
+            mask = batch.mask.to(device, non_blocking=True)
+            positions = batch.positions.to(device, non_blocking=True)
+            valid = batch.valid.to(device, non_blocking=True)
+            if self.online is not None:
+                tokenizer, precision = self.online
+                targets = precision.tokenize(tokenizer, batch.twin.to(device, non_blocking=True)).flatten(1)
+            else:
+                targets = batch.tokens.to(device, non_blocking=True) if cfg.targets == "cached" else None
+            last = micro == cfg.accumulation - 1
+            context = contextlib.nullcontext() if last or self.trained is self.model else self.trained.no_sync()
+            with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, correct, count = mim_step_loss(
+                    self.forward, pixels, mask, positions, valid, targets, self.model.cfg.patch_size
+                )
+            (loss / cfg.accumulation).backward()
+            with torch.no_grad():
+                self.sums[0] += loss.detach()
+                if correct is not None:
+                    self.sums[1] += correct
+                    self.sums[2] += count
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+
 def build_model_config(cfg: PretrainConfig, data: PretrainData, location: str) -> ModelConfig:
     """The model's config, its image size and vocabulary taken from the store, checked against it."""
     model_cfg = ModelConfig(**to_dict(cfg.model))
@@ -209,48 +257,27 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
     step = meta["step"] if meta else 0
     run.start(step)
     trained = run.wrap(model)
-    forward = torch.compile(trained) if cfg.compile else trained
+    train_step = MIMStep(model, trained, optimizer, cfg, device, online=(tokenizer, precision) if online else None)
 
     stream = data.stream(step * cfg.accumulation)
     bar = run.bar(total, step)
-    sums = torch.zeros(3, device=device)  # loss, correct, predictions since the last log
     wait, logged_at = 0.0, step
     last_log, images_since = time.perf_counter(), 0
+
+    def next_batch() -> Batch:
+        nonlocal wait
+        t0 = time.perf_counter()
+        batch = next(stream)
+        wait += time.perf_counter() - t0
+        return batch
+
     while step < total:
-        set_lr(optimizer, lr_at(step, lr, cfg.min_lr, warmup, total))
-        for micro in range(cfg.accumulation):
-            t0 = time.perf_counter()
-            batch = next(stream)
-            wait += time.perf_counter() - t0
-            pixels = batch.pixels.to(device, non_blocking=True)
-            mask = batch.mask.to(device, non_blocking=True)
-            positions = batch.positions.to(device, non_blocking=True)
-            valid = batch.valid.to(device, non_blocking=True)
-            if online:
-                twin = batch.twin.to(device, non_blocking=True)
-                targets = precision.tokenize(tokenizer, twin).flatten(1)
-            else:
-                targets = batch.tokens.to(device, non_blocking=True) if cfg.targets == "cached" else None
-            sync = micro == cfg.accumulation - 1 or dist.world == 1
-            context = trained.no_sync() if not sync else contextlib.nullcontext()  # no all-reduce mid-accumulation
-            with context, run.autocast():
-                loss, correct, count = mim_step_loss(
-                    forward, pixels, mask, positions, valid, targets, model_cfg.patch_size
-                )
-            (loss / cfg.accumulation).backward()
-            with torch.no_grad():
-                sums[0] += loss.detach()
-                if correct is not None:
-                    sums[1] += correct
-                    sums[2] += count
-            images_since += pixels.shape[0]
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = train_step(next_batch, lr_at(step, lr, cfg.min_lr, warmup, total))
+        images_since += cfg.batch_size * cfg.accumulation
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
-            values = sums.tolist()  # the one host synchronisation, at logging intervals
+            values = train_step.sums.tolist()  # the one host synchronisation, at logging intervals
             elapsed = time.perf_counter() - last_log
             row = {
                 "step": step,
@@ -270,7 +297,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
                 img_s=f"{row['images_per_s']:.0f}",
                 wait=f"{row['data_wait']:.2f}",
             )
-            sums.zero_()
+            train_step.sums.zero_()
             wait, images_since, last_log, logged_at = 0.0, 0, time.perf_counter(), step
         if step % cfg.checkpoint_every == 0 or step == total:
             rng = dist.rng_states(device)  # every rank's: each draws its own drop path

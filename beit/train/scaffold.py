@@ -12,16 +12,14 @@ A run folder holds config.toml (the resolved config), metrics.jsonl (one JSON ob
 and checkpoints (`beit.shared.checkpoint`: tensors + a JSON of step, config, identity). Running
 the same command again resumes from `checkpoint.pt` when its identity (the config less the keys
 the config class frees on resume, what the trainer adds, the world size) equals this run's;
-otherwise it is refused, naming what differs. Also here: the lr schedule (`lr_at`, `set_lr`)
-and `prefetch`, which prepares batches in a thread while the model trains.
+otherwise it is refused, naming what differs. Also here: the lr schedule (`lr_at`, `set_lr`).
+Data modules prepare batches ahead in a thread with `beit.shared.prefetch`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import queue
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -63,38 +61,6 @@ def truncate_metrics(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     path.write_text("".join(line + "\n" for line in kept))
-
-
-def prefetch(make, start_step: int, depth: int = 2):
-    """make(start_step), make(start_step + 1), ... computed `depth` ahead in a thread (DALI and
-    numpy release the GIL); an error in the thread is raised in the consumer."""
-    out: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work():
-        step = start_step
-        try:
-            while not stop.is_set():
-                out.put((True, make(step)))
-                step += 1
-        except BaseException as error:
-            out.put((False, error))
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, item = out.get()
-            if not ok:
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                out.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
 
 
 def changed_keys(theirs: Any, ours: Any, prefix: str = "") -> list[str]:
