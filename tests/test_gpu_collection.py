@@ -52,6 +52,9 @@ def test_the_modules_the_gpu_benchmarks_import_need_no_zarr_numcodecs_or_dali():
         "    else:\n"
         "        raise AssertionError(name + ' imported')\n"
         "import beit.shared.model, beit.shared.dvae, beit.shared.masking, beit.train.pretrain, beit.train.scaffold\n"
+        # the scripts of a GPU window's calls 1 and 2 (bench/GPU.md), imported as modules
+        "sys.path.insert(0, 'bench')\n"
+        "import dvae, train_step, pretrain_step, attention_kernels, gpu_summary\n"
     )
     result = run_without_the_missing_packages(code)
     assert result.returncode == 0, result.stderr[-3000:]

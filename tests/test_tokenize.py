@@ -356,6 +356,8 @@ def test_the_store_answers_for_its_layout_and_gives_each_image_by_one_rule(data,
     assert np.array_equal(store.view_params(), a["views"]) and np.array_equal(store.tokens(), a["tokens"])
     assert np.array_equal(store.tokens(np.array([3, 7])), a["tokens"][[3, 7]])
     assert store.items([5]) == [data[0] / a["keys"][5]] and not store.has_embedded_images
+    cpu = {"body": "fp32", "tf32": False, "device": "cpu"}  # how the tokenizer ran, for verify and online targets
+    assert store.tokenizer_precision == cpu or __import__("torch").cuda.is_available()
 
     source = tmp_path / "source"
     shutil.copytree(data[0], source)
