@@ -96,3 +96,65 @@ def huggingface_twin(model: BeitForMIM | BeitClassifier, drop_path: float = 0.0)
     assert not unexpected, unexpected
     assert all("relative_position_index" in k for k in missing), missing
     return hf.eval()
+
+
+def _segmentation_key(key: str) -> str:
+    """One of this project's (mmseg's) segmentation head keys in transformers 5's names."""
+    key = re.sub(r"^fpn1\.0\.", "fpn.fpn1.conv_transpose1.", key)
+    key = re.sub(r"^fpn1\.1\.", "fpn.fpn1.normalization.", key)
+    key = re.sub(r"^fpn1\.3\.", "fpn.fpn1.conv_transpose2.", key)
+    key = re.sub(r"^fpn2\.0\.", "fpn.fpn2.", key)
+    key = re.sub(r"psp_modules\.(\d+)\.1\.", r"psp_modules.blocks.\1.conv.", key)
+    key = key.replace("decode_head.bottleneck.", "decode_head.psp_bottleneck.")
+    key = key.replace(".conv.weight", ".convolution.weight").replace(".bn.", ".normalization.")
+    return key.replace("conv_seg.", "classifier.")
+
+
+def huggingface_segmenter_twin(model):
+    """transformers' BeitForSemanticSegmentation with `model`'s (a BeitSegmenter's) weights, in
+    eval mode, its out_indices set to unilm's blocks counted from 1. What it does with them is
+    another matter: `huggingface_segmenter_logits` and the test say."""
+    from transformers import BeitConfig, BeitForSemanticSegmentation
+
+    cfg: ModelConfig = model.cfg
+    hf_cfg = BeitConfig(
+        hidden_size=cfg.width,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads,
+        intermediate_size=int(cfg.width * cfg.mlp_ratio),
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        use_absolute_position_embeddings=False,
+        use_relative_position_bias=True,
+        layer_scale_init_value=cfg.layer_scale,
+        layer_norm_eps=cfg.layer_norm_eps,
+        drop_path_rate=0.0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        out_indices=[i + 1 for i in model.out_indices],
+        pool_scales=[1, 2, 3, 6],
+        use_auxiliary_head=True,
+        auxiliary_channels=model.auxiliary_head.convs[0].conv.out_channels,
+        auxiliary_num_convs=1,
+        auxiliary_concat_input=False,
+        num_labels=cfg.num_classes,
+        id2label={i: str(i) for i in range(cfg.num_classes)},
+    )
+    hf = BeitForSemanticSegmentation(hf_cfg)
+    backbone = {k: v for k, v in model.state_dict().items() if k.startswith(("blocks.", "cls_token", "patch_embed."))}
+    heads = {_segmentation_key(k): v for k, v in model.state_dict().items() if k.startswith(model.head_prefixes)}
+    missing, unexpected = hf.load_state_dict({**to_huggingface(backbone), **heads}, strict=False)
+    assert not unexpected, unexpected
+    assert all("relative_position_index" in k for k in missing), missing
+    return hf.eval()
+
+
+def huggingface_segmenter_logits(hf, pixels: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
+    """transformers' neck and UperNet head on the outputs of `blocks` (0-based, unilm's way),
+    selected explicitly from its hidden states (hidden_states[0] is the embedding output, so
+    block i's output is hidden_states[i + 1])."""
+    hidden = hf.beit(pixel_values=pixels, output_hidden_states=True).hidden_states
+    b, _, h, w = pixels.shape
+    side = (h // hf.config.patch_size, w // hf.config.patch_size)
+    maps = [hidden[i + 1][:, 1:].transpose(1, 2).reshape(b, -1, *side) for i in blocks]
+    return hf.decode_head(hf.fpn(maps))

@@ -172,7 +172,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{path} holds no state dict of tensors (at the top level or under 'model' or 'module'): "
             "pass a BEiT checkpoint."
         )
-    return {k.removeprefix("module."): v for k, v in data.items()}
+    # "backbone.": unilm's segmentation checkpoints (mmseg) keep the ViT and its neck under it
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in data.items()}
 
 
 # ---------------------------------------------------------------- relative position tables
@@ -334,6 +335,12 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[
         if key in target and key not in state:
             state[key] = target[key].clone()
             notes.append(f"{key} starts from the model's initialisation")
+    fresh = [k for k in target if k not in state and k.startswith(getattr(model, "head_prefixes", ()))]
+    for key in fresh:  # a segmenter's neck and heads, from a backbone checkpoint
+        state[key] = target[key].clone()
+    if fresh:
+        heads = sorted({key.split(".")[0] for key in fresh})
+        notes.append(f"{', '.join(heads)} start from the model's initialisation")
     return state, notes
 
 
