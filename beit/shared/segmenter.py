@@ -154,8 +154,11 @@ class BeitSegmenter(BeitBackbone):
         aux = self.auxiliary_head(maps[2]) if self.auxiliary_head is not None and self.training else None
         return self.decode_head(maps), aux
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> logits [B, classes, H, W]."""
+    def forward(self, pixels: torch.Tensor, heads: bool = False):
+        """[B, 3, H, W] -> logits [B, classes, H, W]; with `heads`, `forward_heads`' pair (what
+        the loss takes: a DDP-wrapped model is called through its forward)."""
+        if heads:
+            return self.forward_heads(pixels)
         return _resize(self.forward_heads(pixels)[0], pixels.shape[2:])
 
     def layer_id(self, name: str) -> int:
@@ -175,11 +178,11 @@ def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none").mean()
 
 
-def segmentation_loss(model: BeitSegmenter, pixels: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255):
+def segmentation_loss(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255):
     """The main head's loss plus 0.4 x the auxiliary head's, each head's logits upsampled to the
-    labels' size first (mmseg's decode and auxiliary losses). Returns (loss, main logits at the
-    labels' size)."""
-    main, aux = model.forward_heads(pixels)
+    labels' size first (mmseg's decode and auxiliary losses); `model` a BeitSegmenter, or it
+    wrapped in DDP. Returns (loss, main logits at the labels' size)."""
+    main, aux = model(pixels, heads=True)
     main = _resize(main, labels.shape[1:])
     loss = pixel_cross_entropy(main, labels, ignore_index)
     if aux is not None:

@@ -35,7 +35,7 @@ from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.shared.model import BeitClassifier, ModelConfig
 from beit.train.classification import ClassificationData, read_splits
 from beit.train.evaluate import evaluate
-from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr
+from beit.train.scaffold import RUN_SETTINGS, Run, layer_decay_groups, lr_at, set_lr
 
 
 @dataclass
@@ -74,32 +74,6 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------- recipe pieces
-
-
-def layer_decay_groups(model: BeitClassifier, lr: float, weight_decay: float, decay: float) -> list[dict]:
-    """Parameter groups with lr x decay ^ (depth + 1 - layer id), no weight decay on 1-D
-    parameters and the model's no-decay names (the released `param_groups_lrd`)."""
-    depth = model.cfg.depth
-    skip = model.no_weight_decay()
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer = model.layer_id(name)
-        no_decay = p.ndim == 1 or name.endswith(".bias") or name in skip
-        key = (layer, no_decay)
-        if key not in groups:
-            scale = decay ** (depth + 1 - layer)
-            groups[key] = {
-                "params": [],
-                "names": [],
-                "lr_scale": scale,
-                "lr": lr * scale,
-                "weight_decay": 0.0 if no_decay else weight_decay,
-            }
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
-    return list(groups.values())
 
 
 def mix(pixels: torch.Tensor, labels: torch.Tensor, classes: int, cfg: FinetuneConfig, generator: np.random.Generator):

@@ -48,6 +48,33 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         entry["lr"] = lr * entry.get("lr_scale", 1.0)
 
 
+def layer_decay_groups(model: torch.nn.Module, lr: float, weight_decay: float, decay: float) -> list[dict]:
+    """Parameter groups with lr x decay ^ (depth + 1 - layer id) (`model.layer_id(name)`: the
+    released ids, the heads at depth + 1), no weight decay on 1-D parameters and the model's
+    no-decay names (the released `param_groups_lrd` and mmseg's layer-decay constructor)."""
+    depth = model.cfg.depth
+    skip = model.no_weight_decay()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = model.layer_id(name)
+        no_decay = p.ndim == 1 or name.endswith(".bias") or name in skip
+        key = (layer, no_decay)
+        if key not in groups:
+            scale = decay ** (depth + 1 - layer)
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "lr_scale": scale,
+                "lr": lr * scale,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop rows logged after the checkpoint (they are logged again) and a row the
     crash cut in half."""
