@@ -19,11 +19,15 @@ tokenizer_app = typer.Typer(
 )
 app.add_typer(tokenizer_app, name="tokenizer")
 data_app = typer.Typer(
-    help="Built-in data: write the demo's labelled images as ImageFolder trees.", no_args_is_help=True
+    help="Built-in data: the demo's labelled images (ImageFolder trees) and segmentation scenes.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
 store_app = typer.Typer(help="Token stores: what one holds, and whether its tokens check out.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+segment_app = typer.Typer(
+    help="Semantic segmentation: fine-tune BEiT with UperNet, evaluate mIoU, predict masks.", no_args_is_help=True
+)
+app.add_typer(segment_app, name="segment")
 
 Config = Annotated[Path | None, typer.Option("--config", help="TOML file of the stage's config keys")]
 NoResume = Annotated[bool, typer.Option("--no-resume", help="start over, ignoring a checkpoint in --out")]
@@ -34,17 +38,19 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _config(ctx: typer.Context, cls: type):
+def _config(ctx: typer.Context, cls: type, renames: dict[str, str] | None = None):
     """The command's config of class `cls`: the --config TOML file, then the --set overrides, then
-    the explicit options given, each named as its config key (--model is model.preset)."""
+    the explicit options given, each named as its config key (--model is model.preset; `renames`
+    names other keys, e.g. --crop is model.image_size)."""
     from dataclasses import fields
 
     from beit.shared.config import load_config
 
     keys = {field.name for field in fields(cls)}
+    renames = {"model": "model.preset", **(renames or {})}
     explicit = []
     for name, value in ctx.params.items():
-        key = "model.preset" if name == "model" else name
+        key = renames.get(name, name)
         if key.split(".")[0] in keys and value is not None and value is not False:
             explicit.append(f"{key}={'true' if value is True else value}")
     return load_config(cls, ctx.params.get("config"), [*(ctx.params.get("set_") or []), *explicit])
@@ -458,3 +464,103 @@ def fashion_mnist_command(
     except ValueError as error:
         _fail(error)
     typer.echo(f"wrote {counts['train']} training and {counts['val']} validation images ({size} px) under {out}")
+
+
+@data_app.command("fashion-scenes")
+def fashion_scenes_command(
+    out: Annotated[Path, typer.Argument(help="folder to write images/ and annotations/ (training, validation) into")],
+    train: Annotated[int, typer.Option(help="training scenes")] = 800,
+    val: Annotated[int, typer.Option(help="validation scenes")] = 200,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """A small real segmentation task: scenes of 1-4 Fashion-MNIST items on noise, 11 classes."""
+    from beit.shared.fashion_scenes import write_scenes
+
+    try:
+        counts = write_scenes(out, train=train, val=val, seed=seed)
+    except ValueError as error:
+        _fail(error)
+    typer.echo(f"wrote {counts['training']} training and {counts['validation']} validation scenes under {out}")
+
+
+@segment_app.command("train")
+def segment_train_command(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Argument(help="ADE20K, Pascal VOC 2012, Cityscapes, or images/ + annotations/")],
+    init: Annotated[str, typer.Option(help="pre-trained or fine-tuned checkpoint (beit, unilm, timm) or 'none'")],
+    out: Annotated[Path, typer.Option("--out", help="run folder")],
+    format: Annotated[str | None, typer.Option(help="ade20k | voc | cityscapes | folder (default: detected)")] = None,
+    crop: Annotated[int | None, typer.Option(help="crop size (default 512; 640 from a fine-tuned checkpoint)")] = None,
+    head: Annotated[str | None, typer.Option(help="upernet | linear")] = None,
+    model: Annotated[str | None, typer.Option(help="tiny | small | base | large")] = None,
+    iters: Annotated[int | None, typer.Option(help="iterations (default 160000)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="per rank (default 16)")] = None,
+    lr: Annotated[float | None, typer.Option(help="default 7e-4 (3e-5 from a fine-tuned checkpoint)")] = None,
+    layer_decay: Annotated[float | None, typer.Option(help="default 0.65 (0.9 from a fine-tuned checkpoint)")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="folder layout: classes (else its classes.json)")] = None,
+    config: Config = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set eval_every=500")] = None,
+    no_resume: NoResume = False,
+) -> None:
+    """Fine-tune a pre-trained BEiT for semantic segmentation (UperNet, the released recipe)."""
+    from beit.train.segment import SegmentConfig, segment
+
+    try:
+        cfg = _config(ctx, SegmentConfig, {"crop": "model.image_size"})
+        result = segment(data, out, cfg, resume=not no_resume)
+    except ValueError as error:  # ConfigError, CheckpointError are ValueErrors
+        _fail(error)
+    for note in result["notes"]:
+        typer.echo(f"init: {note}")
+    last = result["last"]
+    typer.echo(
+        f"trained {result['steps']} iterations ({result['recipe']} recipe, lr {result['lr']:.3g}); val mIoU "
+        f"{last.get('mIoU', float('nan')) * 100:.2f} (best {result['best_miou'] * 100:.2f}); checkpoints in {out}"
+    )
+
+
+@segment_app.command("evaluate")
+def segment_evaluate_command(
+    checkpoint: Annotated[Path, typer.Argument(help="best.pt / checkpoint.pt of `beit segment train`")],
+    data: Annotated[Path, typer.Argument(help="the data set (its layout as in training)")],
+    split: Annotated[str, typer.Option(help="train | val")] = "val",
+    mode: Annotated[str, typer.Option(help="slide | whole")] = "slide",
+    stride: Annotated[int, typer.Option(help="sliding window stride (default: the training run's)")] = 0,
+    scales: Annotated[str, typer.Option(help="comma-separated scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")] = "1.0",
+    flip: Annotated[bool, typer.Option("--flip", help="average with the mirrored image")] = False,
+    per_class: Annotated[bool, typer.Option("--per-class", help="print IoU and accuracy per class")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+) -> None:
+    """mIoU, mAcc and aAcc of a segmentation checkpoint, by sliding window, multi-scale and flip."""
+    from beit.train.segment_predict import evaluate_checkpoint
+
+    try:
+        factors = tuple(float(x) for x in scales.split(","))
+        result = evaluate_checkpoint(checkpoint, data, split, mode, stride, factors, flip, device)
+    except ValueError as error:
+        _fail(error)
+    typer.echo(f"mIoU {result['mIoU'] * 100:.2f}, mAcc {result['mAcc'] * 100:.2f}, aAcc {result['aAcc'] * 100:.2f}")
+    if per_class:
+        for row in result["per_class"]:
+            typer.echo(f"  {row['name']:<24} IoU {row['iou'] * 100:6.2f}  acc {row['acc'] * 100:6.2f}")
+
+
+@segment_app.command("predict")
+def segment_predict_command(
+    checkpoint: Annotated[Path, typer.Argument(help="best.pt / checkpoint.pt of `beit segment train`")],
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the masks")] = Path("masks"),
+    overlay: Annotated[bool, typer.Option("--overlay", help="also write the colours over each image")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+) -> None:
+    """Palette PNG masks (class indices) for images, and overlays to look at."""
+    from beit.train.segment_predict import predict_files
+
+    try:
+        summaries = predict_files(checkpoint, images, out, overlay, device=device)
+    except ValueError as error:
+        _fail(error)
+    for row in summaries:
+        shares = ", ".join(f"{name} {share * 100:.0f}%" for name, share in row["top"])
+        typer.echo(f"{row['image']}: {shares}")
+    typer.echo(f"wrote {len(summaries)} masks under {out}")

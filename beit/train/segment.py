@@ -1,0 +1,231 @@
+"""Semantic segmentation: fine-tune a pre-trained BEiT with UperNet (the released recipe), as a
+peer of classification fine-tuning on the same run scaffold.
+
+    beit segment train DATA --init runs/pt/checkpoint.pt --out runs/seg            # ADE20K, VOC, Cityscapes, folder
+    torchrun --nproc_per_node 8 -m beit segment train DATA --init ... --out runs/seg --batch-size 2
+    beit segment evaluate runs/seg/best.pt DATA --mode slide --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip
+    beit segment predict runs/seg/best.pt photo.jpg -o masks/ --overlay
+
+DATA's layout is detected (`beit.train.segmentation_data`); its training images go through
+mmseg's ADE20K pipeline (random resize 0.5-2x of `scale`, a crop with at most 75% of one class,
+flip, photometric distortion). The model is `beit.shared.segmenter.BeitSegmenter`. The recipe is
+the released one for self-supervised checkpoints: AdamW lr 7e-4, weight decay 0.05, layer decay
+0.65 (the heads at the top), linear warm-up over 1,500 iterations from 1e-6 x lr then poly
+(power 1) to 0, 160k iterations, crop 512, drop path 0.1. From a fine-tuned (classification)
+checkpoint the released intermediate-fine-tuning values apply instead, unless set: lr 3e-5,
+layer decay 0.9, crop 640. BatchNorm in the heads is synchronised across GPUs under torchrun.
+Every `eval_every` iterations (and at the end) rank 0 evaluates on val by sliding window
+(stride 2/3 of the crop) and keeps best.pt by mIoU; checkpoint.pt is the latest, and running the
+same command again resumes from it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+
+from beit.shared.checkpoint import load_pretrained, read_state_dict
+from beit.shared.config import to_dict
+from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
+from beit.shared.model import ModelConfig
+from beit.shared.segmenter import BeitSegmenter, segmentation_loss
+from beit.train.scaffold import RUN_SETTINGS, Run, layer_decay_groups, set_lr
+from beit.train.segment_eval import confusion, predict_logits, segmentation_metrics
+from beit.train.segmentation_data import SegmentationData, read_segmentation
+
+# The released values for a self-supervised checkpoint, and for one fine-tuned on labels first (pt2ft).
+RECIPES = {
+    "pretrained": {"lr": 7e-4, "layer_decay": 0.65, "crop": 512},
+    "finetuned": {"lr": 3e-5, "layer_decay": 0.9, "crop": 640},
+}
+
+
+@dataclass
+class SegmentConfig:
+    # keys a resumed run may change (they do not change what it computes)
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_SETTINGS, "eval_every")
+    # the lowest value of each key listed (load_config checks them)
+    MINIMUM: ClassVar[dict[str, int]] = {
+        **dict.fromkeys(("iters", "batch_size", "log_every", "checkpoint_every", "eval_every"), 1),
+        "threads": 0,
+    }
+
+    # image_size 0: the recipe's crop (512, or 640 from a fine-tuned checkpoint); num_classes 0: the data's
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="base", image_size=0, num_classes=0))
+    init: str = "none"  # a checkpoint (this project's pre-trained or fine-tuned, unilm, timm) or "none"
+    format: str = ""  # ade20k | voc | cityscapes | folder; "": detected
+    num_classes: int = 0  # folder layout: the classes (else classes.json)
+    reduce_zero_label: bool = False  # folder layout: label 0 is "other" (ignored), k -> k - 1
+    ignore_index: int = 255
+    head: Literal["upernet", "linear"] = "upernet"
+    channels: int = 0  # UperNet's channels; 0: the model's width (768 for ViT-B, as released)
+    aux_channels: int = 256
+    iters: int = 160_000
+    batch_size: int = 16  # per rank (released: 2 per GPU on 8 GPUs)
+    lr: float = 0.0  # 0: the recipe's (7e-4, or 3e-5 from a fine-tuned checkpoint)
+    layer_decay: float = 0.0  # 0: the recipe's (0.65, or 0.9 from a fine-tuned checkpoint)
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+    min_lr: float = 0.0
+    scale: tuple[int, int] = (2048, 512)  # the base scale images are resized to (long, short side at most)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    eval_every: int = 16_000
+    eval_mode: Literal["slide", "whole"] = "slide"
+    stride: int = 0  # sliding window stride; 0: 2/3 of the crop (341 at 512, as released)
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
+    device: str = "auto"
+    dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 evaluates
+
+
+def poly_lr_at(step: int, base: float, total: int, warmup: int, warmup_ratio: float, power: float, minimum: float):
+    """mmcv's poly schedule with linear warm-up: (base - minimum) (1 - step / total)^power + minimum,
+    scaled over the first `warmup` steps from `warmup_ratio` of it up to all of it."""
+    regular = (base - minimum) * (1 - min(step, total) / total) ** power + minimum
+    if step >= warmup:
+        return regular
+    return regular * (1 - (1 - step / warmup) * (1 - warmup_ratio))
+
+
+def recipe_of(init: str) -> str:
+    """ "finetuned" when `init` is a fine-tuned (classification) checkpoint, else "pretrained"."""
+    if init == "none":
+        return "pretrained"
+    state = read_state_dict(Path(init))
+    return "finetuned" if "head.weight" in state and "lm_head.weight" not in state else "pretrained"
+
+
+def resolve(cfg: SegmentConfig, classes: int) -> tuple[ModelConfig, float, float, str]:
+    """(the model's config, lr, layer decay, recipe): the recipe fills what the config leaves 0."""
+    recipe = recipe_of(cfg.init)
+    values = RECIPES[recipe]
+    model = ModelConfig(**{**to_dict(cfg.model), "num_classes": cfg.model.num_classes or classes})
+    model.image_size = model.image_size or values["crop"]
+    if model.num_classes != classes:
+        raise ValueError(f"model.num_classes {model.num_classes} does not match the data's {classes} classes.")
+    return model.resolved(), cfg.lr or values["lr"], cfg.layer_decay or values["layer_decay"], recipe
+
+
+@torch.no_grad()
+def evaluate_segmenter(model, data: SegmentationData, mode: str, stride: int, scales=(1.0,), flip=False) -> dict:
+    """mIoU, mAcc, aAcc and per-class IoU over `data`'s images at their original size."""
+    model.eval()
+    classes, crop = model.cfg.num_classes, model.cfg.image_size
+    total = None
+    for _, pixels, labels in data.images():
+        scores = predict_logits(model, pixels, classes, mode=mode, crop=crop, stride=stride, scales=scales, flip=flip)
+        scores = torch.nn.functional.interpolate(scores, size=labels.shape, mode="bilinear", align_corners=False)
+        matrix = confusion(scores.argmax(1)[0], labels.to(scores.device), classes, data.source.ignore_index)
+        total = matrix if total is None else total + matrix
+    model.train()
+    return segmentation_metrics(total, data.source.class_names)
+
+
+def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, progress: bool = True) -> dict:
+    run = Run(out, cfg, "segment", progress)
+    dist, device = run.dist, run.device
+    read = dict(format=cfg.format or None, num_classes=cfg.num_classes, ignore_index=cfg.ignore_index)
+    read["reduce_zero_label"] = cfg.reduce_zero_label if cfg.format == "folder" else None
+    train_source = read_segmentation(data_dir, "train", **read)
+    val_source = read_segmentation(data_dir, "val", **read)
+    for source, split in ((train_source, "train"), (val_source, "val")):
+        dist.check_same(f"the {split} images of {data_dir}", [str(k) for k in source.keys])
+    model_cfg, lr, layer_decay, recipe = resolve(cfg, train_source.num_classes)
+    torch.manual_seed(cfg.seed)
+    model = BeitSegmenter(model_cfg, cfg.head, cfg.channels, cfg.aux_channels)
+    notes = [] if cfg.init == "none" else load_pretrained(model, Path(cfg.init))
+    model.to(device)
+    crop, stride = model_cfg.image_size, cfg.stride or round(model_cfg.image_size * 2 / 3)
+    shared = dict(seed=cfg.seed, scale=cfg.scale, threads=cfg.threads, device_id=run.device_id)
+    augment = dict(ratio_range=cfg.ratio_range, cat_max_ratio=cfg.cat_max_ratio, rank=dist.rank, world=dist.world)
+    train = SegmentationData(train_source, crop, cfg.batch_size, True, **shared, **augment)
+    val = SegmentationData(val_source, crop, 1, False, **shared)
+    groups = layer_decay_groups(model, lr, cfg.weight_decay, layer_decay)
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=device.type == "cuda")
+    run.identity(classes=train_source.class_names, recipe=recipe)
+    torch.manual_seed(cfg.seed + dist.rank)  # one weight init everywhere, drop path per rank
+    step, best, result = 0, -1.0, {}
+    meta = run.resume(resume, model, optimizer, cfg.iters)
+    if meta:
+        step, best, result = meta["step"], meta["best_miou"], meta.get("last_eval", {})
+    run.start(step)
+    if dist.world > 1 and device.type == "cuda":  # SyncBatchNorm needs GPUs; on CPUs each rank keeps its own statistics
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    trained = run.wrap(model)
+    stream = train.stream(step)
+    bar = run.bar(cfg.iters, step)
+    loss_sum, seen, started, logged_at = torch.zeros((), device=device), 0, time.perf_counter(), step
+
+    def save(path: Path, rng: list[dict]) -> None:
+        meta = {
+            "step": step,
+            "best_miou": best,
+            "last_eval": {k: result[k] for k in ("mIoU", "mAcc", "aAcc") if k in result},
+            "model": to_dict(model_cfg),
+            "head": cfg.head,
+            "channels": cfg.channels,
+            "aux_channels": cfg.aux_channels,
+            "out_indices": list(model.out_indices),
+            "class_names": train_source.class_names,
+            "ignore_index": cfg.ignore_index,
+            "scale": list(cfg.scale),
+            "stride": stride,
+            "init": cfg.init,
+            "data": {k: read[k] for k in ("num_classes", "ignore_index")}
+            | {"format": train_source.format, "reduce_zero_label": train_source.reduce_zero_label},
+            "effective_lr": lr,
+            "layer_decay": layer_decay,
+        }
+        run.save(path, model, optimizer, rng, meta)
+
+    while step < cfg.iters:
+        set_lr(optimizer, poly_lr_at(step, lr, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.power, cfg.min_lr))
+        pixels, labels = next(stream)
+        pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with run.autocast():
+            loss, _ = segmentation_loss(trained, pixels, labels, cfg.ignore_index)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        seen += len(labels)
+        step += 1
+        bar.update(1)
+        if dist.main and (step % cfg.log_every == 0 or step == cfg.iters):
+            elapsed = time.perf_counter() - started
+            row = {
+                "step": step,
+                "loss": loss_sum.item() / (step - logged_at),
+                "lr": optimizer.param_groups[-1]["lr"],
+                "images_per_s": seen * dist.world / elapsed,
+            }
+            run.log(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            loss_sum.zero_()
+            seen, started, logged_at = 0, time.perf_counter(), step
+        evaluating = step % cfg.eval_every == 0 or step == cfg.iters
+        saving = evaluating or step % cfg.checkpoint_every == 0
+        rng = dist.rng_states(device) if saving else []
+        if evaluating and dist.main:
+            result = evaluate_segmenter(model, val, cfg.eval_mode, stride)
+            run.log({"step": step, **{f"eval_{k}": result[k] for k in ("mIoU", "mAcc", "aAcc")}})
+            if result["mIoU"] > best:
+                best = result["mIoU"]
+                save(run.out / "best.pt", rng)
+        if saving:
+            save(run.checkpoint, rng)
+            dist.barrier()
+    bar.close()
+    run.close()
+    return {"steps": step, "best_miou": best, "last": result, "notes": notes, "recipe": recipe, "lr": lr}

@@ -1,0 +1,128 @@
+"""`beit segment evaluate` and `beit segment predict`: a trained segmenter on labelled data
+(mIoU, mAcc, aAcc, per-class IoU) and on any images (palette PNG masks, overlays to look at).
+
+    beit segment evaluate runs/seg/best.pt DATA --mode slide --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip
+    beit segment predict runs/seg/best.pt a.jpg b.jpg -o masks/ --overlay
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from beit.shared.checkpoint import CheckpointError, load_checkpoint, load_weights
+from beit.shared.dist import choose_device, dali_device_id
+from beit.shared.model import ModelConfig
+from beit.shared.segmenter import BeitSegmenter
+from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from beit.train.segment_eval import predict_logits
+
+
+def load_segmenter(path: Path) -> tuple[BeitSegmenter, dict]:
+    """The segmenter of a `beit segment train` checkpoint, in eval mode, and its meta."""
+    state, meta = load_checkpoint(path)
+    if meta.get("kind") != "segment":
+        raise CheckpointError(f"{path} is a {meta.get('kind')} checkpoint: pass one written by `beit segment train`.")
+    model = BeitSegmenter(
+        ModelConfig(**meta["model"]), meta["head"], meta["channels"], meta["aux_channels"], tuple(meta["out_indices"])
+    )
+    load_weights(model, state["model"], source=str(path))
+    return model.eval(), meta
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data: Path,
+    split: str = "val",
+    mode: str = "slide",
+    stride: int = 0,
+    scales: tuple[float, ...] = (1.0,),
+    flip: bool = False,
+    device: str = "auto",
+) -> dict:
+    """The checkpoint's metrics on DATA's `split`, read as the training data was read."""
+    from beit.train.segment import evaluate_segmenter
+    from beit.train.segmentation_data import SegmentationData, read_segmentation
+
+    model, meta = load_segmenter(checkpoint)
+    reading = meta.get("data", {})
+    source = read_segmentation(data, split, **reading)
+    if source.class_names != meta["class_names"]:
+        raise ValueError(f"{data} has other classes than {checkpoint} was trained on: evaluate on its data.")
+    torch_device = choose_device(device)
+    model.to(torch_device)
+    crop = model.cfg.image_size
+    images = SegmentationData(
+        source, crop, 1, False, scale=tuple(meta["scale"]), device_id=dali_device_id(torch_device)
+    )
+    return evaluate_segmenter(model, images, mode, stride or meta["stride"], scales, flip)
+
+
+def palette(classes: int) -> np.ndarray:
+    """uint8 [256, 3]: distinct colours for the classes (the VOC bit pattern), white for the rest."""
+    colours = np.full((256, 3), 255, dtype=np.uint8)
+    for c in range(min(classes, 255)):
+        r = g = b = 0
+        bits = c + 1
+        for shift in range(7, -1, -1):
+            r |= ((bits >> 0) & 1) << shift
+            g |= ((bits >> 1) & 1) << shift
+            b |= ((bits >> 2) & 1) << shift
+            bits >>= 3
+        colours[c] = (r, g, b)
+    return colours
+
+
+def resized_to_scale(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmseg's keep-ratio Resize: the largest size whose long side fits scale[0] and short side scale[1]."""
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+@torch.no_grad()
+def predict_files(
+    checkpoint: Path, images: list[Path], out: Path, overlay: bool = False, mode: str = "slide", device: str = "auto"
+) -> list[dict]:
+    """For each image: OUT/<stem>.png, a palette PNG of class indices at the image's size (and
+    OUT/<stem>_overlay.jpg, the colours over the image). Returns each image's class shares."""
+    from PIL import Image
+
+    model, meta = load_segmenter(checkpoint)
+    torch_device = choose_device(device)
+    model.to(torch_device)
+    colours = palette(model.cfg.num_classes)
+    mean = torch.tensor(IMAGENET_MEAN, device=torch_device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=torch_device).view(1, 3, 1, 1) * 255
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                rgb = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path} cannot be read as an image ({error}): pass JPEG or PNG files.") from None
+        pixels = torch.from_numpy(rgb).to(torch_device).permute(2, 0, 1)[None].float()
+        size = resized_to_scale(*rgb.shape[:2], tuple(meta["scale"]))
+        pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
+        scores = predict_logits(
+            model,
+            (pixels - mean) / std,
+            model.cfg.num_classes,
+            mode=mode,
+            crop=model.cfg.image_size,
+            stride=meta["stride"],
+        )
+        scores = torch.nn.functional.interpolate(scores, size=rgb.shape[:2], mode="bilinear", align_corners=False)
+        labels = scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        mask = Image.fromarray(labels, mode="P")
+        mask.putpalette(colours.ravel().tolist())
+        mask.save(out / f"{path.stem}.png")
+        if overlay:
+            blend = (0.5 * rgb + 0.5 * colours[labels]).round().astype(np.uint8)
+            Image.fromarray(blend).save(out / f"{path.stem}_overlay.jpg", quality=90)
+        shares = np.bincount(labels.ravel(), minlength=model.cfg.num_classes) / labels.size
+        top = np.argsort(shares)[::-1][:3]
+        summaries.append({"image": str(path), "top": [(meta["class_names"][c], float(shares[c])) for c in top]})
+    return summaries
