@@ -1,0 +1,159 @@
+"""`beit segment` end to end on the built-in fashion-scenes task, on the CPU: training, resume
+after SIGKILL, two torchrun ranks, evaluation and prediction, the pt2ft recipe from a fine-tuned
+checkpoint, and bad input."""
+
+import json
+import signal
+import sys
+
+import numpy as np
+import pytest
+import torch
+from photos import beit, beit_torchrun, kill_when
+from PIL import Image
+
+from beit.shared.checkpoint import load_checkpoint, save_checkpoint
+from beit.shared.model import BeitClassifier, BeitForMIM, ModelConfig
+from beit.train.scaffold import layer_decay_groups
+from beit.train.segment import poly_lr_at
+
+MODEL = dict(preset="tiny", image_size=64, width=48, heads=2, depth=4, vocab_size=64, drop_path=0.0)
+ARGS = [
+    "--crop", "64", "--batch-size", "4",
+    "--set", "model.width=48", "--set", "model.heads=2", "--set", "model.depth=4", "--set", "model.preset=tiny",
+    "--set", "aux_channels=16", "--set", "scale=[112,64]", "--set", "warmup_iters=4", "--set", "log_every=1",
+]  # fmt: skip
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """24 training and 8 validation scenes, and a pre-trained (randomly initialised) ViT."""
+    root = tmp_path_factory.mktemp("seg")
+    result = beit("data", "fashion-scenes", root / "scenes", "--train", 24, "--val", 8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.manual_seed(0)
+    pretrained = root / "pt.pt"
+    save_checkpoint(pretrained, {"model": BeitForMIM(ModelConfig(**MODEL)).state_dict()}, {"kind": "pretrain"})
+    return root / "scenes", pretrained
+
+
+def test_trains_evaluates_predicts_and_resumes_after_sigkill(data, tmp_path):
+    scenes, pretrained = data
+    args = [*ARGS, "--iters", "12", "--set", "eval_every=6", "--set", "checkpoint_every=3"]
+    whole = tmp_path / "whole"
+    result = beit("segment", "train", scenes, "--init", pretrained, "--out", whole, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val mIoU" in result.stdout and "fpn1" in result.stdout  # new heads noted
+    rows = metrics(whole)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_mIoU" in r]
+    assert len(losses) == 12 and [r["step"] for r in evals] == [6, 12]
+    assert all(0 <= r["eval_mIoU"] <= 1 and 0 <= r["eval_aAcc"] <= 1 for r in evals)
+    state, meta = load_checkpoint(whole / "best.pt")
+    assert meta["kind"] == "segment" and meta["class_names"][0] == "background" and len(meta["class_names"]) == 11
+    assert meta["best_miou"] == max(r["eval_mIoU"] for r in evals)
+
+    cut = tmp_path / "cut"
+    command = [sys.executable, "-m", "beit", "segment", "train", scenes, "--init", pretrained, "--out", cut, *args]
+
+    def past_a_checkpoint() -> bool:
+        return json.loads((cut / "checkpoint.json").read_text())["step"] >= 3
+
+    assert kill_when(command, past_a_checkpoint) == -signal.SIGKILL
+    result = beit("segment", "train", scenes, "--init", pretrained, "--out", cut, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = [r["loss"] for r in metrics(cut) if "loss" in r]
+    assert resumed == pytest.approx(losses, rel=1e-5)  # the same crops, drop path and dropout draws
+
+    result = beit("segment", "evaluate", whole / "best.pt", scenes, "--per-class", "--flip", "--scales", "0.75,1.0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("mIoU ") and "background" in result.stdout and "ankle-boot" in result.stdout
+    images = sorted((scenes / "images" / "validation").glob("*.png"))[:2]
+    result = beit("segment", "predict", whole / "best.pt", *images, "-o", tmp_path / "masks", "--overlay")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for image in images:
+        mask = Image.open(tmp_path / "masks" / image.name)
+        assert mask.mode == "P" and mask.size == Image.open(image).size
+        assert np.asarray(mask).max() < 11 and (tmp_path / "masks" / f"{image.stem}_overlay.jpg").exists()
+
+
+def test_two_torchrun_ranks_train(data, tmp_path):
+    scenes, pretrained = data
+    run = tmp_path / "ddp"
+    result = beit_torchrun(2, "segment", "train", scenes, "--init", pretrained, "--out", run, *ARGS, "--iters", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_checkpoint(run / "checkpoint.pt")[1]["world_size"] == 2
+    assert all(np.isfinite(r["loss"]) for r in metrics(run) if "loss" in r)
+
+
+def test_from_a_fine_tuned_checkpoint_the_released_pt2ft_values_apply(data, tmp_path):
+    """Intermediate fine-tuning: a classifier fine-tuned on labels initialises the segmenter, and
+    lr 3e-5 and layer decay 0.9 apply unless set (the crop, 640 by default, is set here)."""
+    scenes, _ = data
+    torch.manual_seed(0)
+    classifier = tmp_path / "ft.pt"
+    state = BeitClassifier(ModelConfig(**{**MODEL, "num_classes": 10})).state_dict()
+    save_checkpoint(classifier, {"model": state}, {"kind": "finetune"})
+    run = tmp_path / "pt2ft"
+    result = beit("segment", "train", scenes, "--init", classifier, "--out", run, *ARGS, "--iters", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "finetuned recipe, lr 3e-05" in result.stdout
+    assert "dropped fc_norm.weight, fc_norm.bias, head.weight, head.bias" in result.stdout  # the classifier's head
+    meta = load_checkpoint(run / "checkpoint.pt")[1]
+    assert meta["layer_decay"] == 0.9 and meta["effective_lr"] == 3e-5
+    result = beit(
+        "segment",
+        "train",
+        scenes,
+        "--init",
+        classifier,
+        "--out",
+        tmp_path / "set",
+        *ARGS,
+        "--iters",
+        "1",
+        "--lr",
+        "1e-4",
+    )
+    assert result.returncode == 0 and load_checkpoint(tmp_path / "set" / "checkpoint.pt")[1]["effective_lr"] == 1e-4
+
+
+def test_layer_wise_rates_and_the_poly_schedule_follow_the_released_formulas():
+    from beit.shared.segmenter import BeitSegmenter
+
+    model = BeitSegmenter(ModelConfig(**{**MODEL, "num_classes": 3}), aux_channels=8)
+    groups = layer_decay_groups(model, lr=1.0, weight_decay=0.05, decay=0.9)
+    for group in groups:
+        for name in group["names"]:
+            assert group["lr_scale"] == pytest.approx(0.9 ** (4 + 1 - model.layer_id(name))), name
+            flat = group["params"][group["names"].index(name)].ndim == 1  # biases, norms, layer scales
+            assert group["weight_decay"] == (0.0 if flat or name == "cls_token" else 0.05), name
+    heads = [g for g in groups if any(n.startswith(("decode_head", "auxiliary_head", "fpn")) for n in g["names"])]
+    assert heads and all(g["lr_scale"] == 1.0 for g in heads)  # the heads at the top: the full lr
+    assert poly_lr_at(0, 1.0, 100, 10, 1e-6, 1.0, 0.0) == pytest.approx(1e-6)  # mmcv's warm-up starts at ratio x lr
+    assert poly_lr_at(5, 1.0, 100, 10, 1e-6, 1.0, 0.0) == pytest.approx(0.95 * (0.5 + 0.5 * 1e-6))
+    assert poly_lr_at(10, 1.0, 100, 10, 1e-6, 1.0, 0.0) == pytest.approx(0.9)
+    assert poly_lr_at(100, 1.0, 100, 10, 1e-6, 1.0, 0.0) == 0.0
+
+
+def test_bad_input_is_one_clear_error(data, tmp_path):
+    scenes, pretrained = data
+    mask = next((scenes / "annotations" / "training").glob("*.png"))
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(scenes, bad)
+    Image.open(mask).resize((10, 10)).save(bad / "annotations" / "training" / mask.name)
+    result = beit("segment", "train", bad, "--init", "none", "--out", tmp_path / "r1", *ARGS, "--iters", "1")
+    assert result.returncode == 1 and mask.name in result.stderr and "a mask must label every pixel" in result.stderr
+    # a checkpoint of another model size
+    other = tmp_path / "other.pt"
+    save_checkpoint(
+        other, {"model": BeitForMIM(ModelConfig(**{**MODEL, "width": 64})).state_dict()}, {"kind": "pretrain"}
+    )
+    result = beit("segment", "train", scenes, "--init", other, "--out", tmp_path / "r2", *ARGS, "--iters", "1")
+    assert result.returncode == 1 and "error:" in result.stderr and len(result.stderr.strip().splitlines()) == 1
