@@ -20,7 +20,6 @@ in the same image order) and best.pt (best top-1).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -35,7 +34,7 @@ from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.shared.model import BeitClassifier, ModelConfig
 from beit.train.classification import ClassificationData, read_splits
 from beit.train.evaluate import evaluate
-from beit.train.scaffold import RUN_SETTINGS, Run, layer_decay_groups, lr_at, set_lr
+from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, layer_decay_groups, lr_at, set_lr
 
 
 @dataclass
@@ -174,7 +173,7 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
     trained = run.wrap(model)
     stream = train.stream(step)
     bar = run.bar(total, step)
-    loss_sum, seen, started, logged_at = torch.zeros((), device=device), 0, time.perf_counter(), step
+    meter = LossMeter(device, step)
 
     def save(path: Path, rng: list[dict]) -> None:
         meta = {
@@ -204,23 +203,13 @@ def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        seen += len(labels)
+        meter.add(loss, len(labels))
         step += 1
         bar.update(1)
         if dist.main and (step % cfg.log_every == 0 or step == total):
-            elapsed = time.perf_counter() - started
-            row = {
-                "step": step,
-                "epoch": step / train.steps_per_epoch,
-                "loss": loss_sum.item() / (step - logged_at),
-                "lr": optimizer.param_groups[-1]["lr"],
-                "images_per_s": seen * dist.world / elapsed,
-            }
+            row = meter.row(step, optimizer, dist.world, epoch=step / train.steps_per_epoch)
             run.log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
-            loss_sum.zero_()
-            seen, started, logged_at = 0, time.perf_counter(), step
         end_of_epoch = step % train.steps_per_epoch == 0
         evaluating = end_of_epoch and ((step // train.steps_per_epoch) % cfg.eval_every == 0 or step == total)
         saving = evaluating or step % cfg.checkpoint_every == 0 or step == total

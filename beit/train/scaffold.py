@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,33 @@ def truncate_metrics(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     path.write_text("".join(line + "\n" for line in kept))
+
+
+class LossMeter:
+    """The training loss and images since the last metrics row, kept on the device until a log
+    step reads them (the one host synchronisation)."""
+
+    def __init__(self, device: torch.device, step: int):
+        self.total = torch.zeros((), device=device)
+        self.images, self.started, self.logged_at = 0, time.perf_counter(), step
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.total += loss.detach()
+        self.images += images
+
+    def row(self, step: int, optimizer: torch.optim.Optimizer, world: int, **extra: Any) -> dict:
+        """{step, **extra, loss (mean over the steps since the last row), lr, images_per_s}; resets."""
+        elapsed = time.perf_counter() - self.started
+        row = {
+            "step": step,
+            **extra,
+            "loss": self.total.item() / (step - self.logged_at),
+            "lr": optimizer.param_groups[-1]["lr"],
+            "images_per_s": self.images * world / elapsed,
+        }
+        self.total.zero_()
+        self.images, self.started, self.logged_at = 0, time.perf_counter(), step
+        return row
 
 
 def changed_keys(theirs: Any, ours: Any, prefix: str = "") -> list[str]:

@@ -21,7 +21,6 @@ same command again resumes from it.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -33,7 +32,7 @@ from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.shared.model import ModelConfig
 from beit.shared.segmenter import BeitSegmenter, segmentation_loss
-from beit.train.scaffold import RUN_SETTINGS, Run, layer_decay_groups, set_lr
+from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, layer_decay_groups, set_lr
 from beit.train.segment_eval import confusion, predict_logits, segmentation_metrics
 from beit.train.segmentation_data import SegmentationData, read_segmentation
 
@@ -165,7 +164,7 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
     trained = run.wrap(model)
     stream = train.stream(step)
     bar = run.bar(cfg.iters, step)
-    loss_sum, seen, started, logged_at = torch.zeros((), device=device), 0, time.perf_counter(), step
+    meter = LossMeter(device, step)
 
     def save(path: Path, rng: list[dict]) -> None:
         meta = {
@@ -198,22 +197,13 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        seen += len(labels)
+        meter.add(loss, len(labels))
         step += 1
         bar.update(1)
         if dist.main and (step % cfg.log_every == 0 or step == cfg.iters):
-            elapsed = time.perf_counter() - started
-            row = {
-                "step": step,
-                "loss": loss_sum.item() / (step - logged_at),
-                "lr": optimizer.param_groups[-1]["lr"],
-                "images_per_s": seen * dist.world / elapsed,
-            }
+            row = meter.row(step, optimizer, dist.world)
             run.log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
-            loss_sum.zero_()
-            seen, started, logged_at = 0, time.perf_counter(), step
         evaluating = step % cfg.eval_every == 0 or step == cfg.iters
         saving = evaluating or step % cfg.checkpoint_every == 0
         rng = dist.rng_states(device) if saving else []
