@@ -529,6 +529,7 @@ def segment_evaluate_command(
     scales: Annotated[str, typer.Option(help="comma-separated scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")] = "1.0",
     flip: Annotated[bool, typer.Option("--flip", help="average with the mirrored image")] = False,
     per_class: Annotated[bool, typer.Option("--per-class", help="print IoU and accuracy per class")] = False,
+    picture: Annotated[Path | None, typer.Option(help="PNG of images beside ground truth and prediction")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """mIoU, mAcc and aAcc of a segmentation checkpoint, by sliding window, multi-scale and flip."""
@@ -536,7 +537,7 @@ def segment_evaluate_command(
 
     try:
         factors = tuple(float(x) for x in scales.split(","))
-        result = evaluate_checkpoint(checkpoint, data, split, mode, stride, factors, flip, device)
+        result = evaluate_checkpoint(checkpoint, data, split, mode, stride, factors, flip, device, picture)
     except ValueError as error:
         _fail(error)
     typer.echo(f"mIoU {result['mIoU'] * 100:.2f}, mAcc {result['mAcc'] * 100:.2f}, aAcc {result['aAcc'] * 100:.2f}")

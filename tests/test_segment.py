@@ -69,8 +69,11 @@ def test_trains_evaluates_predicts_and_resumes_after_sigkill(data, tmp_path):
     resumed = [r["loss"] for r in metrics(cut) if "loss" in r]
     assert resumed == pytest.approx(losses, rel=1e-5)  # the same crops, drop path and dropout draws
 
-    result = beit("segment", "evaluate", whole / "best.pt", scenes, "--per-class", "--flip", "--scales", "0.75,1.0")
+    picture = tmp_path / "compare.png"
+    options = ["--per-class", "--flip", "--scales", "0.75,1.0", "--picture", picture]
+    result = beit("segment", "evaluate", whole / "best.pt", scenes, *options)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(picture).height == 6 * (160 + 4)  # six images beside their ground truth and prediction
     assert result.stdout.startswith("mIoU ") and "background" in result.stdout and "ankle-boot" in result.stdout
     images = sorted((scenes / "images" / "validation").glob("*.png"))[:2]
     result = beit("segment", "predict", whole / "best.pt", *images, "-o", tmp_path / "masks", "--overlay")

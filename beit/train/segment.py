@@ -116,18 +116,24 @@ def resolve(cfg: SegmentConfig, classes: int) -> tuple[ModelConfig, float, float
 
 
 @torch.no_grad()
-def evaluate_segmenter(model, data: SegmentationData, mode: str, stride: int, scales=(1.0,), flip=False) -> dict:
-    """mIoU, mAcc, aAcc and per-class IoU over `data`'s images at their original size."""
+def evaluate_segmenter(
+    model, data: SegmentationData, mode: str, stride: int, scales=(1.0,), flip=False, keep: int = 0
+) -> dict:
+    """mIoU, mAcc, aAcc and per-class IoU over `data`'s images at their original size; with
+    `keep`, also "examples": the first `keep` (key, pixels [3, h, w] as fed, labels, prediction)."""
     model.eval()
     classes, crop = model.cfg.num_classes, model.cfg.image_size
-    total = None
-    for _, pixels, labels in data.images():
+    total, examples = None, []
+    for key, pixels, labels in data.images():
         scores = predict_logits(model, pixels, classes, mode=mode, crop=crop, stride=stride, scales=scales, flip=flip)
         scores = torch.nn.functional.interpolate(scores, size=labels.shape, mode="bilinear", align_corners=False)
-        matrix = confusion(scores.argmax(1)[0], labels.to(scores.device), classes, data.source.ignore_index)
+        prediction = scores.argmax(1)[0]
+        matrix = confusion(prediction, labels.to(scores.device), classes, data.source.ignore_index)
         total = matrix if total is None else total + matrix
+        if len(examples) < keep:
+            examples.append((key, pixels[0].cpu(), labels.cpu(), prediction.cpu()))
     model.train()
-    return segmentation_metrics(total, data.source.class_names)
+    return {**segmentation_metrics(total, data.source.class_names), **({"examples": examples} if keep else {})}
 
 
 def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, progress: bool = True) -> dict:

@@ -41,8 +41,11 @@ def evaluate_checkpoint(
     scales: tuple[float, ...] = (1.0,),
     flip: bool = False,
     device: str = "auto",
+    picture: Path | None = None,
+    examples: int = 6,
 ) -> dict:
-    """The checkpoint's metrics on DATA's `split`, read as the training data was read."""
+    """The checkpoint's metrics on DATA's `split`, read as the training data was read; with
+    `picture`, a PNG of the first `examples` images beside their ground truth and prediction."""
     from beit.train.segment import evaluate_segmenter
     from beit.train.segmentation_data import SegmentationData, read_segmentation
 
@@ -57,7 +60,34 @@ def evaluate_checkpoint(
     images = SegmentationData(
         source, crop, 1, False, scale=tuple(meta["scale"]), device_id=dali_device_id(torch_device)
     )
-    return evaluate_segmenter(model, images, mode, stride or meta["stride"], scales, flip)
+    result = evaluate_segmenter(
+        model, images, mode, stride or meta["stride"], scales, flip, keep=examples if picture else 0
+    )
+    if picture:
+        comparison_picture(result.pop("examples"), model.cfg.num_classes, source.ignore_index, picture)
+    return result
+
+
+def comparison_picture(examples: list, classes: int, ignore_index: int, out: Path, height: int = 160) -> None:
+    """A PNG with one row per example: the image, the ground truth, the prediction (palette
+    colours; ignored pixels black), each scaled to `height` pixels high."""
+    from PIL import Image
+
+    colours = palette(classes)
+    colours[ignore_index] = 0
+    mean, std = np.asarray(IMAGENET_MEAN) * 255, np.asarray(IMAGENET_STD) * 255
+    rows = []
+    for _, pixels, labels, prediction in examples:
+        size = tuple(labels.shape[::-1])
+        image = Image.fromarray((pixels.permute(1, 2, 0).numpy() * std + mean).clip(0, 255).astype(np.uint8))
+        panels = [image.resize(size, Image.BILINEAR)]
+        panels += [Image.fromarray(colours[np.asarray(x, dtype=np.int64)]) for x in (labels, prediction)]
+        width = round(size[0] * height / size[1])
+        rows.append(np.concatenate([np.asarray(p.resize((width, height), Image.NEAREST)) for p in panels], axis=1))
+    widest = max(row.shape[1] for row in rows)
+    rows = [np.pad(row, ((0, 4), (0, widest - row.shape[1]), (0, 0)), constant_values=255) for row in rows]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
 
 
 def palette(classes: int) -> np.ndarray:
