@@ -30,7 +30,10 @@ segment_app = typer.Typer(
 app.add_typer(segment_app, name="segment")
 
 Config = Annotated[Path | None, typer.Option("--config", help="TOML file of the stage's config keys")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set KEY=VALUE")]
 NoResume = Annotated[bool, typer.Option("--no-resume", help="start over, ignoring a checkpoint in --out")]
+RunFolder = Annotated[Path, typer.Option("--out", help="run folder: config, metrics.jsonl, checkpoints")]
+Preset = Annotated[str | None, typer.Option("--model", help="tiny | small | base | large")]
 
 
 def _fail(error: Exception) -> None:
@@ -56,6 +59,21 @@ def _config(ctx: typer.Context, cls: type, renames: dict[str, str] | None = None
     return load_config(cls, ctx.params.get("config"), [*(ctx.params.get("set_") or []), *explicit])
 
 
+def _run(ctx: typer.Context, cls: type, stage, *args, renames: dict[str, str] | None = None, **kwargs):
+    """(config, stage(*args, config, **kwargs)): a bad config, store, checkpoint or input (every
+    one a ValueError) is one line on stderr and exit status 1."""
+    try:
+        cfg = _config(ctx, cls, renames)
+        return cfg, stage(*args, cfg, **kwargs)
+    except ValueError as error:
+        _fail(error)
+
+
+def _notes(result: dict) -> None:
+    for note in result["notes"]:
+        typer.echo(f"init: {note}")
+
+
 @app.command("tokenize")
 def tokenize_command(
     ctx: typer.Context,
@@ -69,18 +87,12 @@ def tokenize_command(
     strict: Annotated[bool, typer.Option("--strict", help="exit non-zero if any image failed")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a STORE made differently")] = False,
     config: Config = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a config key: --set view.jitter=0.3")
-    ] = None,
+    set_: Overrides = None,
 ) -> None:
     """Stage 1: decode images, draw V views each, and cache their dVAE tokens in a Zarr store."""
     from beit.tokenize.run import TokenizeConfig, tokenize
 
-    try:
-        cfg = _config(ctx, TokenizeConfig)
-        summary = tokenize(source, store, tokenizer, cfg, overwrite=overwrite)
-    except ValueError as error:  # ConfigError, StoreError and the stage's own are all ValueErrors
-        _fail(error)
+    cfg, summary = _run(ctx, TokenizeConfig, tokenize, source, store, tokenizer, overwrite=overwrite)
     if summary.get("already_complete") or "done" not in summary:
         return
     typer.echo(
@@ -99,8 +111,8 @@ def tokenize_command(
 def pretrain_command(
     ctx: typer.Context,
     store: Annotated[str, typer.Argument(help="token store made by `beit tokenize`")],
-    out: Annotated[Path, typer.Option("--out", help="run folder: config, metrics.jsonl, checkpoint.pt")],
-    model: Annotated[str | None, typer.Option(help="tiny | small | base | large")] = None,
+    out: RunFolder,
+    model: Preset = None,
     epochs: Annotated[int | None, typer.Option(help="default 800")] = None,
     batch_size: Annotated[int | None, typer.Option(help="per rank (default 64)")] = None,
     lr: Annotated[float | None, typer.Option(help="effective learning rate")] = None,
@@ -113,17 +125,13 @@ def pretrain_command(
     ] = None,
     mask: Annotated[str | None, typer.Option(help="block | random")] = None,
     config: Config = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set model.depth=6")] = None,
+    set_: Overrides = None,
     no_resume: NoResume = False,
 ) -> None:
     """Stage 2: pre-train a BEiT ViT from a token store's views and cached tokens."""
     from beit.train.pretrain import PretrainConfig, pretrain
 
-    try:
-        cfg = _config(ctx, PretrainConfig)
-        result = pretrain(store, out, cfg, resume=not no_resume)
-    except ValueError as error:  # ConfigError, StoreError, CheckpointError are ValueErrors
-        _fail(error)
+    _, result = _run(ctx, PretrainConfig, pretrain, store, out, resume=not no_resume)
     typer.echo(
         f"pre-trained {result['steps']} steps (effective batch {result['effective_batch']}, lr "
         f"{result['effective_lr']:.3g}); checkpoint {result['checkpoint']}"
@@ -135,27 +143,22 @@ def finetune_command(
     ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="folder with train/ and val/ ImageFolder trees, or a token store")],
     init: Annotated[str, typer.Option(help="pre-trained checkpoint (beit, unilm .pth, timm) or 'none'")],
-    out: Annotated[Path, typer.Option("--out", help="run folder")],
-    model: Annotated[str | None, typer.Option(help="tiny | small | base | large")] = None,
+    out: RunFolder,
+    model: Preset = None,
     epochs: Annotated[int | None, typer.Option(help="default 100")] = None,
     batch_size: Annotated[int | None, typer.Option(help="per rank (default 64)")] = None,
     lr: Annotated[float | None, typer.Option(help="effective learning rate")] = None,
     blr: Annotated[float | None, typer.Option(help="lr at an effective batch of 1024 (4e-3)")] = None,
     layer_decay: Annotated[float | None, typer.Option(help="layer-wise lr decay (0.65)")] = None,
     config: Config = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set mixup=0")] = None,
+    set_: Overrides = None,
     no_resume: NoResume = False,
 ) -> None:
     """Fine-tune a pre-trained BEiT for classification (layer decay, mixup/cutmix, RandAugment)."""
     from beit.train.finetune import FinetuneConfig, finetune
 
-    try:
-        cfg = _config(ctx, FinetuneConfig)
-        result = finetune(data, out, cfg, resume=not no_resume)
-    except ValueError as error:  # ConfigError, CheckpointError are ValueErrors
-        _fail(error)
-    for note in result["notes"]:
-        typer.echo(f"init: {note}")
+    _, result = _run(ctx, FinetuneConfig, finetune, data, out, resume=not no_resume)
+    _notes(result)
     last = result["last"]
     typer.echo(
         f"fine-tuned {result['steps']} steps; val top-1 {last.get('top1', float('nan')) * 100:.2f}% "
@@ -204,17 +207,13 @@ def tokenizer_train_command(
     input_size: Annotated[int | None, typer.Option(help="crop size in pixels")] = None,
     vocab_size: Annotated[int | None, typer.Option(help="codebook size")] = None,
     config: Config = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set lr=2e-3")] = None,
+    set_: Overrides = None,
     no_resume: NoResume = False,
 ) -> None:
     """Train a dVAE tokenizer on your images (Gumbel-softmax, KL to a uniform prior, DALI crops)."""
     from beit.tokenize.dvae_train import DVAETrainConfig, train_dvae
 
-    try:
-        cfg = _config(ctx, DVAETrainConfig)
-        report = train_dvae(images, out, cfg, resume=not no_resume)
-    except ValueError as error:
-        _fail(error)
+    cfg, report = _run(ctx, DVAETrainConfig, train_dvae, images, out, resume=not no_resume)
     held = report.get("held_out")
     summary = f"wrote {out} after {report['steps']} steps on {report['train_images']} images"
     if report["failed_images"]:
@@ -426,9 +425,7 @@ def probe_command(
     all_layers: Annotated[bool, typer.Option("--all-layers", help="probe every block")] = False,
     epochs: Annotated[int, typer.Option(help="epochs of the linear classifier")] = 300,
     batch_size: Annotated[int, typer.Option()] = 64,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="model keys and device: --set model.image_size=96")
-    ] = None,
+    set_: Overrides = None,
 ) -> None:
     """Linear probe of a frozen backbone: cls + mean patch token of a block, a linear classifier."""
     from beit.train.probe import ProbeConfig, probe
@@ -488,30 +485,25 @@ def segment_train_command(
     ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="ADE20K, Pascal VOC 2012, Cityscapes, or images/ + annotations/")],
     init: Annotated[str, typer.Option(help="pre-trained or fine-tuned checkpoint (beit, unilm, timm) or 'none'")],
-    out: Annotated[Path, typer.Option("--out", help="run folder")],
+    out: RunFolder,
     format: Annotated[str | None, typer.Option(help="ade20k | voc | cityscapes | folder (default: detected)")] = None,
     crop: Annotated[int | None, typer.Option(help="crop size (default 512; 640 from a fine-tuned checkpoint)")] = None,
     head: Annotated[str | None, typer.Option(help="upernet | linear")] = None,
-    model: Annotated[str | None, typer.Option(help="tiny | small | base | large")] = None,
+    model: Preset = None,
     iters: Annotated[int | None, typer.Option(help="iterations (default 160000)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="per rank (default 16)")] = None,
     lr: Annotated[float | None, typer.Option(help="default 7e-4 (3e-5 from a fine-tuned checkpoint)")] = None,
     layer_decay: Annotated[float | None, typer.Option(help="default 0.65 (0.9 from a fine-tuned checkpoint)")] = None,
     num_classes: Annotated[int | None, typer.Option(help="folder layout: classes (else its classes.json)")] = None,
     config: Config = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set eval_every=500")] = None,
+    set_: Overrides = None,
     no_resume: NoResume = False,
 ) -> None:
     """Fine-tune a pre-trained BEiT for semantic segmentation (UperNet, the released recipe)."""
     from beit.train.segment import SegmentConfig, segment
 
-    try:
-        cfg = _config(ctx, SegmentConfig, {"crop": "model.image_size"})
-        result = segment(data, out, cfg, resume=not no_resume)
-    except ValueError as error:  # ConfigError, CheckpointError are ValueErrors
-        _fail(error)
-    for note in result["notes"]:
-        typer.echo(f"init: {note}")
+    _, result = _run(ctx, SegmentConfig, segment, data, out, renames={"crop": "model.image_size"}, resume=not no_resume)
+    _notes(result)
     last = result["last"]
     typer.echo(
         f"trained {result['steps']} iterations ({result['recipe']} recipe, lr {result['lr']:.3g}); val mIoU "
