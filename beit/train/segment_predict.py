@@ -17,7 +17,9 @@ from beit.shared.dist import choose_device, dali_device_id
 from beit.shared.model import ModelConfig
 from beit.shared.segmenter import BeitSegmenter
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from beit.train.segment import evaluate_segmenter
 from beit.train.segment_eval import predict_logits
+from beit.train.segmentation_data import SegmentationData, eval_view, read_segmentation
 
 
 def load_segmenter(path: Path) -> tuple[BeitSegmenter, dict]:
@@ -46,9 +48,6 @@ def evaluate_checkpoint(
 ) -> dict:
     """The checkpoint's metrics on DATA's `split`, read as the training data was read; with
     `picture`, a PNG of the first `examples` images beside their ground truth and prediction."""
-    from beit.train.segment import evaluate_segmenter
-    from beit.train.segmentation_data import SegmentationData, read_segmentation
-
     model, meta = load_segmenter(checkpoint)
     reading = meta.get("data", {})
     source = read_segmentation(data, split, **reading)
@@ -105,12 +104,6 @@ def palette(classes: int) -> np.ndarray:
     return colours
 
 
-def resized_to_scale(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """mmseg's keep-ratio Resize: the largest size whose long side fits scale[0] and short side scale[1]."""
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return max(1, round(height * factor)), max(1, round(width * factor))
-
-
 @torch.no_grad()
 def predict_files(
     checkpoint: Path, images: list[Path], out: Path, overlay: bool = False, mode: str = "slide", device: str = "auto"
@@ -123,8 +116,6 @@ def predict_files(
     torch_device = choose_device(device)
     model.to(torch_device)
     colours = palette(model.cfg.num_classes)
-    mean = torch.tensor(IMAGENET_MEAN, device=torch_device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=torch_device).view(1, 3, 1, 1) * 255
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for path in images:
@@ -133,17 +124,9 @@ def predict_files(
                 rgb = np.asarray(image.convert("RGB"))
         except (OSError, ValueError) as error:
             raise ValueError(f"{path} cannot be read as an image ({error}): pass JPEG or PNG files.") from None
-        pixels = torch.from_numpy(rgb).to(torch_device).permute(2, 0, 1)[None].float()
-        size = resized_to_scale(*rgb.shape[:2], tuple(meta["scale"]))
-        pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
-        scores = predict_logits(
-            model,
-            (pixels - mean) / std,
-            model.cfg.num_classes,
-            mode=mode,
-            crop=model.cfg.image_size,
-            stride=meta["stride"],
-        )
+        pixels = eval_view(torch.from_numpy(np.ascontiguousarray(rgb)).to(torch_device), tuple(meta["scale"]))
+        classes, crop = model.cfg.num_classes, model.cfg.image_size
+        scores = predict_logits(model, pixels, classes, mode=mode, crop=crop, stride=meta["stride"])
         scores = torch.nn.functional.interpolate(scores, size=rgb.shape[:2], mode="bilinear", align_corners=False)
         labels = scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
         mask = Image.fromarray(labels, mode="P")
