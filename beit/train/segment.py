@@ -13,10 +13,10 @@ the released one for self-supervised checkpoints: AdamW lr 7e-4, weight decay 0.
 0.65 (the heads at the top), linear warm-up over 1,500 iterations from 1e-6 x lr then poly
 (power 1) to 0, 160k iterations, crop 512, drop path 0.1. From a fine-tuned (classification)
 checkpoint the released intermediate-fine-tuning values apply instead, unless set: lr 3e-5,
-layer decay 0.9, crop 640. BatchNorm in the heads is synchronised across GPUs under torchrun.
-Every `eval_every` iterations (and at the end) rank 0 evaluates on val by sliding window
-(stride 2/3 of the crop) and keeps best.pt by mIoU; checkpoint.pt is the latest, and running the
-same command again resumes from it.
+layer decay 0.9, crop 640; from scratch (`--init none`) no layer decay. BatchNorm in the heads
+is synchronised across GPUs under torchrun. Every `eval_every` iterations (and at the end) rank 0
+evaluates on val by sliding window (stride 2/3 of the crop) and keeps best.pt by mIoU;
+checkpoint.pt is the latest, and running the same command again resumes from it.
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, layer_decay_groups
 from beit.train.segment_eval import confusion, predict_logits, segmentation_metrics
 from beit.train.segmentation_data import SegmentationData, read_segmentation
 
-# The released values for a self-supervised checkpoint, and for one fine-tuned on labels first (pt2ft).
+# The released values for a self-supervised checkpoint and for one fine-tuned on labels first
+# (pt2ft); from scratch the same, but without layer decay (nothing in the lower layers to keep).
 RECIPES = {
     "pretrained": {"lr": 7e-4, "layer_decay": 0.65, "crop": 512},
     "finetuned": {"lr": 3e-5, "layer_decay": 0.9, "crop": 640},
+    "scratch": {"lr": 7e-4, "layer_decay": 1.0, "crop": 512},
 }
 
 
@@ -97,9 +99,10 @@ def poly_lr_at(step: int, base: float, total: int, warmup: int, warmup_ratio: fl
 
 
 def recipe_of(init: str) -> str:
-    """ "finetuned" when `init` is a fine-tuned (classification) checkpoint, else "pretrained"."""
+    """The recipe for `init`: "finetuned" for a fine-tuned (classification) checkpoint, "scratch"
+    for none, else "pretrained"."""
     if init == "none":
-        return "pretrained"
+        return "scratch"
     state = read_state_dict(Path(init))
     return "finetuned" if "head.weight" in state and "lm_head.weight" not in state else "pretrained"
 
