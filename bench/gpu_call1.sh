@@ -7,26 +7,13 @@
 #   OUT=/tmp/out bash bench/gpu_call1.sh          # on the GPU machine (bench/GPU.md)
 #   REHEARSE=1 OUT=/tmp/rehearse bash bench/gpu_call1.sh   # on a CPU, tiny sizes, same steps
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-bench/results/gpu}
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-py=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_common.sh"
 if [ -n "${REHEARSE:-}" ]; then
   dvae=(--batch 2 --reps 1); step=(--models tiny --batch 2 --steps 1 --warmup 1)
   loop=(--batch 2 --steps 1 --warmup 1); attention=(--device cpu --batch 1 --reps 1 --flex-cases "")
 else
   dvae=(--batch 256); step=(--models base --batch 256); loop=(--model base --batch 256); attention=(--model-block)
 fi
-peer=()
-$py -c "import transformers" 2>/dev/null || peer=(--no-peer)
-run() {  # run NAME LIMIT COMMAND...: log under $out, never stop the call
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
-  local rc=$?
-  echo "$name: rc $rc in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
-}
 : > "$out/steps.txt"
 run device 60 $py -c "import json, torch; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}))"
 run gpu-tests 150 $py -m pytest -q -m gpu tests -p no:cacheprovider -rs

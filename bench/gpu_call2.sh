@@ -5,25 +5,13 @@
 #   OUT=/tmp/out bash bench/gpu_call2.sh          # on the GPU machine (bench/GPU.md)
 #   REHEARSE=1 OUT=/tmp/rehearse bash bench/gpu_call2.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-bench/results/gpu}
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-py=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_common.sh"
 if [ -n "${REHEARSE:-}" ]; then
   step=(--models tiny --batch 2 --steps 1 --warmup 1); loop=(--batch 2 --steps 1 --warmup 1)
   attention=(--device cpu --batch 1 --reps 1 --flex-cases "" --cases train)
 else
   step=(--models base --batch 256); loop=(--model base --batch 256); attention=(--cases train)
 fi
-peer=()
-$py -c "import transformers" 2>/dev/null || peer=(--no-peer)
-run() {
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
-  echo "$name: rc $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
-}
 run train_step_compiled 240 $py bench/train_step.py "${step[@]}" --compile "${peer[@]}" --json "$out/train_step_compiled.json"
 run pretrain_step_compiled 150 $py bench/pretrain_step.py "${loop[@]}" --compile --json "$out/pretrain_step_compiled.json"
 run attention_compiled 90 $py bench/attention_kernels.py "${attention[@]}" --model-block --compile --json "$out/attention_compiled.json"

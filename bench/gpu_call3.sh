@@ -6,17 +6,7 @@
 #   OUT=/tmp/out bash bench/gpu_call3.sh          # on the GPU machine (bench/GPU.md)
 #   REHEARSE=1 OUT=/tmp/rehearse bash bench/gpu_call3.sh   # on a CPU with DALI and zarr installed
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${OUT:-bench/results/gpu}
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-py=${PYTHON:-python3}
-run() {
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
-  echo "$name: rc $? in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
-}
+source "$(dirname "$0")/gpu_common.sh"
 if [ -z "${REHEARSE:-}" ]; then
   mkdir -p /tmp/site
   if ! $py -c "import nvidia.dali" 2>/dev/null; then

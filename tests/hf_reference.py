@@ -62,15 +62,12 @@ def to_huggingface(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def huggingface_twin(model: BeitForMIM | BeitClassifier, drop_path: float = 0.0):
-    """The transformers model of the same configuration, loaded with `model`'s weights
-    (in eval mode; stochastic depth `drop_path` applies when it is put in train mode)."""
-    from transformers import BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling
+def _config(cfg: ModelConfig, **extra):
+    """transformers' BeitConfig of this project's model config (no dropout), plus `extra`."""
+    from transformers import BeitConfig
 
-    cfg: ModelConfig = model.cfg
-    mim = isinstance(model, BeitForMIM)
-    hf_cfg = BeitConfig(
-        vocab_size=cfg.vocab_size,
+    labels = extra.get("num_labels", cfg.num_classes)
+    return BeitConfig(
         hidden_size=cfg.width,
         num_hidden_layers=cfg.depth,
         num_attention_heads=cfg.heads,
@@ -78,18 +75,32 @@ def huggingface_twin(model: BeitForMIM | BeitClassifier, drop_path: float = 0.0)
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
         hidden_act="gelu",
-        use_mask_token=mim,
         use_absolute_position_embeddings=False,
-        use_relative_position_bias=not mim,
-        use_shared_relative_position_bias=mim,
         layer_scale_init_value=cfg.layer_scale,
         layer_norm_eps=cfg.layer_norm_eps,
-        drop_path_rate=drop_path,
-        use_mean_pooling=True,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        id2label={i: str(i) for i in range(labels)},
+        **extra,
+    )
+
+
+def huggingface_twin(model: BeitForMIM | BeitClassifier, drop_path: float = 0.0):
+    """The transformers model of the same configuration, loaded with `model`'s weights
+    (in eval mode; stochastic depth `drop_path` applies when it is put in train mode)."""
+    from transformers import BeitForImageClassification, BeitForMaskedImageModeling
+
+    cfg: ModelConfig = model.cfg
+    mim = isinstance(model, BeitForMIM)
+    hf_cfg = _config(
+        cfg,
+        vocab_size=cfg.vocab_size,
+        use_mask_token=mim,
+        use_relative_position_bias=not mim,
+        use_shared_relative_position_bias=mim,
+        drop_path_rate=drop_path,
+        use_mean_pooling=True,
         num_labels=cfg.num_classes if not mim else 2,
-        id2label={i: str(i) for i in range(cfg.num_classes if not mim else 2)},
     )
     hf = BeitForMaskedImageModeling(hf_cfg) if mim else BeitForImageClassification(hf_cfg)
     missing, unexpected = hf.load_state_dict(to_huggingface(model.state_dict()), strict=False)
@@ -114,23 +125,13 @@ def huggingface_segmenter_twin(model):
     """transformers' BeitForSemanticSegmentation with `model`'s (a BeitSegmenter's) weights, in
     eval mode, its out_indices set to unilm's blocks counted from 1. What it does with them is
     another matter: `huggingface_segmenter_logits` and the test say."""
-    from transformers import BeitConfig, BeitForSemanticSegmentation
+    from transformers import BeitForSemanticSegmentation
 
     cfg: ModelConfig = model.cfg
-    hf_cfg = BeitConfig(
-        hidden_size=cfg.width,
-        num_hidden_layers=cfg.depth,
-        num_attention_heads=cfg.heads,
-        intermediate_size=int(cfg.width * cfg.mlp_ratio),
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        use_absolute_position_embeddings=False,
+    hf_cfg = _config(
+        cfg,
         use_relative_position_bias=True,
-        layer_scale_init_value=cfg.layer_scale,
-        layer_norm_eps=cfg.layer_norm_eps,
         drop_path_rate=0.0,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
         out_indices=[i + 1 for i in model.out_indices],
         pool_scales=[1, 2, 3, 6],
         use_auxiliary_head=True,
@@ -138,7 +139,6 @@ def huggingface_segmenter_twin(model):
         auxiliary_num_convs=1,
         auxiliary_concat_input=False,
         num_labels=cfg.num_classes,
-        id2label={i: str(i) for i in range(cfg.num_classes)},
     )
     hf = BeitForSemanticSegmentation(hf_cfg)
     backbone = {k: v for k, v in model.state_dict().items() if k.startswith(("blocks.", "cls_token", "patch_embed."))}

@@ -78,7 +78,9 @@ def test_the_ignore_band_lies_on_label_changes_only():
             banded_on_both_sides += (first & second).sum()
         assert band.any() and not np.any(band & ~touches_change)
         assert not np.any(band & (full == 0))  # on the item's side, never the background's
-    # one pixel thin: the band covers one side of a change, both only where two edges meet
+    # one pixel thin: the band covers one side of a change, both only where two edges meet. Over
+    # 8 generator seeds (0-7, 30 scenes each) 1.2-2.1% of changes are banded on both sides: the
+    # bar, 10%, is about 5x the largest, and a two-pixel band would put it near 100%
     assert banded_on_both_sides < 0.1 * changes
 
 

@@ -33,7 +33,7 @@ import torch
 
 from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
-from beit.shared.dvae import Precision
+from beit.shared.dvae import Precision, encoder_sha256, load_tokenizer
 from beit.shared.model import BeitForMIM, ModelConfig, mim_loss
 from beit.shared.store import StoreError
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
@@ -202,8 +202,6 @@ def build_model_config(cfg: PretrainConfig, data: PretrainData, location: str) -
 
 def build_online_tokenizer(data: PretrainData, location: str, device: torch.device):
     """The store's own tokenizer, for `targets = "online"`: from its recorded path, checked."""
-    from beit.shared.dvae import encoder_sha256, load_tokenizer
-
     path = data.store.tokenizer_path
     if path is None or not path.exists():
         raise StoreError(f"--targets online needs {location}'s tokenizer, and its recorded path {path} is gone.")

@@ -27,7 +27,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from beit.shared.checkpoint import load_pretrained, read_state_dict
+from beit.shared.checkpoint import adapt_state_dict, load_weights, read_state_dict
 from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.shared.model import ModelConfig
@@ -98,18 +98,18 @@ def poly_lr_at(step: int, base: float, total: int, warmup: int, warmup_ratio: fl
     return regular * (1 - (1 - step / warmup) * (1 - warmup_ratio))
 
 
-def recipe_of(init: str) -> str:
-    """The recipe for `init`: "finetuned" for a fine-tuned (classification) checkpoint, "scratch"
-    for none, else "pretrained"."""
-    if init == "none":
+def recipe_of(state: dict | None) -> str:
+    """The recipe for an init checkpoint's weights: "finetuned" for a fine-tuned (classification)
+    one, "scratch" for none, else "pretrained"."""
+    if state is None:
         return "scratch"
-    state = read_state_dict(Path(init))
     return "finetuned" if "head.weight" in state and "lm_head.weight" not in state else "pretrained"
 
 
-def resolve(cfg: SegmentConfig, classes: int) -> tuple[ModelConfig, float, float, str]:
-    """(the model's config, lr, layer decay, recipe): the recipe fills what the config leaves 0."""
-    recipe = recipe_of(cfg.init)
+def resolve(cfg: SegmentConfig, classes: int, init: dict | None) -> tuple[ModelConfig, float, float, str]:
+    """(the model's config, lr, layer decay, recipe): the recipe of the `init` weights fills what
+    the config leaves 0."""
+    recipe = recipe_of(init)
     values = RECIPES[recipe]
     model = ModelConfig(**{**to_dict(cfg.model), "num_classes": cfg.model.num_classes or classes})
     model.image_size = model.image_size or values["crop"]
@@ -148,10 +148,14 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
     val_source = read_segmentation(data_dir, "val", **read)
     for source, split in ((train_source, "train"), (val_source, "val")):
         dist.check_same(f"the {split} images of {data_dir}", [str(k) for k in source.keys])
-    model_cfg, lr, layer_decay, recipe = resolve(cfg, train_source.num_classes)
+    init = None if cfg.init == "none" else read_state_dict(Path(cfg.init))  # read once: the recipe and the weights
+    model_cfg, lr, layer_decay, recipe = resolve(cfg, train_source.num_classes, init)
     torch.manual_seed(cfg.seed)
     model = BeitSegmenter(model_cfg, cfg.head, cfg.channels, cfg.aux_channels)
-    notes = [] if cfg.init == "none" else load_pretrained(model, Path(cfg.init))
+    notes = []
+    if init is not None:
+        init, notes = adapt_state_dict(init, model)
+        load_weights(model, init, source=cfg.init)
     model.to(device)
     crop, stride = model_cfg.image_size, cfg.stride or round(model_cfg.image_size * 2 / 3)
     shared = dict(seed=cfg.seed, scale=cfg.scale, threads=cfg.threads, device_id=run.device_id)
