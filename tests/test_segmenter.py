@@ -23,6 +23,20 @@ def test_the_neck_gives_four_scales_and_the_logits_the_input_size():
     assert model(pixels).shape == (2, 5, 64, 64)
     linear = BeitSegmenter(ModelConfig(**TINY), head="linear").eval()
     assert linear(pixels).shape == (2, 5, 64, 64) and linear.auxiliary_head is None
+    assert linear.forward_heads(pixels)[0].shape == (2, 5, 4, 4)  # the last block's grid, no neck
+    assert not any(name.startswith("fpn") for name, _ in linear.named_parameters())
+    # other patch sizes: the same four strides of the input (a patch-4 model's finest map is its grid)
+    for patch, ups in ((8, [1, 0, 0, 0]), (4, [0, 0, 0, 0])):
+        small = BeitSegmenter(ModelConfig(**{**TINY, "patch_size": patch}), aux_channels=16).eval()
+        maps = small.pyramid(pixels)
+        assert [tuple(m.shape[2:]) for m in maps] == [(16, 16), (8, 8), (4, 4), (2, 2)], patch
+        convs = [
+            sum(isinstance(m, torch.nn.ConvTranspose2d) for m in neck.modules())
+            for neck in (small.fpn1, small.fpn2, small.fpn3, small.fpn4)
+        ]
+        assert convs == ups and small(pixels).shape == (2, 5, 64, 64)
+    with pytest.raises(ValueError, match="patch_size 6 is not a power of two"):
+        BeitSegmenter(ModelConfig(**{**TINY, "patch_size": 6, "image_size": 60}))
     assert default_out_indices(12) == (3, 5, 7, 11) and default_out_indices(24) == (7, 11, 15, 23)
     assert default_out_indices(4) == (0, 1, 2, 3) and default_out_indices(8) == (1, 3, 5, 7)
 

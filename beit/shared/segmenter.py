@@ -3,14 +3,19 @@ backbone with UperNet, mmseg's heads), with the released parameter names so that
 segmentation checkpoints load with the `backbone.` prefix dropped.
 
     features   the patch tokens after four blocks (`out_indices`: 3, 5, 7, 11 for depth 12),
-               each [B, D, gh, gw] at 1/16 of the input
-    neck       fpn1: two 2x2 transposed convs with BatchNorm and GELU between (1/4), fpn2: one
-               (1/8), fpn3: identity (1/16), fpn4: 2x2 max-pool (1/32)
+               each [B, D, gh, gw] at 1/patch of the input (1/16 as released)
+    neck       the four maps at 1/4, 1/8, 1/16 and 1/32 of the input. At patch 16, as released:
+               fpn1: two 2x2 transposed convs with BatchNorm and GELU between (1/4), fpn2: one
+               (1/8), fpn3: identity (1/16), fpn4: 2x2 max-pool (1/32). At another patch size (a
+               power of two) the same rule: one transposed conv per halving of the stride (norm and
+               GELU between two), identity at the patch's own stride, max-pooling above it; so a
+               patch-4 model's finest map is its own grid, not a 4x upsampling of it
     head       "upernet": pyramid pooling (1, 2, 3, 6) on the last level, lateral 1x1 and FPN 3x3
                conv-BN-ReLU, a 3x3 fusion conv, dropout 0.1, a 1x1 classifier (`decode_head`),
                plus an auxiliary FCN head (one 3x3 conv-BN-ReLU, dropout 0.1) on the third level
-               (`auxiliary_head`, loss weight 0.4); "linear": one 1x1 conv on the last level's map
-    output     logits [B, classes, H, W], upsampled bilinearly from 1/4 (UperNet) or 1/16 (linear)
+               (`auxiliary_head`, loss weight 0.4); "linear": one 1x1 conv on the last block's
+               map at 1/patch (no neck)
+    output     logits [B, classes, H, W], upsampled bilinearly from 1/4 (UperNet) or 1/patch (linear)
 
 Every block has its own relative position table at the crop's grid (`checkpoint.load_pretrained`
 resizes a checkpoint's tables, and copies a pre-training checkpoint's shared one into each block).
@@ -27,6 +32,7 @@ from beit.shared.model import BeitBackbone, ModelConfig
 
 POOL_SCALES = (1, 2, 3, 6)
 AUX_WEIGHT = 0.4
+NECK_STRIDES = (4, 8, 16, 32)  # of the input, the four levels UperNet takes
 
 
 def default_out_indices(depth: int) -> tuple[int, ...]:
@@ -44,6 +50,19 @@ class ConvModule(nn.Sequential):
         self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False)
         self.bn = nn.BatchNorm2d(cout)
         self.activate = nn.ReLU(inplace=True)
+
+
+def neck_level(width: int, patch: int, stride: int) -> nn.Module:
+    """The ViT's map at 1/patch of the input -> 1/stride: transposed convs up (the released fpn1
+    and fpn2 at patch 16), identity, or max-pooling down (fpn4)."""
+    if stride == patch:
+        return nn.Identity()
+    if stride > patch:
+        return nn.MaxPool2d(stride // patch, stride=stride // patch)
+    layers = [nn.ConvTranspose2d(width, width, 2, stride=2)]
+    for _ in range((patch // stride).bit_length() - 2):
+        layers += [nn.BatchNorm2d(width), nn.GELU(), nn.ConvTranspose2d(width, width, 2, stride=2)]
+    return nn.Sequential(*layers)
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
@@ -92,14 +111,14 @@ class FCNHead(nn.Module):
 
 
 class LinearHead(nn.Module):
-    """The cheap baseline: one 1x1 conv on the last level's map."""
+    """The cheap baseline: one 1x1 conv on the last block's map."""
 
     def __init__(self, cin: int, classes: int):
         super().__init__()
         self.conv_seg = nn.Conv2d(cin, classes, 1)
 
-    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        return self.conv_seg(maps[2])  # the 1/16 map (fpn3, the identity)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_seg(x)
 
 
 class BeitSegmenter(BeitBackbone):
@@ -123,14 +142,15 @@ class BeitSegmenter(BeitBackbone):
         self.out_indices = tuple(out_indices or default_out_indices(self.cfg.depth))
         if len(self.out_indices) != 4 or not all(0 <= i < self.cfg.depth for i in self.out_indices):
             raise ValueError(f"out_indices {self.out_indices} must be 4 blocks of 0..{self.cfg.depth - 1}.")
+        patch = self.cfg.patch_size
+        if patch & (patch - 1):
+            raise ValueError(
+                f"model.patch_size {patch} is not a power of two: the segmenter's neck makes maps at 1/4 to 1/32 "
+                "of the input from the patch grid; use a patch size of 4, 8, 16 or 32."
+            )
         self.init_weights(conv=False)
-        self.fpn1 = nn.Sequential(
-            nn.ConvTranspose2d(d, d, 2, stride=2), nn.BatchNorm2d(d), nn.GELU(), nn.ConvTranspose2d(d, d, 2, stride=2)
-        )
-        self.fpn2 = nn.Sequential(nn.ConvTranspose2d(d, d, 2, stride=2))
-        self.fpn3 = nn.Identity()
-        self.fpn4 = nn.MaxPool2d(2, stride=2)
-        if head == "upernet":
+        if head == "upernet":  # the linear head takes the last block's map as it is
+            self.fpn1, self.fpn2, self.fpn3, self.fpn4 = (neck_level(d, patch, s) for s in NECK_STRIDES)
             self.decode_head = UperHead(d, channels or d, classes)
             self.auxiliary_head = FCNHead(d, aux_channels, classes)
         else:
@@ -141,17 +161,23 @@ class BeitSegmenter(BeitBackbone):
                 nn.init.normal_(module.conv_seg.weight, std=0.01)  # mmseg's init of the classifier
                 nn.init.zeros_(module.conv_seg.bias)
 
-    def pyramid(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """[B, 3, H, W] -> four maps [B, D, H/4 .. H/32] (the neck's outputs)."""
+    def grid_maps(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """[B, 3, H, W] -> the `out_indices` blocks' patch tokens as maps [B, D, H/patch, W/patch]."""
         layers = self.encode(pixels, return_layers=True)
         gh, gw = pixels.shape[2] // self.cfg.patch_size, pixels.shape[3] // self.cfg.patch_size
-        maps = [layers[i][:, 1:].transpose(1, 2).reshape(len(pixels), -1, gh, gw) for i in self.out_indices]
-        return [neck(x) for neck, x in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps, strict=True)]
+        return [layers[i][:, 1:].transpose(1, 2).reshape(len(pixels), -1, gh, gw) for i in self.out_indices]
+
+    def pyramid(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """[B, 3, H, W] -> four maps [B, D, H/4 .. H/32] (the neck's outputs; UperNet only)."""
+        necks = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
+        return [neck(x) for neck, x in zip(necks, self.grid_maps(pixels), strict=True)]
 
     def forward_heads(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(main logits at the head's resolution, auxiliary logits or None)."""
+        if self.head == "linear":
+            return self.decode_head(self.grid_maps(pixels)[-1]), None
         maps = self.pyramid(pixels)
-        aux = self.auxiliary_head(maps[2]) if self.auxiliary_head is not None and self.training else None
+        aux = self.auxiliary_head(maps[2]) if self.training else None
         return self.decode_head(maps), aux
 
     def forward(self, pixels: torch.Tensor, heads: bool = False):
