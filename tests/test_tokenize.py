@@ -218,6 +218,13 @@ def test_odd_and_bad_images(data, tmp_path):
     assert np.any(views[:, 2] > 48)
     huge = a["views"][list(a["keys"]).index("odd/huge.jpg")]
     assert np.all(huge[:, 0] + huge[:, 2] <= 12000) and np.all(huge[:, 1] + huge[:, 3] <= 9000)
+    # each image's (height, width) after EXIF orientation is recorded, so stage 2 never reads headers; (0, 0) if failed
+    sizes = dict(zip(a["keys"], map(tuple, TokenStore.open(store).image_sizes()), strict=True))
+    assert sizes["odd/rotated.jpg"] == (48, 96) and sizes["odd/huge.jpg"] == (9000, 12000)
+    assert sizes["odd/grey.jpg"] == (96, 96) and sizes["odd/tiny.png"] == (8, 8) and sizes["odd/empty.jpg"] == (0, 0)
+    # the embedded copies are sharded a chunk of images per shard, one image per inner chunk: read one at a time
+    images = zarr.open_group(str(store), mode="r")["images"]
+    assert images.chunks == (1,) and images.shards == (2,)
     # embedded images make the store self-contained: verify reads them, not the files
     for path in folder.iterdir():
         path.unlink()
@@ -368,8 +375,8 @@ def test_the_store_answers_for_its_layout_and_gives_each_image_by_one_rule(data,
     (source / a["keys"][2]).write_bytes((source / a["keys"][9]).read_bytes())  # the source changes
     (source / a["keys"][4]).unlink()
     embedded = TokenStore.open(tmp_path / "embedded")
-    assert embedded.items([2, 4]) == [original, embedded.items([4], cache=True)[0]]
-    assert embedded.items([4, 2], cache=True)[1] == original
+    assert embedded.items([2, 4]) == [original, embedded.items([4])[0]]
+    assert embedded.items([4, 2])[1] == original
     embedded.check_sources(np.arange(12))  # a store with its own copies needs no source
     plain = TokenStore.open(tmp_path / "plain")
     assert plain.items([2]) == [source / a["keys"][2]]
@@ -377,3 +384,41 @@ def test_the_store_answers_for_its_layout_and_gives_each_image_by_one_rule(data,
         StoreError, match=rf"source file {re.escape(str(source / a['keys'][4]))} is gone .*--embed-images\.$"
     ):
         plain.check_sources(np.arange(12))
+
+
+NODE_COPY = """
+import sys
+import numpy as np
+from beit.shared.store import TokenStore
+copy = TokenStore.open(sys.argv[1]).node_copy(sys.argv[2])
+print(copy.folder, int(np.asarray(copy.tokens, dtype=np.int64).sum()), len(copy.keys), copy.keys[len(copy.keys) - 1])
+"""
+
+
+def test_the_node_copy_is_written_once_and_mapped_by_every_process(reference, tmp_path):
+    """Stage 2's arrays come from one node-local copy of the store: four processes asking at once
+    get the same folder, written once (a lock), equal to the store; a later run maps it as it is."""
+    cache = tmp_path / "cache"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", NODE_COPY, str(reference[0]), str(cache)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    outputs = {run.communicate(timeout=300)[0] for run in runs}
+    assert all(run.returncode == 0 for run in runs) and len(outputs) == 1, outputs
+    folders = sorted(cache.iterdir())
+    assert [p.name for p in folders if p.is_dir()] == [outputs.pop().split()[0].rsplit("/", 1)[1]]  # no leftovers
+    store = TokenStore.open(reference[0])
+    copy = store.node_copy(cache)
+    assert np.array_equal(copy.tokens, store.tokens()) and np.array_equal(copy.views, store.view_params())
+    assert np.array_equal(copy.status, store.status()) and np.array_equal(copy.sizes, store.image_sizes())
+    assert [copy.keys[i] for i in range(len(copy.keys))] == store.keys()
+    assert isinstance(copy.tokens, np.memmap) and isinstance(copy.keys.blob, np.memmap)
+    written = (copy.folder / "tokens.npy").stat().st_mtime_ns
+    assert store.items([3]) == [store.source_root / store.keys()[3]]  # the rule reads the keys from the table
+    assert TokenStore.open(reference[0]).node_copy(cache).folder == copy.folder
+    assert (copy.folder / "tokens.npy").stat().st_mtime_ns == written
+    (tmp_path / "file").write_text("")  # a cache folder that cannot be made: one sentence naming the setting
+    with pytest.raises(StoreError, match=r"cannot write the node's copy of .* set data_cache to a writable local"):
+        TokenStore.open(reference[0]).node_copy(tmp_path / "file" / "below")

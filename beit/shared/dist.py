@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,6 +58,22 @@ class Dist:
         box = [value if self.main else None]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, work: Callable[[], Any]):
+        """`work()` run on rank 0 alone, its result given to every rank; when it raises a
+        ValueError or OSError (bad input), every rank raises it, together."""
+        outcome = None
+        if self.main:
+            try:
+                outcome = (True, work())
+            except (ValueError, OSError) as error:
+                outcome = (False, error)
+        ok, value = self.broadcast(outcome)
+        if not ok:
+            if self.world > 1:
+                self.leave()
+            raise value
+        return value
 
     def check_same_listing(self, what: str, fingerprint: str, entries: Callable[[], list[tuple[str, int]]]) -> None:
         """Refuse, on every rank, when some rank's listing of `what` differs from rank 0's.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,30 +24,41 @@ class Source:
 
     kind: str  # "imagefolder" | "folder" | "list"
     root: Path
-    files: list[Path | bytes]  # the file, or its bytes when held in memory (a store's embedded copy)
+    files: Sequence[Path | bytes]  # the file, or its bytes (a store's embedded copy: `store.StoreItems`)
     keys: list[str]  # path relative to root (or as listed), the stable name of each image
     labels: list[int]
     class_names: list[str] = field(default_factory=list)
+    # the fingerprint when it is known without reading the files (a token store's images: the
+    # store's source fingerprint and the indices chosen); entries then have size 0
+    known_fingerprint: str | None = None
+
+    def take(self, positions) -> list[Path | bytes]:
+        """The files (or bytes) at `positions`, read together when they come from a store."""
+        if hasattr(self.files, "take"):
+            return self.files.take(positions)
+        return [self.files[i] for i in positions]
 
     def entries(self) -> list[tuple[str, int]]:
         """(relative path, file size) of every entry, sorted: what the fingerprint digests. The
         size is -1 for a missing file or an entry that is not a file (a folder's size changes
-        with what it holds)."""
+        with what it holds). A list file's entries are its (path, label) lines in their order:
+        the list is the source's identity, and stat-ing millions of files would take minutes."""
+        if self.known_fingerprint is not None:
+            return sorted((key, 0) for key in self.keys)
+        if self.kind == "list":  # as listed, with labels: a list of millions of paths is not stat-ed
+            return list(zip(self.keys, self.labels, strict=True))
         out = []
         for key, path in zip(self.keys, self.files, strict=True):
             if isinstance(path, (bytes, bytearray)):  # an image held in memory (a store's embedded copy)
                 out.append((key, len(path)))
                 continue
-            try:
-                info = path.stat()
-                size = info.st_size if stat.S_ISREG(info.st_mode) else -1
-            except OSError:
-                size = -1
-            out.append((key, size))
+            out.append((key, file_size(path)))
         return sorted(out)
 
     def fingerprint(self) -> str:
         """sha256 over the sorted relative paths and file sizes (`entries`)."""
+        if self.known_fingerprint is not None:
+            return self.known_fingerprint
         digest = hashlib.sha256()
         for key, size in self.entries():
             digest.update(f"{key}\t{size}\n".encode())
@@ -60,6 +72,37 @@ class Source:
             "fingerprint": self.fingerprint(),
             "classes": len(self.class_names),
         }
+
+
+def file_size(path: Path) -> int:
+    """The size of a regular file; -1 for a missing file or an entry that is not a file."""
+    try:
+        info = path.stat()
+    except OSError:
+        return -1
+    return info.st_size if stat.S_ISREG(info.st_mode) else -1
+
+
+def source_root(source: Path) -> Path:
+    """The folder a source's keys are relative to: the folder itself, or a list file's folder."""
+    source = Path(source)
+    return source.parent if source.is_file() else source
+
+
+class RootedPaths(Sequence):
+    """`root / key` for each key (an absolute key stays itself), made when asked: a list of
+    millions of paths holds its strings once, not a Path object per line."""
+
+    def __init__(self, root: Path, keys: list[str]):
+        self.root, self.keys = Path(root), keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.root / key for key in self.keys[i]]
+        return self.root / self.keys[i]
 
 
 def _images_under(folder: Path, every_entry: bool = False) -> tuple[list[Path], list[Path]]:
@@ -134,8 +177,7 @@ def read_source(source: Path, every_entry: bool = False) -> Source:
             index = {name: i for i, name in enumerate(class_names)}
             labels = [index[label] for label in raw_labels]
         keys = [path for path, _ in entries]
-        files = [Path(k) if Path(k).is_absolute() else source.parent / k for k in keys]
-        return Source("list", source.parent, files, keys, labels, class_names)
+        return Source("list", source_root(source), RootedPaths(source_root(source), keys), keys, labels, class_names)
     raise ValueError(f"{source} is neither a folder of images nor a .txt file listing them: check the path.")
 
 

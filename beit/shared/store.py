@@ -11,8 +11,11 @@ One Zarr group per tokenization, N images with V views each and a gh x gw token 
                                       every entry of a folder named like an image, readable or not
     status   uint8   [N]              0 pending, 1 done, 2 failed
     errors   string  [N]              why a failed image failed ("" otherwise)
+    sizes    int32   [N, 2]           each image's (height, width) after EXIF orientation (0, 0
+                                      for a failed one); stores made before it lack it
     images   bytes   [N]              optional (--embed-images): the source file, so the store
-                                      is self-contained
+                                      is self-contained; sharded (a shard per chunk of images,
+                                      an inner chunk per image) so one image is read alone
 
 All arrays are chunked along N in chunks of `chunk_images` images, the unit of work: one writer
 (rank) owns a whole chunk, writes its tokens, views, errors (and images), and its status last.
@@ -34,8 +37,10 @@ Group attributes (everything needed to know what a store is without the command 
     complete    true, written last
 
 `TokenStore.open` refuses a store of another format or version, or an incomplete one, naming
-both sides. For training, `tokens` is read whole into memory (or a memmap): random zarr reads
-are far slower.
+both sides. For training, `node_copy` writes tokens, view parameters, status, image sizes and
+keys once per node into a local cache folder as plain arrays, and every rank of the node maps
+them (random zarr reads are far slower, and a copy per rank is 8x the memory): the node holds
+them once, in its page cache, and a rank's private memory stays small.
 
 This module is the only reader of the layout: the rest of beit asks `TokenStore` for what it
 records (typed properties: tokenizer identity, view config, source fingerprint, class names)
@@ -45,9 +50,16 @@ and holds (`tokens`, `view_params`, `labels`, `keys`), and for the bytes to deco
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
+import shutil
+import socket
+import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +117,7 @@ class TokenStore:
         self.group = group
         self.location = location
         self.attrs = dict(group.attrs)
-        self._keys: list[str] | None = None
-        self._embedded: np.ndarray | None = None
+        self._keys: list[str] | KeyTable | None = None
 
     # ---------------------------------------------------------------- opening and creating
 
@@ -202,8 +213,9 @@ class TokenStore:
         group.create_array("keys", shape=(n,), chunks=chunk, dtype=str)
         group.create_array("status", shape=(n,), chunks=chunk, dtype="uint8", fill_value=PENDING)
         group.create_array("errors", shape=(n,), chunks=chunk, dtype=str)
-        if embed_images:
-            group.create_array("images", shape=(n,), chunks=chunk, dtype="variable_length_bytes")
+        group.create_array("sizes", shape=(n, 2), chunks=chunk + (2,), dtype="int32", fill_value=0)
+        if embed_images:  # one inner chunk per image: training reads them one at a time
+            group.create_array("images", shape=(n,), chunks=(1,), shards=chunk, dtype="variable_length_bytes")
         group["labels"][:] = np.asarray(labels, dtype=np.int32)
         group["keys"][:] = np.asarray(keys, dtype=object)
         from beit import __version__
@@ -358,6 +370,17 @@ class TokenStore:
     def status(self) -> np.ndarray:
         return self.group["status"][:]
 
+    def pending_chunks(self) -> list[tuple[int, int]]:
+        """(start, stop) of every chunk that still has a pending image, from one read of `status`
+        (chunk by chunk only when a crash left some chunk unreadable)."""
+        try:
+            pending = self.status() == PENDING
+        except Exception:
+            return [chunk for chunk in self.chunks() if not self.chunk_done(*chunk)]
+        starts = np.arange(0, len(pending), self.chunk_images)
+        open_chunks = np.flatnonzero(np.logical_or.reduceat(pending, starts)) if len(pending) else []
+        return [(int(starts[i]), int(min(starts[i] + self.chunk_images, len(pending)))) for i in open_chunks]
+
     # ---------------------------------------------------------------- writing
 
     def write_chunk(
@@ -368,11 +391,14 @@ class TokenStore:
         status: np.ndarray,
         errors: list[str],
         images: list[bytes] | None = None,
+        sizes: np.ndarray | None = None,
     ) -> None:
-        """Write one whole chunk (all arrays), its status last."""
+        """Write one whole chunk (all arrays), its status last. `sizes`: [n, 2] (height, width)."""
         stop = start + len(status)
         self.group["tokens"][start:stop] = tokens.astype(np.uint16)
         self.group["views"][start:stop] = views.astype(np.float32)
+        if sizes is not None and "sizes" in self.group:
+            self.group["sizes"][start:stop] = sizes.astype(np.int32)
         self.group["errors"][start:stop] = np.asarray(errors, dtype=object)
         if images is not None and "images" in self.group:
             self.group["images"][start:stop] = np.asarray(images, dtype=object)
@@ -424,28 +450,103 @@ class TokenStore:
         """The images' keys (paths relative to the source root, or as listed)."""
         return [str(k) for k in _select(self.group["keys"], indices)]
 
-    def items(self, indices, cache: bool = False) -> list[Path | bytes]:
+    def image_sizes(self, indices: np.ndarray | None = None) -> np.ndarray | None:
+        """[n, 2] int32 (height, width) of the images `indices` (sorted; None: all) as stage 1 read
+        them, or None for a store made before they were recorded."""
+        return _select(self.group["sizes"], indices) if "sizes" in self.group else None
+
+    def items(self, indices) -> list[Path | bytes]:
         """What to decode for the images `indices`, by the one rule: the store's embedded copy
         when it holds one (exactly the bytes that were tokenized, even if the source changed
-        since), else the original file, source_root / key. With `cache`, the embedded copies are
-        read whole once and kept in memory (training visits every image; random reads of zarr
-        chunks are slow); without it, only the chunks holding `indices` are read."""
+        since), else the original file, source_root / key. Embedded copies are read image by
+        image (one inner chunk of a shard each), never the whole array; the keys come from the
+        node's key table after `node_copy`, else they are read once."""
         indices = np.asarray(indices, dtype=np.int64)
         if not self.has_embedded_images:
             if self._keys is None:
                 self._keys = self.keys()
             root = self.source_root
             return [root / self._keys[i] for i in indices]
-        if cache:
-            if self._embedded is None:
-                self._embedded = self.group["images"][:]
-            return [bytes(self._embedded[i]) for i in indices]
-        order = np.argsort(indices)
+        order = np.argsort(indices, kind="stable")
         picked = _select(self.group["images"], indices[order])
         out: list = [b""] * len(indices)
         for position, blob in zip(order, picked, strict=True):
             out[position] = bytes(blob)
         return out
+
+    def node_copy(self, cache_root: str | Path = "") -> NodeCopy:
+        """This store's tokens, view parameters, status, image sizes and keys as plain arrays in a
+        node-local cache folder (`cache_root`, "" = the system's temporary folder), written once
+        by the first process of the node to ask (the others wait on a lock) and memory-mapped
+        by every one: the node's page cache holds them once for all its ranks. The folder is
+        named by the store's identity, so a run that starts again maps it without copying."""
+        root = Path(cache_root or tempfile.gettempdir())
+        identity = {
+            "location": self.location if "://" in self.location else str(Path(self.location).resolve()),
+            **{k: self.attrs.get(k) for k in ("created", "completed", "counts")},
+            "tokenizer": self.attrs.get("tokenizer", {}).get("sha256"),
+            "fingerprint": self.attrs.get("source", {}).get("fingerprint"),
+        }
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        folder = root / f"beit-store-{digest}"
+        if not (folder / "ready.json").is_file():
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                lock = open(root / f"beit-store-{digest}.lock", "a")  # noqa: SIM115 (held until the copy exists)
+            except OSError as error:
+                raise StoreError(
+                    f"cannot write the node's copy of {self.location} under {root} ({error.strerror}): set "
+                    "data_cache to a writable local folder."
+                ) from None
+            with lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (folder / "ready.json").is_file():
+                    self._write_node_copy(folder, identity)
+        copy = NodeCopy.open(folder)
+        self._keys = copy.keys
+        return copy
+
+    def _write_node_copy(self, folder: Path, identity: dict) -> None:
+        n, views, (gh, gw) = len(self), self.views_per_image, self.grid
+        need = n * views * (gh * gw * 2 + 8 * 4) + n * (1 + 8 + 8)  # tokens, views, status, sizes, offsets (+ keys)
+        free = shutil.disk_usage(folder.parent).free
+        if free < need:
+            raise StoreError(
+                f"the node's copy of {self.location} needs about {need / 2**30:.1f} GiB and {folder.parent} has "
+                f"{free / 2**30:.1f} GiB free: set data_cache to a local folder with room."
+            )
+        work = folder.parent / f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        open_memmap = np.lib.format.open_memmap
+        tokens = open_memmap(work / "tokens.npy", mode="w+", dtype=np.uint16, shape=(n, views, gh, gw))
+        params = open_memmap(work / "views.npy", mode="w+", dtype=np.float32, shape=(n, views, 8))
+        status = open_memmap(work / "status.npy", mode="w+", dtype=np.uint8, shape=(n,))
+        sizes = (
+            open_memmap(work / "sizes.npy", mode="w+", dtype=np.int32, shape=(n, 2)) if "sizes" in self.group else None
+        )
+        offsets = open_memmap(work / "key_offsets.npy", mode="w+", dtype=np.int64, shape=(n + 1,))
+        offsets[0] = 0
+        with open(work / "keys.bin", "wb") as blob:
+            for start, stop in self.chunks():
+                tokens[start:stop] = self.group["tokens"][start:stop]
+                params[start:stop] = self.group["views"][start:stop]
+                status[start:stop] = self.group["status"][start:stop]
+                if sizes is not None:
+                    sizes[start:stop] = self.group["sizes"][start:stop]
+                encoded = [str(k).encode() for k in self.group["keys"][start:stop]]
+                offsets[start + 1 : stop + 1] = offsets[start] + np.cumsum([len(k) for k in encoded])
+                blob.write(b"".join(encoded))
+        for array in (tokens, params, status, sizes, offsets):
+            if array is not None:
+                array.flush()
+        (work / "ready.json").write_text(json.dumps(identity, indent=2) + "\n")
+        try:
+            os.rename(work, folder)
+        except OSError:  # another node sharing this folder finished first: theirs is the same
+            shutil.rmtree(work, ignore_errors=True)
+            if not (folder / "ready.json").is_file():
+                raise
 
     def check_sources(self, indices, flag: str = "--embed-images") -> None:
         """Refuse, in one sentence, a store whose images come from source files (it embeds none)
@@ -459,6 +560,66 @@ class TokenStore:
                 f"{len(indices)} checked), and the store holds no copies: restore the source at "
                 f"{self.source_root}, or tokenize again with {flag}."
             )
+
+
+class StoreItems:
+    """The images `indices` of a store as a sequence of what to decode (`TokenStore.items`),
+    each read when asked: a data set made from a store holds no copy of its images."""
+
+    def __init__(self, store: TokenStore, indices: np.ndarray):
+        self.store, self.indices = store, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> Path | bytes:
+        return self.store.items(self.indices[position : position + 1])[0]
+
+    def take(self, positions) -> list[Path | bytes]:
+        """The items at `positions`, read together."""
+        return self.store.items(self.indices[np.asarray(positions, dtype=np.int64)])
+
+
+class KeyTable:
+    """N strings as one UTF-8 blob and N + 1 offsets, both memory-mapped: `table[i]` is key i."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
+        self.blob, self.offsets = blob, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes().decode()
+
+
+@dataclass
+class NodeCopy:
+    """A store's training arrays, memory-mapped from a node-local folder (`TokenStore.node_copy`)."""
+
+    folder: Path
+    tokens: np.ndarray  # [N, V, gh, gw] uint16
+    views: np.ndarray  # [N, V, 8] float32
+    status: np.ndarray  # [N] uint8
+    sizes: np.ndarray | None  # [N, 2] int32 (height, width), None for a store made before they were recorded
+    keys: KeyTable
+
+    @classmethod
+    def open(cls, folder: Path) -> NodeCopy:
+        def load(name: str):
+            path = folder / name
+            return np.load(path, mmap_mode="r") if path.is_file() else None
+
+        blob_path = folder / "keys.bin"
+        blob = (
+            np.memmap(blob_path, dtype=np.uint8, mode="r")
+            if blob_path.stat().st_size
+            else np.zeros(0, dtype=np.uint8)  # all keys empty: numpy cannot map an empty file
+        )
+        return cls(
+            folder, load("tokens.npy"), load("views.npy"), load("status.npy"), load("sizes.npy"),
+            KeyTable(blob, load("key_offsets.npy")),
+        )  # fmt: skip
 
 
 def _select(array, indices: np.ndarray | None) -> np.ndarray:

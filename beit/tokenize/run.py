@@ -16,8 +16,8 @@ cannot be decoded are marked failed with their error and skipped.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ import torch
 from beit.shared.decode import ImageBatches, as_tensor
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, dali_device_id, init_dist
 from beit.shared.dvae import Precision, check_grid, encoder_sha256, load_tokenizer
-from beit.shared.images import read_source
+from beit.shared.images import file_size, read_source, source_root
 from beit.shared.prefetch import ahead
 from beit.shared.progress import progress_bar
 from beit.shared.store import DONE, FAILED, TokenStore
@@ -97,7 +97,21 @@ def tokenize(
     device_id = dali_device_id(device)
     precision = Precision.resolve(cfg.precision, cfg.tf32, device)
 
-    src = read_source(source, every_entry=True)  # the store accounts for every entry named like an image
+    listing: list = []  # rank 0's listing of the source: the only one
+
+    def list_source() -> list[str]:
+        """On rank 0 alone: list the source; the keys of up to 64 entries spread over it."""
+        listing.append(read_source(source, every_entry=True))  # the store accounts for every entry named like an image
+        keys = listing[0].keys
+        return [keys[i] for i in sorted({round(x) for x in np.linspace(0, len(keys) - 1, min(len(keys), 64))})]
+
+    # every rank reads rank 0's listing from the store, under its own mount of the source: it must
+    # see the same files there (a sample of them, with their sizes), before anything is written
+    sampled = dist.on_main(list_source)
+    root = source_root(source)
+    seen = [(key, file_size(root / key)) for key in sampled]
+    digest = hashlib.sha256(repr(seen).encode()).hexdigest()
+    dist.check_same_listing(f"the source {source} ({len(seen)} entries sampled)", digest, lambda: sorted(seen))
     tokenizer = load_tokenizer(tokenizer_path, device)
     view_cfg = ViewConfig(**{**asdict(cfg.view), "tokenizer_size": cfg.view.tokenizer_size or tokenizer.input_size})
     token_side = check_grid(view_cfg.tokenizer_size, tokenizer.cfg)
@@ -129,30 +143,22 @@ def tokenize(
             "renderer": RENDERER,
             "patch_size": cfg.patch_size,
         },
-        "source": {k: v for k, v in src.describe().items() if k != "root"},
         "grid": [token_side, token_side],
     }
 
-    # A rank that lists other files would write one image's tokens under another's key: every
-    # rank's listing must equal rank 0's, which `prepare` holds to the store's, before anything is written.
-    dist.check_same_listing(f"the source {source}", identity["source"]["fingerprint"], src.entries)
-    if dist.main:
+    def start() -> tuple[bool, list[tuple[int, int]]]:
+        """On rank 0 alone: make the store from its listing or reopen it to finish it (its `keys`
+        are the listing every rank reads), and find its pending chunks in one read of `status`."""
+        src = listing.pop()
+        made = {**identity, "source": {k: v for k, v in src.describe().items() if k != "root"}}
         store = TokenStore.prepare(
-            store_path, identity, src.keys, src.labels, src.class_names, cfg.chunk_images, cfg.embed_images, overwrite
+            store_path, made, src.keys, src.labels, src.class_names, cfg.chunk_images, cfg.embed_images, overwrite
         )
         store.record_run(src.root, tokenizer_path, {**asdict(precision), "device": device.type})
-    dist.barrier()
-    if not dist.main:
-        store = TokenStore.open(store_path, mode="r+", require_complete=False)
-        if store.source_fingerprint != identity["source"]["fingerprint"]:
-            raise ValueError(
-                f"rank {dist.rank} on host {socket.gethostname()}: {store_path} was made from other files than "
-                f"{source} lists here: mount the same data on every node."
-            )
-    # decided once, on rank 0, from one read: ranks that read `status` while others write it could differ
-    complete, pending = dist.broadcast(
-        (store.complete, [c for c in store.chunks() if not store.chunk_done(*c)]) if dist.main else None
-    )
+        return store.complete, store.pending_chunks()
+
+    complete, pending = dist.on_main(start)
+    store = TokenStore.open(store_path, mode="r+", require_complete=False)
     if complete:
         dist.close()
         summary = {"store": str(store_path), "already_complete": True, **store.counts}
@@ -172,23 +178,28 @@ def tokenize(
     cuda = device.type == "cuda"
     id_dtype = torch.int16 if tokenizer.cfg.vocab_size <= 2**15 else torch.int32  # fewer bytes to the host
 
+    chunk_files: dict[int, list[Path]] = {}  # the data thread's chunk: its files, from the store's keys
+
     def prepare(work: tuple[int, int, int]) -> tuple:
         """In the data thread: peek, draw and render one batch of a chunk (while the encoder runs
         on the batch before it)."""
         start, stop, b0 = work
-        batch = src.files[start + b0 : min(start + b0 + cfg.batch_size, stop)]
+        if start not in chunk_files:
+            chunk_files.clear()
+            chunk_files[start] = [root / key for key in store.keys(np.arange(start, stop))]
+        batch = chunk_files[start][b0 : b0 + cfg.batch_size]
         t0 = time.perf_counter()
         peeked, kept = shapes.run(batch)
         t1 = time.perf_counter()
         timing["peek"] += t1 - t0
         if not kept:
-            return work, kept, [], None, None
+            return work, kept, [], None, None, None
         drawn = draw_views(cfg.seed, np.asarray([start + b0 + k for k in kept]), peeked[0], cfg.views, view_cfg)
         feeds = {f"view{v}": [drawn[j, v] for j in range(len(kept))] for v in range(cfg.views)}
         outputs, rendered = renders.run([batch[k] for k in kept], feeds)
         pixels = stack_views(outputs, pin=cuda) if rendered else None  # [m, V, 3, s, s]
         timing["decode_render"] += time.perf_counter() - t1
-        return work, kept, rendered, drawn, pixels
+        return work, kept, rendered, drawn, pixels, np.asarray(peeked[0])
 
     work = [(start, stop, b0) for start, stop in mine for b0 in range(0, stop - start, cfg.batch_size)]
     done_images = failed_images = 0
@@ -206,12 +217,13 @@ def tokenize(
         timing["wait"] += time.perf_counter() - t0
         if item is None:
             break
-        (start, stop, b0), kept, rendered, drawn, pixels = item
+        (start, stop, b0), kept, rendered, drawn, pixels, sizes_seen = item
         n = stop - start
         if b0 == 0:  # a new chunk
             tokens = np.zeros((n, cfg.views, token_side, token_side), dtype=np.uint16)
             params = np.zeros((n, cfg.views, len(PARAMS)), dtype=np.float32)
             status = np.full(n, FAILED, dtype=np.uint8)
+            sizes = np.zeros((n, 2), dtype=np.int32)  # (height, width) after EXIF orientation, for stage 2
             copies: list[tuple[list[int], torch.Tensor]] = []  # token ids on their way to the host
         if rendered:
             t1 = time.perf_counter()
@@ -220,6 +232,7 @@ def tokenize(
             rows = [b0 + kept[r] for r in rendered]
             copies.append((rows, to_host(ids)))
             params[rows] = drawn[rendered]
+            sizes[rows] = sizes_seen[rendered]
             status[rows] = DONE
             timing["encoder"] += time.perf_counter() - t1
         if b0 + cfg.batch_size < n:
@@ -229,7 +242,7 @@ def tokenize(
             torch.cuda.current_stream(device).synchronize()
         for rows, host in copies:
             tokens[rows] = host.numpy().astype(np.uint16)
-        files = src.files[start:stop]
+        files = [root / key for key in store.keys(np.arange(start, stop))]
         errors = [
             "" if s == DONE else shapes.failed.get(f) or renders.failed.get(f) or "failed"
             for f, s in zip(files, status, strict=True)
@@ -239,7 +252,7 @@ def tokenize(
             if cfg.embed_images
             else None
         )
-        store.write_chunk(start, tokens, params, status, errors, images)
+        store.write_chunk(start, tokens, params, status, errors, images, sizes)
         timing["write"] += time.perf_counter() - t3
         done_images += int(np.sum(status == DONE))
         failed_images += int(np.sum(status == FAILED))

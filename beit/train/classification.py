@@ -16,6 +16,7 @@ order), sharded by rank. A new data source plugs in as one more split reader ret
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from beit.shared.counter import counter_key
 from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder
 from beit.shared.images import Source, read_source
 from beit.shared.prefetch import prefetch
-from beit.shared.store import DONE, TokenStore
+from beit.shared.store import DONE, StoreItems, TokenStore
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
 
 STORE_URLS = ("s3://", "gs://", "gcs://", "file://")
@@ -56,9 +57,18 @@ def read_store_splits(location: str, held_out: float, seed: int) -> tuple[Source
     keys = store.keys()
     splits = []
     for chosen in (done[~val_mask[done]], done[val_mask[done]]):
-        files = store.items(chosen, cache=True)
-        keys_of = [keys[i] for i in chosen]
-        splits.append(Source("store", store.source_root, files, keys_of, [int(labels[i]) for i in chosen], names))
+        digest = hashlib.sha256(f"{store.source_fingerprint}\n".encode() + chosen.astype("<i8").tobytes()).hexdigest()
+        splits.append(
+            Source(
+                "store",
+                store.source_root,
+                StoreItems(store, chosen),  # read a batch at a time: no copy of the images in memory
+                [keys[i] for i in chosen],
+                [int(labels[i]) for i in chosen],
+                names,
+                known_fingerprint=digest,
+            )
+        )
     return splits[0], splits[1]
 
 
@@ -185,7 +195,7 @@ class ClassificationData:
         chosen = self.indices(step)
         if not len(chosen):
             return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
-        outputs, kept = self.batches.run([self.source.files[i] for i in chosen])
+        outputs, kept = self.batches.run(self.source.take(chosen))
         pin = self.batches.device_id is not None  # a GPU trainer's non-blocking copy needs page-locked memory
         labels = as_tensor(np.asarray([self.source.labels[chosen[k]] for k in kept], dtype=np.int64), pin)
         return (as_tensor(outputs[0], pin) if kept else torch.zeros(0, 3, 1, 1)), labels

@@ -15,8 +15,10 @@ cached ones; later ones are new).
 Pixels are rendered by `beit.shared.views.render` at the store's patch size (bicubic, ImageNet
 normalisation) from what `TokenStore.items` gives (the store's embedded copies when it holds
 them, else the original files: source_root + key); with `twin`, the tokenizer-size view is rendered
-too (for online targets and for checking the store). Tokens are read once into memory.
-A background thread prepares the next batches while the model trains.
+too (for online targets and for checking the store). Tokens, view parameters, status, image sizes
+and keys are memory-mapped from the node's copy of the store (`TokenStore.node_copy`), shared by
+the node's ranks; embedded images are read image by image. A background thread prepares the next
+batches while the model trains.
 """
 
 from __future__ import annotations
@@ -114,9 +116,11 @@ class PretrainData:
         device_id: int | None = None,
         views: int = 0,
         fresh: bool = False,
+        data_cache: str = "",
     ):
         self.store = TokenStore.open(location)
-        self.tokens = self.store.tokens()  # [N, V, gh, gw], in memory: random zarr reads are slow
+        copy = self.store.node_copy(data_cache)  # mapped, once per node: random zarr reads are slow
+        self.tokens = copy.tokens  # [N, V, gh, gw]
         self.grid = self.store.grid
         # views > 0: only the first `views` of each image's V (the V ablation on one store; the
         # views are drawn per (seed, image, view), so they are the views a V=`views` store holds)
@@ -125,8 +129,8 @@ class PretrainData:
                 f"views = {views} is more than the {self.store.views_per_image} views per image {location} "
                 "holds: lower it, or tokenize with more --views."
             )
-        self.params = self.store.view_params()
-        done = np.flatnonzero(self.store.status() == DONE)
+        self.params = copy.views
+        done = np.flatnonzero(copy.status == DONE)
         views = views or self.store.views_per_image
         self.plan = SamplePlan(done, views, self.grid, batch_size, seed, rank, world, mask, mask_count, min_block)
         self.steps_per_epoch = self.plan.steps_per_epoch
@@ -142,7 +146,7 @@ class PretrainData:
         if fresh:  # a new view every epoch, drawn as stage 1 draws them: needs each image's size
             self.view_seed = self.store.view_seed
             self.view_cfg = self.store.view_config
-            self.sizes = self._sizes(done, threads)
+            self.sizes = copy.sizes if copy.sizes is not None else self._sizes(done, threads)
         self.pin = device_id is not None
         twin_render = (self.tokenizer_size, "tokenizer") if twin else None
         self.renders = ImageBatches(
@@ -152,18 +156,19 @@ class PretrainData:
     # ---------------------------------------------------------------- batches
 
     def _sizes(self, done: np.ndarray, threads: int) -> np.ndarray:
-        """(height, width) of the done images, read from their headers."""
+        """(height, width) of the done images, read from their headers (a store made before
+        stage 1 recorded them)."""
         sizes = np.zeros((len(self.store), 2), dtype=np.int64)
         shapes = ImageBatches(shape_builder(threads), 256, None, 0)
         for b0 in range(0, len(done), 256):
             chunk = done[b0 : b0 + 256]
-            peeked, kept = shapes.run(self.store.items(chunk, cache=True))
+            peeked, kept = shapes.run(self.store.items(chunk))
             sizes[chunk[kept]] = peeked[0]
         return sizes
 
     def batch(self, step: int) -> Batch:
         images, views, mask = self.plan.at(step)
-        items = self.store.items(images, cache=True)
+        items = self.store.items(images)
         if self.fresh:  # view `epoch` of each image: the first V are the cached ones, then new ones
             epoch = step // self.steps_per_epoch
             params = draw_views(self.view_seed, images, self.sizes[images], 1, self.view_cfg, first=epoch)[:, 0]
