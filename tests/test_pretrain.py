@@ -17,7 +17,7 @@ from beit.shared.dvae import DVAE, DVAEConfig, load_tokenizer, save_tokenizer
 from beit.shared.model import BeitForMIM, ModelConfig
 from beit.shared.store import StoreError
 from beit.shared.views import draw_views
-from beit.train.data import PretrainData
+from beit.train.data import PretrainData, SamplePlan
 from beit.train.scaffold import truncate_metrics
 
 TINY = [
@@ -223,6 +223,65 @@ def test_two_processes_with_torchrun_resume_after_sigkill_with_the_same_losses(s
     assert result.stdout.count("resuming from") == 1 and " at step 16 " not in result.stdout
     assert [r["step"] for r in metrics(cut)] == list(range(1, 17))
     assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole)]
+
+
+def test_a_plan_re_cut_mid_epoch_for_another_world_size_repeats_and_skips_no_image():
+    """Counted: an epoch begun as 2 ranks x 4 images and finished as 3 ranks x 3 (and the next
+    begun as 3 x 3 and finished as 1 x 5) visits each image of its order once, up to the tail
+    that fills no global batch, which every epoch leaves for the next one's fresh order."""
+    done = np.arange(100, 137)  # 37 images
+    first = [SamplePlan(done, 2, (4, 4), 4, seed=3, rank=r, world=2) for r in range(2)]
+    seen = [i for step in range(2) for plan in first for i in plan.at(step)[0]]
+    epoch, position = first[0].position(2)
+    assert (epoch, position) == (0, 16)
+    second = [plan.resharded(3, r, 3, (epoch, position)) for r, plan in enumerate(first + first[:1])]
+    steps = second[0].steps_until(1)  # to the end of epoch 0: (37 - 16) // 9 = 2 global batches
+    seen += [i for step in range(steps) for plan in second for i in plan.at(step)[0]]
+    order = first[0].epoch_order(0)
+    assert steps == 2 and len(seen) == len(set(seen)) == 34 and seen == list(order[:34])
+    assert second[0].position(steps) == (1, 0) and second[0].epoch_at(steps) == 1.0
+    # epoch 1: 2 batches of 3 x 3, then one rank of 5 from image 18 on
+    seen = [i for step in range(steps, steps + 2) for plan in second for i in plan.at(step)[0]]
+    third = second[0].resharded(5, 0, 1, second[0].position(steps + 2))
+    seen += [i for step in range(third.steps_until(2)) for i in third.at(step)[0]]
+    assert len(seen) == len(set(seen)) == 18 + 15 and seen == list(first[0].epoch_order(1)[:33])
+    # a plan from the start is the plan it always was: global step s takes [s * B * W, (s + 1) * B * W)
+    plain = SamplePlan(done, 2, (4, 4), 4, seed=3, rank=1, world=2)
+    assert plain.position(9) == (2, 8) and list(plain.at(9)[0]) == list(plain.epoch_order(2)[12:16])
+
+
+def test_pretraining_resumes_on_another_world_size_where_the_data_stopped(store, tmp_path):
+    """Two ranks killed past a checkpoint, resumed by one process: it continues the epoch in
+    progress from the image the two had reached, at its own batch, to the same last epoch."""
+    location, _ = store
+    args = [*TINY, "--batch-size", 4, "--epochs", 6, "--set", "log_every=1", "--set", "checkpoint_every=3"]
+    cut = tmp_path / "cut"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", "pretrain"]
+    command += [location, "--out", cut, *args]
+
+    def past_the_first_checkpoint() -> bool:
+        return json.loads((cut / "checkpoint.json").read_text())["step"] >= 3
+
+    assert kill_when(command, past_the_first_checkpoint) == -signal.SIGKILL
+    killed = json.loads((cut / "checkpoint.json").read_text())
+    k = killed["step"]  # 16 images, 2 x 4 a step: 2 steps an epoch, 12 in all
+    assert k in (3, 6, 9) and killed["data_position"]["global_batch"] == 8
+    epoch, position = divmod(k, 2)[0], divmod(k, 2)[1] * 8
+    result = beit("pretrain", location, "--out", cut, *args)  # one process, 4 images a step
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = f"(the checkpoint's run: 2 x 4 x 1): the data goes on at image {position} of epoch {epoch}"
+    assert f"resuming on 1 ranks x 4 images x 1 accumulated {expected}" in result.stdout
+    rows = metrics(cut)
+    left = (16 - position) // 4 + (6 - epoch - 1) * 4  # the epoch in progress, then whole epochs of 4 steps
+    assert [r["step"] for r in rows] == list(range(1, k + left + 1)) and rows[-1]["epoch"] == 6.0
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    meta = load_checkpoint(cut / "checkpoint.pt")[1]
+    assert meta["world_size"] == 1 and meta["data_position"]["origin"] == {
+        "step": k,
+        "epoch": epoch,
+        "position": position,
+    }
+    assert (meta["data_position"]["epoch"], meta["data_position"]["position"]) == (6, 0)
 
 
 # Last / first loss, 8 seeds on AMD EPYC (2026-11-30, bench/pretrain_seeds.py --ablation=FLAG):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 DEFAULT_TIMEOUT_MINUTES = 120.0
@@ -129,9 +130,13 @@ class Dist:
             state["cuda"] = torch.cuda.get_rng_state(device)
         return self.gather(state)
 
-    def restore_rng(self, saved: list[dict] | dict, device: torch.device) -> None:
-        """Restore this rank's states from what `rng_states` gathered (the same world size), or
-        from one state for every rank, as checkpoints written before it hold."""
+    def restore_rng(self, saved: list[dict] | dict, device: torch.device, fallback: tuple[int, ...] = ()) -> None:
+        """Restore this rank's states from what `rng_states` gathered, or from one state for every
+        rank, as checkpoints written before it hold. A rank beyond the saved ones (a run resumed on
+        more ranks) seeds its generators from `fallback` (config seed, rank, step) instead."""
+        if isinstance(saved, list) and self.rank >= len(saved):
+            torch.manual_seed(int(np.random.SeedSequence([*fallback, self.rank]).generate_state(1)[0]))
+            return
         state = saved[self.rank] if isinstance(saved, list) else saved
         torch.set_rng_state(state["torch"])
         if device.type == "cuda" and "cuda" in state:

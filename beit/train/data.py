@@ -6,11 +6,13 @@ samples. Epoch e visits the store's done images (never the failed ones) in a per
 from (seed, e); each image shows one of its V views, cycling through all V in an order drawn
 afresh every V epochs. Global step s of an epoch takes positions [s*B*W, (s+1)*B*W) of that
 order (B per-rank batch, W ranks; the tail that does not fill a global batch is left for the
-next epoch's fresh order); rank r takes the r-th B of them. Views and masks are drawn from
-counter keys (seed, image, ...), a whole batch at once, so an image's view and mask in an epoch
-do not depend on the batch, the rank or the number of ranks. With `fresh` (online targets),
-epoch e shows each image's view e instead, drawn as stage 1 draws views (the first V are the
-cached ones; later ones are new).
+next epoch's fresh order); rank r takes the r-th B of them. A run resumed with another global
+batch (world size, batch size or accumulation) re-cuts the plan from the (epoch, position) the
+checkpoint reached: the epoch in progress goes on from there, no image repeated or skipped.
+Views and masks are drawn from counter keys (seed, image, ...), a whole batch at once, so an
+image's view and mask in an epoch do not depend on the batch, the rank or the number of ranks.
+With `fresh` (online targets), epoch e shows each image's view e instead, drawn as stage 1 draws
+views (the first V are the cached ones; later ones are new).
 
 Pixels are rendered by `beit.shared.views.render` at the store's patch size (bicubic, ImageNet
 normalisation) from what `TokenStore.items` gives (the store's embedded copies when it holds
@@ -49,8 +51,11 @@ class Batch:
 
 
 class SamplePlan:
-    """Which images, views and masks global step `step` gives this rank: a pure function of
-    (seed, epoch, step). `done` are the store indices that may be sampled."""
+    """Which images, views and masks global micro-batch `step` gives this rank: a pure function of
+    (seed, epoch, step). `done` are the store indices that may be sampled. `origin` = (epoch,
+    position): micro-batch 0 starts there in that epoch's order (a run resumed on another world
+    size or batch continues the epoch in progress from where the last one stopped; (0, 0) for a
+    run from the start)."""
 
     def __init__(
         self,
@@ -64,16 +69,45 @@ class SamplePlan:
         mask: str = "block",
         mask_count: int = 0,
         min_block: int = 0,
+        origin: tuple[int, int] = (0, 0),
     ):
         self.done, self.views, self.grid = done, views, grid
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         patches = grid[0] * grid[1]
         # 0: BEiT's 75 patches and 16-patch minimum blocks of a 14x14 grid, scaled to this grid
-        self.mask_kind = mask
+        self.mask_kind, self.mask_arg = mask, (mask_count, min_block)
         self.mask_count = mask_count or max(1, round(75 * patches / 196))
         self.min_block = min_block or max(1, round(16 * patches / 196))
-        self.steps_per_epoch = len(done) // (batch_size * world)
+        self.global_batch = batch_size * world
+        self.steps_per_epoch = len(done) // self.global_batch
+        self.origin = (int(origin[0]), int(origin[1]))
+        self.first_steps = (len(done) - self.origin[1]) // self.global_batch  # what is left of the origin's epoch
         self._order: tuple[int, np.ndarray] = (-1, done)
+
+    def resharded(self, batch_size: int, rank: int, world: int, origin: tuple[int, int]) -> SamplePlan:
+        """The same samples cut into batches of `batch_size` for `world` ranks, from `origin`."""
+        mask_count, min_block = self.mask_arg
+        return SamplePlan(
+            self.done, self.views, self.grid, batch_size, self.seed, rank, world, self.mask_kind, mask_count,
+            min_block, origin,
+        )  # fmt: skip
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, position in that epoch's order) where global micro-batch `step` starts. An
+        epoch's tail that does not fill a global batch is left for the next epoch's fresh order."""
+        if step < self.first_steps:
+            return self.origin[0], self.origin[1] + step * self.global_batch
+        epoch, within = divmod(step - self.first_steps, self.steps_per_epoch)
+        return self.origin[0] + 1 + epoch, within * self.global_batch
+
+    def epoch_at(self, step: int) -> float:
+        """Epochs done before micro-batch `step`, counted in each epoch's whole global batches."""
+        epoch, position = self.position(step)
+        return epoch + position / (self.steps_per_epoch * self.global_batch)
+
+    def steps_until(self, epochs: int) -> int:
+        """Micro-batches from the origin to the end of epoch `epochs` - 1."""
+        return max(0, self.first_steps + (epochs - self.origin[0] - 1) * self.steps_per_epoch)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if self._order[0] != epoch:  # drawn once per epoch, not per batch: 1.28M images take tens of ms
@@ -88,9 +122,9 @@ class SamplePlan:
         return order[:, turn]
 
     def at(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(this rank's store indices, their views, their masks [B, gh * gw]) for global step `step`."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        start = within * self.batch_size * self.world + self.rank * self.batch_size
+        """(this rank's store indices, their views, their masks [B, gh * gw]) for global micro-batch `step`."""
+        epoch, start = self.position(step)
+        start += self.rank * self.batch_size
         images = self.epoch_order(epoch)[start : start + self.batch_size]
         keys = counter_key(self.seed, epoch, images, 2)
         if self.mask_kind == "random":
@@ -196,6 +230,11 @@ class PretrainData:
             images=images,
             twin=as_tensor(outputs[1], pin) if len(outputs) > 1 else None,
         )
+
+    def restart_at(self, origin: tuple[int, int]) -> None:
+        """Micro-batch 0 starts at `origin` = (epoch, position) from now on (`SamplePlan`)."""
+        plan = self.plan
+        self.plan = plan.resharded(plan.batch_size, plan.rank, plan.world, origin)
 
     def stream(self, start_step: int, depth: int = 2):
         """Batches from global step `start_step` on, prepared `depth` ahead in a thread."""

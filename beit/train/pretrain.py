@@ -180,6 +180,33 @@ class MIMStep:
         return grad_norm
 
 
+# what a resumed run may change: the data plan is re-cut from where the checkpoint stopped
+ELASTIC = ("world_size", "config.batch_size", "config.accumulation")
+
+
+def resume_origin(meta: dict, data: PretrainData, cfg: PretrainConfig, world: int) -> dict:
+    """Where a resumed run's data plan starts: the checkpoint's own origin when the global batch
+    and accumulation are the same; else a new origin at the checkpoint's step, at the (epoch,
+    position) its plan had reached, so the epoch in progress goes on with no image repeated or
+    skipped (the model and optimizer are replicated, only the data is re-cut). Each rank's random
+    states come back for the ranks the checkpoint had; a new rank's are seeded afresh."""
+    saved = meta.get("data_position", {})
+    origin = saved.get("origin", {"step": 0, "epoch": 0, "position": 0})
+    config, their_world = meta["config"], meta["world_size"]
+    if (config["batch_size"] * their_world, config["accumulation"]) == (cfg.batch_size * world, cfg.accumulation):
+        return origin
+    theirs = data.plan.resharded(config["batch_size"], 0, their_world, (origin["epoch"], origin["position"]))
+    epoch, position = theirs.position((meta["step"] - origin["step"]) * config["accumulation"])
+    if data.plan.rank == 0:
+        then = f"{their_world} x {config['batch_size']} x {config['accumulation']}"
+        print(
+            f"resuming on {world} ranks x {cfg.batch_size} images x {cfg.accumulation} accumulated (the checkpoint's "
+            f"run: {then}): the data goes on at image {position} of epoch {epoch}",
+            flush=True,
+        )
+    return {"step": meta["step"], "epoch": int(epoch), "position": int(position)}
+
+
 def build_model_config(cfg: PretrainConfig, data: PretrainData, location: str) -> ModelConfig:
     """The model's config, its image size and vocabulary taken from the store, checked against it."""
     model_cfg = ModelConfig(**to_dict(cfg.model))
@@ -242,8 +269,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
     effective_batch = cfg.batch_size * dist.world * cfg.accumulation
     lr = cfg.lr if cfg.lr is not None else cfg.blr * effective_batch / 2048
     steps_per_epoch = data.steps_per_epoch / cfg.accumulation  # optimizer steps; an epoch may end mid-accumulation
-    total = round(cfg.epochs * steps_per_epoch)
-    if total < 1:
+    if round(cfg.epochs * steps_per_epoch) < 1:
         raise ValueError(
             f"--epochs {cfg.epochs} is less than one optimizer step: an epoch is {data.steps_per_epoch} batches and "
             f"accumulation is {cfg.accumulation}; lower accumulation or --batch-size, or raise --epochs."
@@ -254,13 +280,20 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
     )
     identity = run.identity(store_fingerprint=data.store.source_fingerprint, tokenizer=data.store.tokenizer_sha256)
     dist.check_same(f"the store {store} with fingerprint, tokenizer and images", (*identity.values(), len(data.store)))
-    meta = run.resume(resume, model, optimizer, total)
+    # another world size, batch size or accumulation continues the data where it stopped (`resume_origin`)
+    meta = run.resume(resume, model, optimizer, None, elastic=ELASTIC)
     step = meta["step"] if meta else 0
+    origin = resume_origin(meta, data, cfg, dist.world) if meta else {"step": 0, "epoch": 0, "position": 0}
+    if (origin["epoch"], origin["position"]) != (0, 0):
+        data.restart_at((origin["epoch"], origin["position"]))
+    # optimizer steps: the origin's, then the micro-batches left to the last epoch's end
+    total = origin["step"] + round(data.plan.steps_until(cfg.epochs) / cfg.accumulation)
     run.start(step)
     trained = run.wrap(model)
     train_step = MIMStep(model, trained, optimizer, cfg, device, online=(tokenizer, precision) if online else None)
 
-    stream = data.stream(step * cfg.accumulation)
+    micro = (step - origin["step"]) * cfg.accumulation  # the data plan's micro-batch at `step`
+    stream = data.stream(micro)
     bar = run.bar(total, step)
     wait, logged_at = 0.0, step
     last_log, images_since = time.perf_counter(), 0
@@ -282,7 +315,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
             elapsed = time.perf_counter() - last_log
             row = {
                 "step": step,
-                "epoch": step / steps_per_epoch,
+                "epoch": data.plan.epoch_at((step - origin["step"]) * cfg.accumulation),
                 "loss": values[0] / ((step - logged_at) * cfg.accumulation),
                 "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": float(grad_norm),
@@ -302,10 +335,20 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
             wait, images_since, last_log, logged_at = 0.0, 0, time.perf_counter(), step
         if step % cfg.checkpoint_every == 0 or step == total:
             rng = dist.rng_states(device)  # every rank's: each draws its own drop path
+            micro = (step - origin["step"]) * cfg.accumulation
+            epoch, position = data.plan.position(micro)
             meta = {
                 "step": step,
-                "epoch": step / steps_per_epoch,
-                "data_position": {"micro_batch": step * cfg.accumulation},
+                "epoch": data.plan.epoch_at(micro),
+                # where the data stands: micro-batch `micro_batch` of the plan that starts at `origin`
+                # (global micro-batches of `global_batch` images), the next one at `position` of `epoch`
+                "data_position": {
+                    "micro_batch": micro,
+                    "origin": origin,
+                    "global_batch": data.plan.global_batch,
+                    "epoch": epoch,
+                    "position": position,
+                },
                 "effective_lr": lr,
                 "effective_batch": effective_batch,
                 "seed": cfg.seed,

@@ -161,15 +161,25 @@ class Run:
         }
         return self.fields
 
-    def resume(self, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer, total: int) -> dict | None:
+    def resume(
+        self,
+        resume: bool,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        total: int | None,
+        elastic: tuple[str, ...] = (),
+    ) -> dict | None:
         """The checkpoint's meta after loading it into `model` and `optimizer` and restoring every
-        rank's random state, when the run resumes (rank 0 decides); None when it starts afresh."""
+        rank's random state, when the run resumes (rank 0 decides); None when it starts afresh.
+        `elastic`: identity keys (dotted, as `changed_keys` names them) that may differ, such as
+        "world_size" for a trainer that re-shards its data; a rank the checkpoint has no random
+        state for gets one seeded by (config seed, rank, step)."""
         if not self.dist.resume_from(self.checkpoint, resume):
             return None
         state, meta = load_checkpoint(self.checkpoint)
         theirs = {key: meta.get(key) for key in self.fields}
         theirs["config"] = resume_fields(type(self.cfg), theirs["config"])
-        changed = changed_keys(theirs, self.fields)
+        changed = [key for key in changed_keys(theirs, self.fields) if key not in elastic]
         if changed:
             raise CheckpointError(
                 f"{self.checkpoint} is from another run ({', '.join(changed[:5])} differ): use another --out, or "
@@ -177,10 +187,12 @@ class Run:
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        self.dist.restore_rng(state["rng"], self.device)
+        fallback = (getattr(self.cfg, "seed", 0), self.dist.rank, meta["step"])
+        self.dist.restore_rng(state["rng"], self.device, fallback)
         self.dist.check_same(f"{self.checkpoint} at step", meta["step"])
         if self.main:
-            print(f"resuming from {self.checkpoint} at step {meta['step']} of {total}", flush=True)
+            of = f" of {total}" if total is not None else ""
+            print(f"resuming from {self.checkpoint} at step {meta['step']}{of}", flush=True)
         return meta
 
     def start(self, step: int) -> None:
