@@ -34,6 +34,10 @@ Overrides = Annotated[list[str] | None, typer.Option("--set", help="override a c
 NoResume = Annotated[bool, typer.Option("--no-resume", help="start over, ignoring a checkpoint in --out")]
 RunFolder = Annotated[Path, typer.Option("--out", help="run folder: config, metrics.jsonl, checkpoints")]
 Preset = Annotated[str | None, typer.Option("--model", help="tiny | small | base | large")]
+SourceRoot = Annotated[
+    str | None,
+    typer.Option(help="the store's source files under another folder than where they were tokenized (checked)"),
+]
 
 
 def _fail(error: Exception) -> None:
@@ -124,6 +128,7 @@ def pretrain_command(
         typer.Option(help="cached (the store's tokens) | online (a fresh view each epoch, dVAE every step) | pixels"),
     ] = None,
     mask: Annotated[str | None, typer.Option(help="block | random")] = None,
+    source_root: SourceRoot = None,
     config: Config = None,
     set_: Overrides = None,
     no_resume: NoResume = False,
@@ -150,6 +155,7 @@ def finetune_command(
     lr: Annotated[float | None, typer.Option(help="effective learning rate")] = None,
     blr: Annotated[float | None, typer.Option(help="lr at an effective batch of 1024 (4e-3)")] = None,
     layer_decay: Annotated[float | None, typer.Option(help="layer-wise lr decay (0.65)")] = None,
+    source_root: SourceRoot = None,
     config: Config = None,
     set_: Overrides = None,
     no_resume: NoResume = False,

@@ -1,6 +1,7 @@
 """Stage 2 on the CPU: a store made by `beit tokenize`, a tiny model, real subprocesses."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from PIL import Image
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.dvae import DVAE, DVAEConfig, load_tokenizer, save_tokenizer
 from beit.shared.model import BeitForMIM, ModelConfig
-from beit.shared.store import StoreError
+from beit.shared.store import StoreError, TokenStore
 from beit.shared.views import draw_views
 from beit.train.data import PretrainData, SamplePlan
 from beit.train.scaffold import truncate_metrics
@@ -282,6 +283,19 @@ def test_pretraining_resumes_on_another_world_size_where_the_data_stopped(store,
         "position": position,
     }
     assert (meta["data_position"]["epoch"], meta["data_position"]["position"]) == (6, 0)
+
+
+def test_source_root_reads_the_same_images_elsewhere_and_refuses_others(store, tmp_path):
+    location, _ = store
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(TokenStore.open(location).source_root, moved)
+    args = [*TINY, "--epochs", "1", "--source-root", moved]
+    result = beit("pretrain", location, "--out", tmp_path / "run", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (moved / "coffee.jpg").write_bytes((moved / "coffee.jpg").read_bytes() + b"\0")  # another file of that name
+    result = beit("pretrain", location, "--out", tmp_path / "other", *args)
+    assert result.returncode == 1
+    assert f"--source-root {moved} does not hold the images {location} was made from" in result.stderr
 
 
 # Last / first loss, 8 seeds on AMD EPYC (2026-11-30, bench/pretrain_seeds.py --ablation=FLAG):

@@ -118,6 +118,7 @@ class TokenStore:
         self.location = location
         self.attrs = dict(group.attrs)
         self._keys: list[str] | KeyTable | None = None
+        self._source_root: Path | None = None
 
     # ---------------------------------------------------------------- opening and creating
 
@@ -309,8 +310,32 @@ class TokenStore:
 
     @property
     def source_root(self) -> Path:
-        """The folder the keys are relative to, on the host that tokenized."""
-        return Path(self.attrs.get("source_root", "."))
+        """The folder the keys are relative to: on the host that tokenized, or where
+        `use_source_root` pointed it (the same data mounted elsewhere)."""
+        return self._source_root or Path(self.attrs.get("source_root", "."))
+
+    def use_source_root(self, root: str | Path) -> None:
+        """Read the source files under `root` instead of the recorded folder: the same data
+        elsewhere (another mount, another machine), refused unless it is the same source. A
+        folder is listed again and its fingerprint compared; a list file's keys are the store's own,
+        so its files are looked for there (`check_sources` then names any that are missing)."""
+        root = Path(root)
+        record = self.source_record
+        if record.get("kind") in ("folder", "imagefolder"):
+            from beit.shared.images import read_source
+
+            try:
+                found = read_source(root, every_entry=True).fingerprint()
+            except ValueError as error:
+                raise StoreError(f"--source-root {root}: {error}") from None
+            if found != record.get("fingerprint"):
+                raise StoreError(
+                    f"--source-root {root} does not hold the images {self.location} was made from (its files and "
+                    f"sizes differ from the store's record of {self.source_root}): point it at a copy of that folder."
+                )
+        elif not root.is_dir():
+            raise StoreError(f"--source-root {root} is not a folder: point it at the folder the list file was in.")
+        self._source_root = root
 
     @property
     def class_names(self) -> list[str]:
@@ -558,7 +583,7 @@ class TokenStore:
             raise StoreError(
                 f"{self.location}'s source file {missing[0]} is gone (and {len(missing) - 1} more of the "
                 f"{len(indices)} checked), and the store holds no copies: restore the source at "
-                f"{self.source_root}, or tokenize again with {flag}."
+                f"{self.source_root}, point --source-root at a copy of it, or tokenize again with {flag}."
             )
 
 

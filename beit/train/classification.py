@@ -33,12 +33,14 @@ from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
 STORE_URLS = ("s3://", "gs://", "gcs://", "file://")
 
 
-def read_store_splits(location: str, held_out: float, seed: int) -> tuple[Source, Source]:
+def read_store_splits(location: str, held_out: float, seed: int, source_root: str = "") -> tuple[Source, Source]:
     """A token store's tokenized images and labels, split into train and a held-out val share
     (per class, seeded), so a tokenized data set is fine-tuned without listing its source again.
     The images are what `TokenStore.items` gives: the store's copies when it embeds them, else
     the original files."""
     store = TokenStore.open(location)
+    if source_root:
+        store.use_source_root(source_root)
     labels = store.labels()
     done = np.flatnonzero((store.status() == DONE) & (labels >= 0))
     names = store.class_names
@@ -72,11 +74,11 @@ def read_store_splits(location: str, held_out: float, seed: int) -> tuple[Source
     return splits[0], splits[1]
 
 
-def read_splits(data: Path, held_out: float = 0.1, seed: int = 0) -> tuple[Source, Source]:
+def read_splits(data: Path, held_out: float = 0.1, seed: int = 0, source_root: str = "") -> tuple[Source, Source]:
     """DATA/train and DATA/val as ImageFolder trees with the same classes, checked; or, when
     DATA is a token store, its labelled images with a held-out share as val."""
     if (Path(data) / "zarr.json").is_file() or str(data).startswith(STORE_URLS):
-        return read_store_splits(str(data), held_out, seed)
+        return read_store_splits(str(data), held_out, seed, source_root)
     data = Path(data)
     if not data.is_dir():
         raise ValueError(f"{data} does not exist: pass a folder with train/ and val/ ImageFolder trees.")

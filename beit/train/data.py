@@ -151,8 +151,11 @@ class PretrainData:
         views: int = 0,
         fresh: bool = False,
         data_cache: str = "",
+        source_root: str = "",
     ):
         self.store = TokenStore.open(location)
+        if source_root:  # the same source files, somewhere else than where they were tokenized
+            self.store.use_source_root(source_root)
         copy = self.store.node_copy(data_cache)  # mapped, once per node: random zarr reads are slow
         self.tokens = copy.tokens  # [N, V, gh, gw]
         self.grid = self.store.grid

@@ -40,7 +40,7 @@ from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, layer_decay_groups
 @dataclass
 class FinetuneConfig:
     # keys a resumed run may change (they do not change what it computes)
-    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_SETTINGS, "eval_every")
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_SETTINGS, "eval_every", "source_root")
     # the lowest value of each key listed (load_config checks them)
     MINIMUM: ClassVar[dict[str, int]] = {
         **dict.fromkeys(("epochs", "batch_size", "log_every", "checkpoint_every", "eval_every"), 1),
@@ -63,6 +63,7 @@ class FinetuneConfig:
     randaugment: bool = True
     erasing: float = 0.25
     held_out: float = 0.1  # the val share of a token store's images (DATA = a store)
+    source_root: str = ""  # DATA = a store: its source files under another folder ("": where they were tokenized)
     seed: int = 0
     eval_every: int = 1  # epochs
     checkpoint_every: int = 1000  # steps; also after every evaluation and at the end
@@ -142,7 +143,7 @@ def build_model(cfg: FinetuneConfig, classes: int, data_dir: Path) -> tuple[Beit
 def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True, progress: bool = True) -> dict:
     run = Run(out, cfg, "finetune", progress)
     dist, device = run.dist, run.device
-    train_source, val_source = read_splits(data_dir, cfg.held_out, cfg.seed)
+    train_source, val_source = read_splits(data_dir, cfg.held_out, cfg.seed, cfg.source_root)
     for source, split in ((train_source, "train"), (val_source, "val")):  # else ranks would mix up images and labels
         dist.check_same_listing(f"the {split} images of {data_dir}", source.fingerprint(), source.entries)
     classes = len(train_source.class_names)

@@ -44,7 +44,7 @@ from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr
 @dataclass
 class PretrainConfig:
     # keys a resumed run may change (they do not change what it computes)
-    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_SETTINGS, "compile", "data_cache")
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_SETTINGS, "compile", "data_cache", "source_root")
     # the lowest value of each key listed (load_config checks them)
     MINIMUM: ClassVar[dict[str, int]] = {
         **dict.fromkeys(("epochs", "batch_size", "accumulation", "log_every", "checkpoint_every"), 1),
@@ -75,6 +75,7 @@ class PretrainConfig:
     threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     # a node-local folder for the store's arrays, mapped by the node's ranks ("": the system's temporary folder)
     data_cache: str = ""
+    source_root: str = ""  # the store's source files under another folder ("": where they were tokenized)
     device: str = "auto"
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 works alone
 
@@ -258,6 +259,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
         device_id=run.device_id,
         views=cfg.views,
         data_cache=cfg.data_cache,
+        source_root=cfg.source_root,
     )
     model_cfg = build_model_config(cfg, data, store)
     tokenizer = build_online_tokenizer(data, store, device) if online else None
