@@ -81,7 +81,12 @@ def _notes(result: dict) -> None:
 @app.command("tokenize")
 def tokenize_command(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Argument(help="ImageFolder tree, image folder, or .txt list: path, label per line")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="ImageFolder tree, image folder, or .txt list (path, label per line): a path or an fsspec URL (s3://...)"
+        ),
+    ],
     store: Annotated[str, typer.Argument(help="token store to write: a folder, or an fsspec URL zarr can open")],
     tokenizer: Annotated[Path, typer.Option(help="tokenizer .safetensors (beit tokenizer convert/train)")],
     views: Annotated[int | None, typer.Option(help="views per image (default 10)")] = None,

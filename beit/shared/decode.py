@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from beit.shared.images import OTHER_IMAGE_SUFFIXES
+from beit.shared.images import OTHER_IMAGE_SUFFIXES, fetch, is_remote
 
 # Leading bytes of the formats DALI's decoders read.
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ")
@@ -235,21 +235,26 @@ class ImageBatches:
             return _decode_error(path, error)
 
     def run(
-        self, files: list[Path | bytes], inputs: dict[str, list[np.ndarray]] | None = None
+        self, files: list[Path | str | bytes], inputs: dict[str, list[np.ndarray]] | None = None
     ) -> tuple[list[np.ndarray], list[int]]:
-        """Run `files` (paths or file contents; at most batch_size) with their per-sample
-        `inputs`; failed files are left out of the outputs and recorded in `failed` (contents
-        under the key '<bytes>')."""
+        """Run `files` (paths, URLs or file contents; at most batch_size) with their per-sample
+        `inputs`; failed files are left out of the outputs and recorded in `failed` (by path or
+        URL; contents under the key '<bytes>'). URLs are fetched together first (`images.fetch`)."""
         inputs = inputs or {}
+        fetched = fetch([f for f in files if is_remote(f)])
         blobs, kept = [], []
+        data: list = []  # what each file's bytes come from: the path, or the bytes themselves
         for i, path in enumerate(files):
-            reason = precheck(path)
+            item = fetched[path] if is_remote(path) else path
+            data.append(item)
+            fetch_failed = is_remote(path) and isinstance(item, str)  # then `item` says why
+            reason = item if fetch_failed else precheck(item)
             if reason is None:
                 try:
-                    if isinstance(path, (bytes, bytearray)):
-                        blobs.append(np.frombuffer(path, dtype=np.uint8))
+                    if isinstance(item, (bytes, bytearray)):
+                        blobs.append(np.frombuffer(item, dtype=np.uint8))
                     else:
-                        blobs.append(np.fromfile(path, dtype=np.uint8))
+                        blobs.append(np.fromfile(item, dtype=np.uint8))
                     kept.append(i)
                     continue
                 except OSError as error:
@@ -266,14 +271,12 @@ class ImageBatches:
             good = []
             for position, i in enumerate(kept):
                 single = {name: [values[position]] for name, values in feeds.items()}
-                reason = self._decodes_alone(files[i], single)
+                reason = self._decodes_alone(data[i], single)
                 if reason is None:
                     good.append(i)
                 else:
                     self.failed[_key(files[i])] = reason
             if len(good) == len(kept):
                 raise  # no single file is to blame: a real pipeline error
-            outputs, kept_good = self.run(
-                [files[i] for i in good], {n: [v[i] for i in good] for n, v in inputs.items()}
-            )
+            outputs, kept_good = self.run([data[i] for i in good], {n: [v[i] for i in good] for n, v in inputs.items()})
             return outputs, [good[k] for k in kept_good]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
+import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ class Source:
     """The images of a data set, in a fixed order, with labels (-1 = none)."""
 
     kind: str  # "imagefolder" | "folder" | "list"
-    root: Path
+    root: Path | str  # a local folder or a URL
     files: Sequence[Path | bytes]  # the file, or its bytes (a store's embedded copy: `store.StoreItems`)
     keys: list[str]  # path relative to root (or as listed), the stable name of each image
     labels: list[int]
@@ -31,6 +33,7 @@ class Source:
     # the fingerprint when it is known without reading the files (a token store's images: the
     # store's source fingerprint and the indices chosen); entries then have size 0
     known_fingerprint: str | None = None
+    listed_sizes: list[int] | None = None  # the file sizes a listing gave (object storage), so none is asked again
 
     def take(self, positions) -> list[Path | bytes]:
         """The files (or bytes) at `positions`, read together when they come from a store."""
@@ -47,6 +50,8 @@ class Source:
             return sorted((key, 0) for key in self.keys)
         if self.kind == "list":  # as listed, with labels: a list of millions of paths is not stat-ed
             return list(zip(self.keys, self.labels, strict=True))
+        if self.listed_sizes is not None:
+            return sorted(zip(self.keys, self.listed_sizes, strict=True))
         out = []
         for key, path in zip(self.keys, self.files, strict=True):
             if isinstance(path, (bytes, bytearray)):  # an image held in memory (a store's embedded copy)
@@ -74,35 +79,141 @@ class Source:
         }
 
 
-def file_size(path: Path) -> int:
-    """The size of a regular file; -1 for a missing file or an entry that is not a file."""
+LIST_SUFFIXES = {".txt", ".lst", ".list", ".csv", ".tsv"}
+
+
+def is_url(location) -> bool:
+    """Whether `location` is an fsspec URL (s3://, gs://, file://, ...) rather than a local path."""
+    return isinstance(location, str) and "://" in location
+
+
+def join(root: Path | str, key: str) -> Path | str:
+    """`root / key` for a local folder or a URL; an absolute path or a URL as key stays itself."""
+    if is_url(key):
+        return key
+    if is_url(root):
+        return key if key.startswith("/") else f"{root.rstrip('/')}/{key}"
+    return Path(root) / key
+
+
+def _filesystem(url: str):
+    import fsspec
+
     try:
-        info = path.stat()
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as error:  # an unknown scheme, or its package (s3fs, gcsfs) missing
+        raise ValueError(f"{url}: {error}") from None
+
+
+def _url_error(url: str, error: BaseException) -> ValueError:
+    if isinstance(error, FileNotFoundError):
+        return ValueError(f"{url} does not exist: check the URL (bucket and prefix).")
+    if isinstance(error, PermissionError):
+        return ValueError(f"{url} cannot be read (access denied): check the credentials (AWS_* variables or ~/.aws).")
+    return ValueError(f"{url} cannot be read ({type(error).__name__}: {error}): check the URL and the credentials.")
+
+
+def file_size(path: Path | str) -> int:
+    """The size of a regular file (a local path or a URL); -1 for a missing file or an entry
+    that is not a file."""
+    if is_url(path):
+        fs, inner = _filesystem(path)
+        try:
+            info = fs.info(inner)
+        except (OSError, ValueError):
+            return -1
+        return int(info.get("size") or 0) if info.get("type") == "file" else -1
+    try:
+        info = Path(path).stat()
     except OSError:
         return -1
     return info.st_size if stat.S_ISREG(info.st_mode) else -1
 
 
-def source_root(source: Path) -> Path:
-    """The folder a source's keys are relative to: the folder itself, or a list file's folder."""
+def fetch(items: list) -> dict:
+    """Each URL's (or tar member's) bytes, fetched together (concurrently on object storage), or
+    why it could not be read ("unreadable: ...")."""
+    out: dict = {}
+    members = [item for item in items if isinstance(item, TarMember)]
+    for member in members:
+        out[member] = _read_member(member)
+    urls = [item for item in items if is_url(item)]
+    if not urls:
+        return out
+    fs, _ = _filesystem(urls[0])
+    paths = [fs._strip_protocol(url) for url in urls]
+    try:
+        got = fs.cat(paths, on_error="return")
+    except Exception as error:  # the whole request failed (no such bucket, no access)
+        got = dict.fromkeys(paths, error)
+    for url, path in zip(urls, paths, strict=True):
+        value = got.get(path, FileNotFoundError(path))
+        if isinstance(value, BaseException):
+            why = "no such object" if isinstance(value, FileNotFoundError) else f"{type(value).__name__}: {value}"
+            out[url] = f"unreadable: {why}"
+        else:
+            out[url] = bytes(value)
+    return out
+
+
+def _read_member(member: TarMember) -> bytes | str:
+    """A tar member's bytes (one ranged read), or why not."""
+    if member.missing:
+        return member.missing
+    try:
+        if is_url(str(member.shard)):
+            fs, inner = _filesystem(str(member.shard))
+            return bytes(fs.cat_file(inner, start=member.offset, end=member.offset + member.size))
+        with open(member.shard, "rb") as f:
+            return os.pread(f.fileno(), member.size, member.offset)
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+
+
+def is_remote(item) -> bool:
+    """Whether `item` is read by `fetch` (a URL or a tar member) rather than opened as a file."""
+    return isinstance(item, TarMember) or is_url(item)
+
+
+def read_bytes(item: Path | str | bytes) -> bytes:
+    """The bytes of a file, an object at a URL, or bytes already read."""
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    if is_remote(item):
+        value = fetch([item])[item]
+        if isinstance(value, str):
+            raise OSError(f"{item}: {value}")
+        return value
+    return Path(item).read_bytes()
+
+
+def exists(item: Path | str) -> bool:
+    return file_size(item) >= 0
+
+
+def source_root(source: Path | str) -> Path | str:
+    """The folder a source's keys are relative to: the folder itself, or a list file's folder
+    (a URL's parent for a list at a URL)."""
+    if is_url(source):
+        return source.rsplit("/", 1)[0] if source.lower().endswith(tuple(LIST_SUFFIXES)) else source.rstrip("/")
     source = Path(source)
     return source.parent if source.is_file() else source
 
 
 class RootedPaths(Sequence):
-    """`root / key` for each key (an absolute key stays itself), made when asked: a list of
-    millions of paths holds its strings once, not a Path object per line."""
+    """`join(root, key)` for each key (an absolute key or a URL stays itself), made when asked: a
+    list of millions of paths holds its strings once, not a Path object per line."""
 
-    def __init__(self, root: Path, keys: list[str]):
-        self.root, self.keys = Path(root), keys
+    def __init__(self, root: Path | str, keys: list[str]):
+        self.root, self.keys = root, keys
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return [self.root / key for key in self.keys[i]]
-        return self.root / self.keys[i]
+            return [join(self.root, key) for key in self.keys[i]]
+        return join(self.root, self.keys[i])
 
 
 def _images_under(folder: Path, every_entry: bool = False) -> tuple[list[Path], list[Path]]:
@@ -124,60 +235,210 @@ def _images_under(folder: Path, every_entry: bool = False) -> tuple[list[Path], 
     return sorted(images), sorted(entries)
 
 
-def read_source(source: Path, every_entry: bool = False) -> Source:
+def _folder_source(name, root, files, keys: list[str], image_keys: list[str], sizes=None) -> Source:
+    """A folder's Source: an ImageFolder tree when every readable image is in a sub-folder."""
+    if not image_keys and keys:
+        raise ValueError(
+            f"{name} holds no image this project reads ({', '.join(sorted(IMAGE_SUFFIXES))}), only "
+            f"{len(keys)} entries such as {keys[0]} that it cannot read: convert them to JPEG or PNG, or check "
+            "the path."
+        )
+    if not image_keys:
+        raise ValueError(f"{name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): check the path.")
+    if all("/" in k for k in image_keys):
+        class_names = sorted({k.split("/", 1)[0] for k in image_keys})
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = [index.get(k.split("/", 1)[0], -1) if "/" in k else -1 for k in keys]
+        return Source("imagefolder", root, files, keys, labels, class_names, listed_sizes=sizes)
+    return Source("folder", root, files, keys, [-1] * len(files), listed_sizes=sizes)
+
+
+def _list_source(text: str, name: str, root: Path | str) -> Source:
+    """A list file's Source: one `path [label]` per line, paths relative to `root` (or absolute, or URLs)."""
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.replace(",", " ").replace("\t", " ").split()
+        if len(parts) > 2:
+            raise ValueError(f"{name}:{number}: expected 'path [label]', got {line!r}: quote no spaces in paths.")
+        path = parts[0]
+        suffix = Path(path.rsplit("/", 1)[-1]).suffix.lower()
+        if any(ord(c) < 32 for c in path) or suffix not in IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES:
+            raise ValueError(
+                f"{name}:{number}: {path!r} is not a path to an image (a file name ending in "
+                f"{', '.join(sorted(IMAGE_SUFFIXES))}): fix the line, one 'path [label]' per line."
+            )
+        entries.append((path, parts[1] if len(parts) == 2 else None))
+    if not entries:
+        raise ValueError(f"{name} lists no images: write one 'path [label]' per line.")
+    raw_labels = [label for _, label in entries]
+    if all(label is None for label in raw_labels):
+        labels, class_names = [-1] * len(entries), []
+    elif any(label is None for label in raw_labels):
+        raise ValueError(f"{name}: some lines have a label and some do not: label all of them or none.")
+    elif all(label.lstrip("-").isdigit() for label in raw_labels):
+        labels, class_names = [int(label) for label in raw_labels], []
+    else:
+        class_names = sorted(set(raw_labels))
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = [index[label] for label in raw_labels]
+    keys = [path for path, _ in entries]
+    return Source("list", root, RootedPaths(root, keys), keys, labels, class_names)
+
+
+def _read_url(url: str, every_entry: bool) -> Source:
+    """A folder or list file at an fsspec URL: listed once (sizes come with the listing)."""
+    fs, path = _filesystem(url)
+    try:
+        info = fs.info(path)
+    except Exception as error:
+        raise _url_error(url, error) from None
+    if info.get("type") != "directory":
+        if not url.lower().endswith(tuple(LIST_SUFFIXES)):
+            raise ValueError(f"{url} is neither a folder of images nor a .txt file listing them: check the URL.")
+        try:
+            text = fs.cat_file(path).decode()
+        except Exception as error:
+            raise _url_error(url, error) from None
+        return _list_source(text, url, source_root(url))
+    try:
+        found = fs.find(path, detail=True)
+    except Exception as error:
+        raise _url_error(url, error) from None
+    base = path.rstrip("/") + "/"
+    listed = {
+        name[len(base) :]: int(meta.get("size") or 0)
+        for name, meta in found.items()
+        if meta.get("type", "file") == "file" and name.startswith(base)
+    }
+    suffixes = IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES if every_entry else IMAGE_SUFFIXES
+    keys = sorted(k for k in listed if Path(k).suffix.lower() in suffixes)
+    image_keys = [k for k in keys if Path(k).suffix.lower() in IMAGE_SUFFIXES]
+    root = url.rstrip("/")
+    return _folder_source(url, root, [join(root, k) for k in keys], keys, image_keys, [listed[k] for k in keys])
+
+
+SHARD_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One sample's image inside a tar shard: `size` bytes at `offset` of `shard` (a path or a
+    URL), read with one ranged read; `missing` says why a sample has no image to read."""
+
+    shard: Path | str
+    offset: int
+    size: int
+    missing: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.shard}@{self.offset}"
+
+
+def is_shards(source) -> bool:
+    """Whether `source` names tar shards: a .tar path or URL, or a brace range of them."""
+    text = str(source)
+    return text.lower().endswith(".tar") and (bool(SHARD_RANGE.search(text)) or not Path(text).is_dir())
+
+
+def expand_shards(source: str) -> list[str]:
+    """`shards-{000000..000002}.tar` -> shards-000000.tar, shards-000001.tar, shards-000002.tar (the
+    width of the first number kept); a name without a range is itself."""
+    match = SHARD_RANGE.search(source)
+    if not match:
+        return [source]
+    first, last = match.group(1), match.group(2)
+    width = len(first)
+    return [
+        source[: match.start()] + str(i).zfill(width) + source[match.end() :] for i in range(int(first), int(last) + 1)
+    ]
+
+
+def _open_binary(location: Path | str):
+    if is_url(str(location)):
+        fs, inner = _filesystem(str(location))
+        return fs.open(inner, "rb")
+    return open(location, "rb")  # noqa: SIM115 (closed by the caller's with)
+
+
+def _read_shards(source: str, every_entry: bool) -> Source:
+    """Webdataset-style tar shards: samples are the members sharing a name up to the first dot of
+    their file name; a sample's image is its member named like an image, its class the integer in
+    its `.cls` member (-1 without one). Only the headers are read (the data is skipped over)."""
+    shards = expand_shards(source)
+    root = source_root(shards[0])
+    suffixes = IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES if every_entry else IMAGE_SUFFIXES
+    files, keys, labels, sizes = [], [], [], []
+    for shard in shards:
+        name = shard.rsplit("/", 1)[-1]
+        location = shard if is_url(shard) else Path(shard)
+        samples: dict[str, dict] = {}
+        try:
+            with _open_binary(location) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, base = member.name.rpartition("/")
+                    stem, _, extension = base.partition(".")
+                    sample = samples.setdefault(f"{folder}/{stem}" if folder else stem, {})
+                    if f".{extension.lower()}" in suffixes and "image" not in sample:
+                        sample["image"] = (member.name, member.offset_data, member.size)
+                    elif extension.lower() == "cls":
+                        sample["cls"] = tar.extractfile(member).read().decode().strip()
+        except FileNotFoundError:
+            raise ValueError(f"{shard} does not exist: check the shard names and range.") from None
+        except PermissionError:
+            raise ValueError(f"{shard} cannot be read (access denied): check its permissions or credentials.") from None
+        except (tarfile.TarError, OSError) as error:
+            raise ValueError(f"{shard} is not a readable tar file ({error}): check the shard.") from None
+        for sample_key, sample in samples.items():
+            cls = sample.get("cls", "-1")
+            if not cls.lstrip("-").isdigit():
+                raise ValueError(
+                    f"{shard}: sample {sample_key} has class {cls!r}, not an integer: fix its .cls member."
+                )
+            labels.append(int(cls))
+            if "image" in sample:
+                member, offset, size = sample["image"]
+                keys.append(f"{name}/{member}")
+                files.append(TarMember(location, offset, size))
+                sizes.append(size)
+            else:  # listed, and failed with its reason when decoded: nothing is silently left out
+                keys.append(f"{name}/{sample_key}")
+                files.append(TarMember(location, -1, 0, "the sample has no image (no member named like one)"))
+                sizes.append(-1)
+    if not files:
+        raise ValueError(f"{source} holds no samples: check the shard names and range.")
+    return Source("shards", root, files, keys, labels, [], listed_sizes=sizes)
+
+
+def read_source(source: Path | str, every_entry: bool = False) -> Source:
     """An ImageFolder tree (every image inside a class sub-folder: labels from the sorted
     sub-folder names), a flat folder (searched recursively, no labels), or a text file with one
-    `path [label]` per line (paths relative to the file's folder; labels integers or class names).
+    `path [label]` per line (paths relative to the file's folder, absolute, or URLs; labels
+    integers or class names); or webdataset-style tar shards (`shards-{000000..000099}.tar`:
+    `_read_shards`). Each a local path or an fsspec URL (s3://bucket/prefix/, ..., listed once with
+    the sizes the listing gives).
 
     A folder source lists its readable image files; with `every_entry` (what `beit tokenize` asks,
     so that its store accounts for every input) also each entry named like an image that cannot be
     read (`_images_under`): it fails when decoded, with its reason. The layout (ImageFolder or
     not) and the classes come from the readable images alone; an entry outside the class folders
     has label -1."""
+    if is_shards(source):
+        return _read_shards(str(source), every_entry)
+    if is_url(str(source)):
+        return _read_url(str(source), every_entry)
     source = Path(source)
     if source.is_dir():
         images, files = _images_under(source, every_entry)
-        if not images and files:
-            raise ValueError(
-                f"{source} holds no image this project reads ({', '.join(sorted(IMAGE_SUFFIXES))}), only "
-                f"{len(files)} entries such as {files[0].relative_to(source)} that it cannot read: convert "
-                "them to JPEG or PNG, or check the path."
-            )
-        if not images:
-            raise ValueError(f"{source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): check the path.")
         keys = [p.relative_to(source).as_posix() for p in files]
         image_keys = [p.relative_to(source).as_posix() for p in images]
-        if all("/" in k for k in image_keys):
-            class_names = sorted({k.split("/", 1)[0] for k in image_keys})
-            index = {name: i for i, name in enumerate(class_names)}
-            labels = [index.get(k.split("/", 1)[0], -1) if "/" in k else -1 for k in keys]
-            return Source("imagefolder", source, files, keys, labels, class_names)
-        return Source("folder", source, files, keys, [-1] * len(files))
-    if source.is_file() and source.suffix.lower() in {".txt", ".lst", ".list", ".csv", ".tsv"}:
-        entries = []
-        for number, line in enumerate(source.read_text().splitlines(), start=1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            parts = line.replace(",", " ").replace("\t", " ").split()
-            if len(parts) > 2:
-                raise ValueError(f"{source}:{number}: expected 'path [label]', got {line!r}: quote no spaces in paths.")
-            entries.append((parts[0], parts[1] if len(parts) == 2 else None))
-        if not entries:
-            raise ValueError(f"{source} lists no images: write one 'path [label]' per line.")
-        raw_labels = [label for _, label in entries]
-        if all(label is None for label in raw_labels):
-            labels, class_names = [-1] * len(entries), []
-        elif any(label is None for label in raw_labels):
-            raise ValueError(f"{source}: some lines have a label and some do not: label all of them or none.")
-        elif all(label.lstrip("-").isdigit() for label in raw_labels):
-            labels, class_names = [int(label) for label in raw_labels], []
-        else:
-            class_names = sorted(set(raw_labels))
-            index = {name: i for i, name in enumerate(class_names)}
-            labels = [index[label] for label in raw_labels]
-        keys = [path for path, _ in entries]
-        return Source("list", source_root(source), RootedPaths(source_root(source), keys), keys, labels, class_names)
+        return _folder_source(source, source, files, keys, image_keys)
+    if source.is_file() and source.suffix.lower() in LIST_SUFFIXES:
+        return _list_source(source.read_text(), str(source), source_root(source))
     raise ValueError(f"{source} is neither a folder of images nor a .txt file listing them: check the path.")
 
 

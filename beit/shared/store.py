@@ -13,6 +13,8 @@ One Zarr group per tokenization, N images with V views each and a gh x gw token 
     errors   string  [N]              why a failed image failed ("" otherwise)
     sizes    int32   [N, 2]           each image's (height, width) after EXIF orientation (0, 0
                                       for a failed one); stores made before it lack it
+    members  int64   [N, 2]           a source of tar shards only: each image's (offset, size) in
+                                      its shard (the key is shard/member; -1 for a sample without one)
     images   bytes   [N]              optional (--embed-images): the source file, so the store
                                       is self-contained; sharded (a shard per chunk of images,
                                       an inner chunk per image) so one image is read alone
@@ -64,6 +66,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from beit.shared.images import TarMember, exists, is_url, join, read_source
 
 FORMAT = "beit-token-store"
 VERSION = 1
@@ -118,7 +122,8 @@ class TokenStore:
         self.location = location
         self.attrs = dict(group.attrs)
         self._keys: list[str] | KeyTable | None = None
-        self._source_root: Path | None = None
+        self._members: np.ndarray | None = None
+        self._source_root: Path | str | None = None
 
     # ---------------------------------------------------------------- opening and creating
 
@@ -159,9 +164,11 @@ class TokenStore:
         chunk_images: int,
         embed_images: bool,
         overwrite: bool,
+        members: np.ndarray | None = None,
     ) -> TokenStore:
         """Create the store, or reopen one made by the same tokenizer, views and source to finish
-        it. `identity` = {tokenizer, views, source, grid}; any difference is refused unless `overwrite`."""
+        it. `identity` = {tokenizer, views, source, grid}; any difference is refused unless `overwrite`.
+        `members`: [N, 2] (offset, size) of each image in its tar shard, for a source of shards."""
         zarr = _zarr()
         location = str(location)
         try:
@@ -219,6 +226,9 @@ class TokenStore:
             group.create_array("images", shape=(n,), chunks=(1,), shards=chunk, dtype="variable_length_bytes")
         group["labels"][:] = np.asarray(labels, dtype=np.int32)
         group["keys"][:] = np.asarray(keys, dtype=object)
+        if members is not None:  # where each image is in its shard (key: shard/member): one ranged read
+            group.create_array("members", shape=(n, 2), chunks=chunk + (2,), dtype="int64", fill_value=-1)
+            group["members"][:] = np.asarray(members, dtype=np.int64)
         from beit import __version__
 
         group.update_attributes(
@@ -309,21 +319,22 @@ class TokenStore:
         return self.attrs["source"]["fingerprint"]
 
     @property
-    def source_root(self) -> Path:
-        """The folder the keys are relative to: on the host that tokenized, or where
-        `use_source_root` pointed it (the same data mounted elsewhere)."""
-        return self._source_root or Path(self.attrs.get("source_root", "."))
+    def source_root(self) -> Path | str:
+        """The folder (or URL) the keys are relative to: as the host that tokenized saw it, or
+        where `use_source_root` pointed it (the same data mounted elsewhere, another bucket)."""
+        if self._source_root is not None:
+            return self._source_root
+        root = self.attrs.get("source_root", ".")
+        return root if is_url(root) else Path(root)
 
     def use_source_root(self, root: str | Path) -> None:
-        """Read the source files under `root` instead of the recorded folder: the same data
-        elsewhere (another mount, another machine), refused unless it is the same source. A
-        folder is listed again and its fingerprint compared; a list file's keys are the store's own,
-        so its files are looked for there (`check_sources` then names any that are missing)."""
-        root = Path(root)
+        """Read the source files under `root` (a folder or a URL) instead of the recorded one: the
+        same data elsewhere (another mount, another bucket), refused unless it is the same
+        source. A folder is listed again and its fingerprint compared; a list file's keys are the
+        store's own, so its files are looked for there (`check_sources` names any that are missing)."""
+        root = str(root) if is_url(str(root)) else Path(root)
         record = self.source_record
         if record.get("kind") in ("folder", "imagefolder"):
-            from beit.shared.images import read_source
-
             try:
                 found = read_source(root, every_entry=True).fingerprint()
             except ValueError as error:
@@ -333,7 +344,7 @@ class TokenStore:
                     f"--source-root {root} does not hold the images {self.location} was made from (its files and "
                     f"sizes differ from the store's record of {self.source_root}): point it at a copy of that folder."
                 )
-        elif not root.is_dir():
+        elif not is_url(root) and not root.is_dir():
             raise StoreError(f"--source-root {root} is not a folder: point it at the folder the list file was in.")
         self._source_root = root
 
@@ -351,12 +362,12 @@ class TokenStore:
         None for a store made before it was recorded."""
         return self.attrs.get("tokenizer_precision")
 
-    def record_run(self, source_root: Path, tokenizer_path: Path, precision: dict) -> None:
+    def record_run(self, source_root: Path | str, tokenizer_path: Path, precision: dict) -> None:
         """Where the images and the tokenizer are (resolved) and how the tokenizer runs, for
         stage 2, verify and online targets."""
         self.group.update_attributes(
             {
-                "source_root": str(Path(source_root).resolve()),
+                "source_root": source_root if is_url(source_root) else str(Path(source_root).resolve()),
                 "tokenizer_path": str(Path(tokenizer_path).resolve()),
                 "tokenizer_precision": precision,
             }
@@ -480,18 +491,35 @@ class TokenStore:
         them, or None for a store made before they were recorded."""
         return _select(self.group["sizes"], indices) if "sizes" in self.group else None
 
-    def items(self, indices) -> list[Path | bytes]:
+    def source_items(self, indices, root: Path | str | None = None) -> list:
+        """The source's own file for each of the images `indices`, under `root` (default: the
+        store's source root): a path or URL (root + key), or for tar shards the member
+        (`images.TarMember`, one ranged read of the shard)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        root = self.source_root if root is None else root
+        if self._keys is None:
+            self._keys = self.keys()
+        keys = [self._keys[i] for i in indices]
+        if "members" not in self.group:
+            return [join(root, key) for key in keys]
+        if self._members is None:
+            self._members = self.group["members"][:]
+        out = []
+        for key, (offset, size) in zip(keys, self._members[indices], strict=True):
+            shard = join(root, key.split("/", 1)[0])
+            missing = "" if offset >= 0 else "the sample has no image (no member named like one)"
+            out.append(TarMember(shard, int(offset), int(size), missing))
+        return out
+
+    def items(self, indices) -> list:
         """What to decode for the images `indices`, by the one rule: the store's embedded copy
         when it holds one (exactly the bytes that were tokenized, even if the source changed
-        since), else the original file, source_root / key. Embedded copies are read image by
+        since), else the original file (`source_items`). Embedded copies are read image by
         image (one inner chunk of a shard each), never the whole array; the keys come from the
         node's key table after `node_copy`, else they are read once."""
         indices = np.asarray(indices, dtype=np.int64)
         if not self.has_embedded_images:
-            if self._keys is None:
-                self._keys = self.keys()
-            root = self.source_root
-            return [root / self._keys[i] for i in indices]
+            return self.source_items(indices)
         order = np.argsort(indices, kind="stable")
         picked = _select(self.group["images"], indices[order])
         out: list = [b""] * len(indices)
@@ -529,6 +557,8 @@ class TokenStore:
                     self._write_node_copy(folder, identity)
         copy = NodeCopy.open(folder)
         self._keys = copy.keys
+        if copy.members is not None:
+            self._members = copy.members
         return copy
 
     def _write_node_copy(self, folder: Path, identity: dict) -> None:
@@ -550,6 +580,9 @@ class TokenStore:
         sizes = (
             open_memmap(work / "sizes.npy", mode="w+", dtype=np.int32, shape=(n, 2)) if "sizes" in self.group else None
         )
+        members = None
+        if "members" in self.group:
+            members = open_memmap(work / "members.npy", mode="w+", dtype=np.int64, shape=(n, 2))
         offsets = open_memmap(work / "key_offsets.npy", mode="w+", dtype=np.int64, shape=(n + 1,))
         offsets[0] = 0
         with open(work / "keys.bin", "wb") as blob:
@@ -559,10 +592,12 @@ class TokenStore:
                 status[start:stop] = self.group["status"][start:stop]
                 if sizes is not None:
                     sizes[start:stop] = self.group["sizes"][start:stop]
+                if members is not None:
+                    members[start:stop] = self.group["members"][start:stop]
                 encoded = [str(k).encode() for k in self.group["keys"][start:stop]]
                 offsets[start + 1 : stop + 1] = offsets[start] + np.cumsum([len(k) for k in encoded])
                 blob.write(b"".join(encoded))
-        for array in (tokens, params, status, sizes, offsets):
+        for array in (tokens, params, status, sizes, members, offsets):
             if array is not None:
                 array.flush()
         (work / "ready.json").write_text(json.dumps(identity, indent=2) + "\n")
@@ -578,7 +613,7 @@ class TokenStore:
         when any of `indices`' files is gone."""
         if self.has_embedded_images:
             return
-        missing = [str(path) for path in self.items(indices) if not Path(path).is_file()]
+        missing = [str(item) for item in self.items(indices) if not exists(getattr(item, "shard", item))]
         if missing:
             raise StoreError(
                 f"{self.location}'s source file {missing[0]} is gone (and {len(missing) - 1} more of the "
@@ -628,6 +663,7 @@ class NodeCopy:
     status: np.ndarray  # [N] uint8
     sizes: np.ndarray | None  # [N, 2] int32 (height, width), None for a store made before they were recorded
     keys: KeyTable
+    members: np.ndarray | None = None  # [N, 2] int64 (offset, size) in a tar shard, for a source of shards
 
     @classmethod
     def open(cls, folder: Path) -> NodeCopy:
@@ -643,7 +679,7 @@ class NodeCopy:
         )
         return cls(
             folder, load("tokens.npy"), load("views.npy"), load("status.npy"), load("sizes.npy"),
-            KeyTable(blob, load("key_offsets.npy")),
+            KeyTable(blob, load("key_offsets.npy")), load("members.npy"),
         )  # fmt: skip
 
 

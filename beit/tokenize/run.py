@@ -30,7 +30,7 @@ import torch
 from beit.shared.decode import ImageBatches, as_tensor
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, dali_device_id, init_dist
 from beit.shared.dvae import Precision, check_grid, encoder_sha256, load_tokenizer
-from beit.shared.images import file_size, read_source, source_root
+from beit.shared.images import expand_shards, file_size, is_shards, join, read_bytes, read_source, source_root
 from beit.shared.prefetch import ahead
 from beit.shared.progress import progress_bar
 from beit.shared.store import DONE, FAILED, TokenStore
@@ -84,7 +84,7 @@ def to_host(ids: torch.Tensor) -> torch.Tensor:
 
 
 def tokenize(
-    source: Path,
+    source: Path | str,
     store_path: str,
     tokenizer_path: Path,
     cfg: TokenizeConfig,
@@ -100,16 +100,18 @@ def tokenize(
     listing: list = []  # rank 0's listing of the source: the only one
 
     def list_source() -> list[str]:
-        """On rank 0 alone: list the source; the keys of up to 64 entries spread over it."""
-        listing.append(read_source(source, every_entry=True))  # the store accounts for every entry named like an image
-        keys = listing[0].keys
-        return [keys[i] for i in sorted({round(x) for x in np.linspace(0, len(keys) - 1, min(len(keys), 64))})]
+        """On rank 0 alone: list the source; up to 64 of its files spread over it (for tar shards,
+        the shards)."""
+        src = read_source(source, every_entry=True)  # the store accounts for every entry named like an image
+        listing.append(src)
+        names = sorted({key.split("/", 1)[0] for key in src.keys}) if src.kind == "shards" else src.keys
+        return [names[i] for i in sorted({round(x) for x in np.linspace(0, len(names) - 1, min(len(names), 64))})]
 
     # every rank reads rank 0's listing from the store, under its own mount of the source: it must
     # see the same files there (a sample of them, with their sizes), before anything is written
     sampled = dist.on_main(list_source)
-    root = source_root(source)
-    seen = [(key, file_size(root / key)) for key in sampled]
+    root = source_root(expand_shards(str(source))[0] if is_shards(source) else source)
+    seen = [(key, file_size(join(root, key))) for key in sampled]
     digest = hashlib.sha256(repr(seen).encode()).hexdigest()
     dist.check_same_listing(f"the source {source} ({len(seen)} entries sampled)", digest, lambda: sorted(seen))
     tokenizer = load_tokenizer(tokenizer_path, device)
@@ -151,9 +153,11 @@ def tokenize(
         are the listing every rank reads), and find its pending chunks in one read of `status`."""
         src = listing.pop()
         made = {**identity, "source": {k: v for k, v in src.describe().items() if k != "root"}}
+        members = [(m.offset, m.size) for m in src.files] if src.kind == "shards" else None
         store = TokenStore.prepare(
-            store_path, made, src.keys, src.labels, src.class_names, cfg.chunk_images, cfg.embed_images, overwrite
-        )
+            store_path, made, src.keys, src.labels, src.class_names, cfg.chunk_images, cfg.embed_images, overwrite,
+            members,
+        )  # fmt: skip
         store.record_run(src.root, tokenizer_path, {**asdict(precision), "device": device.type})
         return store.complete, store.pending_chunks()
 
@@ -178,7 +182,7 @@ def tokenize(
     cuda = device.type == "cuda"
     id_dtype = torch.int16 if tokenizer.cfg.vocab_size <= 2**15 else torch.int32  # fewer bytes to the host
 
-    chunk_files: dict[int, list[Path]] = {}  # the data thread's chunk: its files, from the store's keys
+    chunk_files: dict[int, list] = {}  # the data thread's chunk: its files, from the store's keys
 
     def prepare(work: tuple[int, int, int]) -> tuple:
         """In the data thread: peek, draw and render one batch of a chunk (while the encoder runs
@@ -186,7 +190,7 @@ def tokenize(
         start, stop, b0 = work
         if start not in chunk_files:
             chunk_files.clear()
-            chunk_files[start] = [root / key for key in store.keys(np.arange(start, stop))]
+            chunk_files[start] = store.source_items(np.arange(start, stop), root)
         batch = chunk_files[start][b0 : b0 + cfg.batch_size]
         t0 = time.perf_counter()
         peeked, kept = shapes.run(batch)
@@ -242,13 +246,13 @@ def tokenize(
             torch.cuda.current_stream(device).synchronize()
         for rows, host in copies:
             tokens[rows] = host.numpy().astype(np.uint16)
-        files = [root / key for key in store.keys(np.arange(start, stop))]
+        files = chunk_files.get(start) or store.source_items(np.arange(start, stop), root)
         errors = [
             "" if s == DONE else shapes.failed.get(f) or renders.failed.get(f) or "failed"
             for f, s in zip(files, status, strict=True)
         ]
         images = (
-            [f.read_bytes() if s == DONE else b"" for f, s in zip(files, status, strict=True)]
+            [read_bytes(f) if s == DONE else b"" for f, s in zip(files, status, strict=True)]
             if cfg.embed_images
             else None
         )
