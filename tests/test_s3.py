@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,27 +31,34 @@ PRETRAIN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A moto S3 server on a free port of 127.0.0.1, and the environment that points s3fs (and
-    every `beit` subprocess) at it; the server stops with the module."""
+def start_server(log: Path, **settings: str) -> tuple[subprocess.Popen, str]:
+    """`python -m moto.server` on a free port of 127.0.0.1 (with `settings` in its environment),
+    once it answers: (the process, its endpoint URL)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("moto") / "server.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **settings},
     )  # fmt: skip
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
             urllib.request.urlopen(endpoint, timeout=1).close()
-            break
+            return process, endpoint
+        except urllib.error.HTTPError:  # it answers (a server that checks credentials refuses the probe)
+            return process, endpoint
         except OSError:
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A moto S3 server, and the environment that points s3fs (and every `beit` subprocess) at
+    it; the server stops with the module."""
+    process, endpoint = start_server(tmp_path_factory.mktemp("moto") / "server.log")
     settings = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -146,3 +155,21 @@ def test_a_list_at_a_url_with_urls_in_it_and_bad_input(server, photos, tmp_path)
         result.returncode == 1 and "s3://photos/lists/bad.txt:2: 'n01440764' is not a path to an image" in result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+def test_a_server_that_denies_access_is_one_sentence(server, photos, tmp_path):
+    """A server that checks credentials (moto enforcing IAM from its first request) refuses the
+    test's keys: the source cannot be read, said in one sentence naming the URL and the fix."""
+    _, tokenizer = photos
+    process, endpoint = start_server(tmp_path / "server.log", INITIAL_NO_AUTH_ACTION_COUNT="0")
+    try:
+        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
+        command = [sys.executable, "-m", "beit", "tokenize", "s3://photos/train", str(tmp_path / "s")]
+        command += ["--tokenizer", str(tokenizer), *SMALL]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "s3://photos/train cannot be read (access denied): check the credentials" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
