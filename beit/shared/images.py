@@ -135,8 +135,22 @@ def fetch(items: list) -> dict:
     why it could not be read ("unreadable: ...")."""
     out: dict = {}
     members = [item for item in items if isinstance(item, TarMember)]
+    remote = [m for m in members if is_url(str(m.shard)) and not m.missing]
     for member in members:
-        out[member] = _read_member(member)
+        if member not in remote:
+            out[member] = _read_member(member)
+    if remote:  # ranged reads of shards on object storage, concurrently
+        fs, _ = _filesystem(str(remote[0].shard))
+        paths = [fs._strip_protocol(str(m.shard)) for m in remote]
+        try:
+            got = fs.cat_ranges(
+                paths, [m.offset for m in remote], [m.offset + m.size for m in remote], on_error="return"
+            )
+        except Exception as error:
+            got = [error] * len(remote)
+        for member, value in zip(remote, got, strict=True):
+            bad = isinstance(value, BaseException)
+            out[member] = f"unreadable: {type(value).__name__}: {value}" if bad else bytes(value)
     urls = [item for item in items if is_url(item)]
     if not urls:
         return out
