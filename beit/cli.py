@@ -151,7 +151,9 @@ def pretrain_command(
 @app.command("finetune")
 def finetune_command(
     ctx: typer.Context,
-    data: Annotated[Path, typer.Argument(help="folder with train/ and val/ ImageFolder trees, or a token store")],
+    data: Annotated[
+        str, typer.Argument(help="folder with train/ and val/ ImageFolder trees, or a token store (a path or URL)")
+    ],
     init: Annotated[str, typer.Option(help="pre-trained checkpoint (beit, unilm .pth, timm) or 'none'")],
     out: RunFolder,
     model: Preset = None,

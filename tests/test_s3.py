@@ -131,6 +131,12 @@ def test_an_s3_source_and_store_tokenize_verify_and_pretrain_with_a_resume(serve
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in metrics(cut)] == list(range(1, 19))
     assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole)]
+    # fine-tuning from the store at its URL reads the images from the bucket too
+    tiny = ["--model", "tiny", "--set", "model.image_size=64", "--set", "model.width=64", "--set", "model.heads=2"]
+    tiny += ["--set", "model.depth=2", "--batch-size", "4", "--epochs", "1", "--set", "warmup_epochs=0"]
+    result = beit("finetune", "s3://stores/run1", "--init", "none", "--out", tmp_path / "ft", *tiny)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fine-tuned 2 steps" in result.stdout  # 12 images less a tenth held out (one per class): 10, 4 a step
 
 
 def test_a_list_at_a_url_with_urls_in_it_and_bad_input(server, photos, tmp_path):

@@ -74,7 +74,7 @@ def read_store_splits(location: str, held_out: float, seed: int, source_root: st
     return splits[0], splits[1]
 
 
-def read_splits(data: Path, held_out: float = 0.1, seed: int = 0, source_root: str = "") -> tuple[Source, Source]:
+def read_splits(data: Path | str, held_out: float = 0.1, seed: int = 0, source_root: str = "") -> tuple[Source, Source]:
     """DATA/train and DATA/val as ImageFolder trees with the same classes, checked; or, when
     DATA is a token store, its labelled images with a held-out share as val."""
     if (Path(data) / "zarr.json").is_file() or str(data).startswith(STORE_URLS):

@@ -140,7 +140,7 @@ def build_model(cfg: FinetuneConfig, classes: int, data_dir: Path) -> tuple[Beit
 # ---------------------------------------------------------------- the loop
 
 
-def finetune(data_dir: Path, out: Path, cfg: FinetuneConfig, resume: bool = True, progress: bool = True) -> dict:
+def finetune(data_dir: Path | str, out: Path, cfg: FinetuneConfig, resume: bool = True, progress: bool = True) -> dict:
     run = Run(out, cfg, "finetune", progress)
     dist, device = run.dist, run.device
     train_source, val_source = read_splits(data_dir, cfg.held_out, cfg.seed, cfg.source_root)
