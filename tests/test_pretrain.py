@@ -275,6 +275,9 @@ def test_pretraining_resumes_on_another_world_size_where_the_data_stopped(store,
     rows = metrics(cut)
     left = (16 - position) // 4 + (6 - epoch - 1) * 4  # the epoch in progress, then whole epochs of 4 steps
     assert [r["step"] for r in rows] == list(range(1, k + left + 1)) and rows[-1]["epoch"] == 6.0
+    # the schedule follows the data: past warm-up (1 epoch) the cosine only falls, across the resume too
+    lrs = [r["lr"] for r in rows if r["epoch"] > 1.0]
+    assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[-1] < 2e-5  # near min_lr 1e-5 at the end
     assert all(np.isfinite(r["loss"]) for r in rows)
     meta = load_checkpoint(cut / "checkpoint.pt")[1]
     assert meta["world_size"] == 1 and meta["data_position"]["origin"] == {

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -179,3 +180,27 @@ def test_a_server_that_denies_access_is_one_sentence(server, photos, tmp_path):
     assert result.returncode == 1, result.stderr[-2000:]
     assert "s3://photos/train cannot be read (access denied): check the credentials" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
+
+
+def test_tar_shards_in_a_bucket_are_read_by_ranged_reads(server, photos, tmp_path):
+    """The same two shards on local disk and in the bucket make the same store; stage 2 reads
+    the images back from the bucket's shards."""
+    local, tokenizer = photos
+    files = sorted(local.rglob("*.jpg"))
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shards-{s:06d}.tar", "w") as tar:
+            for path in files[6 * s : 6 * s + 6]:
+                tar.add(path, arcname=path.relative_to(local).as_posix())
+        server.put(str(tmp_path / f"shards-{s:06d}.tar"), f"photos/shards/shards-{s:06d}.tar")
+    pattern = "shards-{000000..000001}.tar"
+    result = beit("tokenize", f"s3://photos/shards/{pattern}", tmp_path / "remote", "--tokenizer", tokenizer, *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert beit("tokenize", tmp_path / pattern, tmp_path / "here", "--tokenizer", tokenizer, *SMALL).returncode == 0
+    remote, here = TokenStore.open(tmp_path / "remote"), TokenStore.open(tmp_path / "here")
+    assert remote.source_root == "s3://photos/shards" and remote.keys() == here.keys()
+    assert remote.keys()[0] == f"shards-000000.tar/{files[0].relative_to(local).as_posix()}"
+    for name in ("tokens", "status", "image_sizes"):
+        assert np.array_equal(getattr(remote, name)(), getattr(here, name)()), name
+    assert all(status == DONE for status in remote.status())
+    item = remote.items([7])[0]
+    assert str(item.shard) == "s3://photos/shards/shards-000001.tar" and item.size == files[7].stat().st_size

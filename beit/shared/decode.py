@@ -235,13 +235,15 @@ class ImageBatches:
             return _decode_error(path, error)
 
     def run(
-        self, files: list[Path | str | bytes], inputs: dict[str, list[np.ndarray]] | None = None
+        self, files: list, inputs: dict[str, list[np.ndarray]] | None = None, fetched: dict | None = None
     ) -> tuple[list[np.ndarray], list[int]]:
-        """Run `files` (paths, URLs or file contents; at most batch_size) with their per-sample
-        `inputs`; failed files are left out of the outputs and recorded in `failed` (by path or
-        URL; contents under the key '<bytes>'). URLs are fetched together first (`images.fetch`)."""
+        """Run `files` (paths, URLs, tar members or file contents; at most batch_size) with their
+        per-sample `inputs`; failed files are left out of the outputs and recorded in `failed` (by
+        path, URL or member; contents under the key '<bytes>'). URLs and tar members are fetched
+        together first (`images.fetch`), unless `fetched` already holds them."""
         inputs = inputs or {}
-        fetched = fetch([f for f in files if is_remote(f)])
+        fetched = dict(fetched or {})
+        fetched.update(fetch([f for f in files if is_remote(f) and f not in fetched]))
         blobs, kept = [], []
         data: list = []  # what each file's bytes come from: the path, or the bytes themselves
         for i, path in enumerate(files):

@@ -133,7 +133,7 @@ class Dist:
     def restore_rng(self, saved: list[dict] | dict, device: torch.device, fallback: tuple[int, ...] = ()) -> None:
         """Restore this rank's states from what `rng_states` gathered, or from one state for every
         rank, as checkpoints written before it hold. A rank beyond the saved ones (a run resumed on
-        more ranks) seeds its generators from `fallback` (config seed, rank, step) instead."""
+        more ranks) seeds its generators from `fallback` (config seed, step) and its rank."""
         if isinstance(saved, list) and self.rank >= len(saved):
             torch.manual_seed(int(np.random.SeedSequence([*fallback, self.rank]).generate_state(1)[0]))
             return

@@ -209,7 +209,8 @@ def source_root(source: Path | str) -> Path | str:
     """The folder a source's keys are relative to: the folder itself, or a list file's folder
     (a URL's parent for a list at a URL)."""
     if is_url(source):
-        return source.rsplit("/", 1)[0] if source.lower().endswith(tuple(LIST_SUFFIXES)) else source.rstrip("/")
+        is_file = source.lower().endswith((*LIST_SUFFIXES, ".tar"))  # a list file or a tar shard: its folder
+        return source.rsplit("/", 1)[0] if is_file else source.rstrip("/")
     source = Path(source)
     return source.parent if source.is_file() else source
 
@@ -354,7 +355,9 @@ class TarMember:
 def is_shards(source) -> bool:
     """Whether `source` names tar shards: a .tar path or URL, or a brace range of them."""
     text = str(source)
-    return text.lower().endswith(".tar") and (bool(SHARD_RANGE.search(text)) or not Path(text).is_dir())
+    if not text.lower().endswith(".tar"):
+        return False
+    return is_url(text) or bool(SHARD_RANGE.search(text)) or not Path(text).is_dir()
 
 
 def expand_shards(source: str) -> list[str]:
@@ -363,6 +366,8 @@ def expand_shards(source: str) -> list[str]:
     match = SHARD_RANGE.search(source)
     if not match:
         return [source]
+    if "/" in source[match.end() :]:  # the store names an image by its shard's file name
+        raise ValueError(f"{source}: put the {{first..last}} range in the shards' file name, not in a folder name.")
     first, last = match.group(1), match.group(2)
     width = len(first)
     return [

@@ -497,16 +497,14 @@ class TokenStore:
         (`images.TarMember`, one ranged read of the shard)."""
         indices = np.asarray(indices, dtype=np.int64)
         root = self.source_root if root is None else root
-        if self._keys is None:
-            self._keys = self.keys()
-        keys = [self._keys[i] for i in indices]
+        # the node's key table when mapped, else only the chunks holding `indices`
+        keys = [self._keys[i] for i in indices] if self._keys is not None else _read(self.group["keys"], indices)
         if "members" not in self.group:
-            return [join(root, key) for key in keys]
-        if self._members is None:
-            self._members = self.group["members"][:]
+            return [join(root, str(key)) for key in keys]
+        members = self._members[indices] if self._members is not None else _read(self.group["members"], indices)
         out = []
-        for key, (offset, size) in zip(keys, self._members[indices], strict=True):
-            shard = join(root, key.split("/", 1)[0])
+        for key, (offset, size) in zip(keys, members, strict=True):
+            shard = join(root, str(key).split("/", 1)[0])
             missing = "" if offset >= 0 else "the sample has no image (no member named like one)"
             out.append(TarMember(shard, int(offset), int(size), missing))
         return out
@@ -563,7 +561,10 @@ class TokenStore:
 
     def _write_node_copy(self, folder: Path, identity: dict) -> None:
         n, views, (gh, gw) = len(self), self.views_per_image, self.grid
-        need = n * views * (gh * gw * 2 + 8 * 4) + n * (1 + 8 + 8)  # tokens, views, status, sizes, offsets (+ keys)
+        # tokens, views; status, sizes, key offsets, tar members; keys (about 64 bytes each)
+        need = n * views * (gh * gw * 2 + 8 * 4) + n * (1 + 8 + 8 + 16 + 64)
+        for stale in folder.parent.glob(f"{folder.name}.tmp-{socket.gethostname()}-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a copy this host began and did not finish (we hold the lock)
         free = shutil.disk_usage(folder.parent).free
         if free < need:
             raise StoreError(
@@ -571,7 +572,23 @@ class TokenStore:
                 f"{free / 2**30:.1f} GiB free: set data_cache to a local folder with room."
             )
         work = folder.parent / f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
+        try:
+            self._fill_node_copy(work, identity)
+        except OSError as error:
+            shutil.rmtree(work, ignore_errors=True)
+            raise StoreError(
+                f"could not write the node's copy of {self.location} in {folder.parent} ({error.strerror or error}): "
+                "set data_cache to a local folder with room."
+            ) from None
+        try:
+            os.rename(work, folder)
+        except OSError:  # another node sharing this folder finished first: theirs is the same
+            shutil.rmtree(work, ignore_errors=True)
+            if not (folder / "ready.json").is_file():
+                raise
+
+    def _fill_node_copy(self, work: Path, identity: dict) -> None:
+        n, views, (gh, gw) = len(self), self.views_per_image, self.grid
         work.mkdir()
         open_memmap = np.lib.format.open_memmap
         tokens = open_memmap(work / "tokens.npy", mode="w+", dtype=np.uint16, shape=(n, views, gh, gw))
@@ -601,12 +618,6 @@ class TokenStore:
             if array is not None:
                 array.flush()
         (work / "ready.json").write_text(json.dumps(identity, indent=2) + "\n")
-        try:
-            os.rename(work, folder)
-        except OSError:  # another node sharing this folder finished first: theirs is the same
-            shutil.rmtree(work, ignore_errors=True)
-            if not (folder / "ready.json").is_file():
-                raise
 
     def check_sources(self, indices, flag: str = "--embed-images") -> None:
         """Refuse, in one sentence, a store whose images come from source files (it embeds none)
@@ -632,10 +643,11 @@ class StoreItems:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> Path | bytes:
+    def __getitem__(self, position: int):
+        """A path, a URL, a tar member (`images.TarMember`) or the embedded bytes."""
         return self.store.items(self.indices[position : position + 1])[0]
 
-    def take(self, positions) -> list[Path | bytes]:
+    def take(self, positions) -> list:
         """The items at `positions`, read together."""
         return self.store.items(self.indices[np.asarray(positions, dtype=np.int64)])
 
@@ -681,6 +693,12 @@ class NodeCopy:
             folder, load("tokens.npy"), load("views.npy"), load("status.npy"), load("sizes.npy"),
             KeyTable(blob, load("key_offsets.npy")), load("members.npy"),
         )  # fmt: skip
+
+
+def _read(array, indices: np.ndarray) -> np.ndarray:
+    """array[indices] in the order given (any order, repeats allowed), reading only the chunks needed."""
+    unique, inverse = np.unique(indices, return_inverse=True)
+    return _select(array, unique)[inverse]
 
 
 def _select(array, indices: np.ndarray | None) -> np.ndarray:

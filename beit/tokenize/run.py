@@ -30,7 +30,17 @@ import torch
 from beit.shared.decode import ImageBatches, as_tensor
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, dali_device_id, init_dist
 from beit.shared.dvae import Precision, check_grid, encoder_sha256, load_tokenizer
-from beit.shared.images import expand_shards, file_size, is_shards, join, read_bytes, read_source, source_root
+from beit.shared.images import (
+    expand_shards,
+    fetch,
+    file_size,
+    is_remote,
+    is_shards,
+    join,
+    read_bytes,
+    read_source,
+    source_root,
+)
 from beit.shared.prefetch import ahead
 from beit.shared.progress import progress_bar
 from beit.shared.store import DONE, FAILED, TokenStore
@@ -182,28 +192,30 @@ def tokenize(
     cuda = device.type == "cuda"
     id_dtype = torch.int16 if tokenizer.cfg.vocab_size <= 2**15 else torch.int32  # fewer bytes to the host
 
-    chunk_files: dict[int, list] = {}  # the data thread's chunk: its files, from the store's keys
+    current: dict = {}  # the data thread's own: the chunk it is in, and that chunk's files
 
     def prepare(work: tuple[int, int, int]) -> tuple:
         """In the data thread: peek, draw and render one batch of a chunk (while the encoder runs
-        on the batch before it)."""
+        on the batch before it). Objects and tar members are fetched once, for both pipelines
+        (and for --embed-images). Returns the chunk's files with its first batch."""
         start, stop, b0 = work
-        if start not in chunk_files:
-            chunk_files.clear()
-            chunk_files[start] = store.source_items(np.arange(start, stop), root)
-        batch = chunk_files[start][b0 : b0 + cfg.batch_size]
+        if current.get("start") != start:
+            current.update(start=start, files=store.source_items(np.arange(start, stop), root))
+        batch = current["files"][b0 : b0 + cfg.batch_size]
+        files = current["files"] if b0 == 0 else None
         t0 = time.perf_counter()
-        peeked, kept = shapes.run(batch)
+        fetched = fetch([f for f in batch if is_remote(f)])
+        peeked, kept = shapes.run(batch, fetched=fetched)
         t1 = time.perf_counter()
         timing["peek"] += t1 - t0
         if not kept:
-            return work, kept, [], None, None, None
+            return work, files, fetched, kept, [], None, None, None
         drawn = draw_views(cfg.seed, np.asarray([start + b0 + k for k in kept]), peeked[0], cfg.views, view_cfg)
         feeds = {f"view{v}": [drawn[j, v] for j in range(len(kept))] for v in range(cfg.views)}
-        outputs, rendered = renders.run([batch[k] for k in kept], feeds)
+        outputs, rendered = renders.run([batch[k] for k in kept], feeds, fetched=fetched)
         pixels = stack_views(outputs, pin=cuda) if rendered else None  # [m, V, 3, s, s]
         timing["decode_render"] += time.perf_counter() - t1
-        return work, kept, rendered, drawn, pixels, np.asarray(peeked[0])
+        return work, files, fetched, kept, rendered, drawn, pixels, np.asarray(peeked[0])
 
     work = [(start, stop, b0) for start, stop in mine for b0 in range(0, stop - start, cfg.batch_size)]
     done_images = failed_images = 0
@@ -221,14 +233,17 @@ def tokenize(
         timing["wait"] += time.perf_counter() - t0
         if item is None:
             break
-        (start, stop, b0), kept, rendered, drawn, pixels, sizes_seen = item
+        (start, stop, b0), chunk, fetched, kept, rendered, drawn, pixels, sizes_seen = item
         n = stop - start
         if b0 == 0:  # a new chunk
+            files, remote = chunk, {}
             tokens = np.zeros((n, cfg.views, token_side, token_side), dtype=np.uint16)
             params = np.zeros((n, cfg.views, len(PARAMS)), dtype=np.float32)
             status = np.full(n, FAILED, dtype=np.uint8)
             sizes = np.zeros((n, 2), dtype=np.int32)  # (height, width) after EXIF orientation, for stage 2
             copies: list[tuple[list[int], torch.Tensor]] = []  # token ids on their way to the host
+        if cfg.embed_images:
+            remote.update(fetched)  # what was fetched is what is embedded: no second read
         if rendered:
             t1 = time.perf_counter()
             ids = precision.tokenize(tokenizer, pixels.to(device, non_blocking=True).flatten(0, 1))
@@ -246,13 +261,12 @@ def tokenize(
             torch.cuda.current_stream(device).synchronize()
         for rows, host in copies:
             tokens[rows] = host.numpy().astype(np.uint16)
-        files = chunk_files.get(start) or store.source_items(np.arange(start, stop), root)
         errors = [
             "" if s == DONE else shapes.failed.get(f) or renders.failed.get(f) or "failed"
             for f, s in zip(files, status, strict=True)
         ]
         images = (
-            [read_bytes(f) if s == DONE else b"" for f, s in zip(files, status, strict=True)]
+            [(remote.get(f) or read_bytes(f)) if s == DONE else b"" for f, s in zip(files, status, strict=True)]
             if cfg.embed_images
             else None
         )

@@ -207,7 +207,7 @@ class PretrainData:
         images, views, mask = self.plan.at(step)
         items = self.store.items(images)
         if self.fresh:  # view `epoch` of each image: the first V are the cached ones, then new ones
-            epoch = step // self.steps_per_epoch
+            epoch = self.plan.position(step)[0]
             params = draw_views(self.view_seed, images, self.sizes[images], 1, self.view_cfg, first=epoch)[:, 0]
             tokens = np.full((len(images), self.grid[0] * self.grid[1]), -1)  # no cached tokens for them
         else:

@@ -290,6 +290,10 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
         data.restart_at((origin["epoch"], origin["position"]))
     # optimizer steps: the origin's, then the micro-batches left to the last epoch's end
     total = origin["step"] + round(data.plan.steps_until(cfg.epochs) / cfg.accumulation)
+    # the schedule follows the data: a re-cut plan starts it at the epochs done, counted in this
+    # run's steps, so neither warm-up nor cosine jumps when the global batch changes
+    schedule_start = data.plan.epoch_at(0) * steps_per_epoch if origin["step"] else 0.0
+    schedule_total = schedule_start + (total - origin["step"])
     run.start(step)
     trained = run.wrap(model)
     train_step = MIMStep(model, trained, optimizer, cfg, device, online=(tokenizer, precision) if online else None)
@@ -308,7 +312,8 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
         return batch
 
     while step < total:
-        grad_norm = train_step(next_batch, lr_at(step, lr, cfg.min_lr, warmup, total))
+        at = schedule_start + (step - origin["step"])  # = step, unless the plan was re-cut
+        grad_norm = train_step(next_batch, lr_at(at, lr, cfg.min_lr, warmup, schedule_total))
         images_since += cfg.batch_size * cfg.accumulation
         step += 1
         bar.update(1)

@@ -173,7 +173,7 @@ class Run:
         rank's random state, when the run resumes (rank 0 decides); None when it starts afresh.
         `elastic`: identity keys (dotted, as `changed_keys` names them) that may differ, such as
         "world_size" for a trainer that re-shards its data; a rank the checkpoint has no random
-        state for gets one seeded by (config seed, rank, step)."""
+        state for gets one seeded by (config seed, step, rank)."""
         if not self.dist.resume_from(self.checkpoint, resume):
             return None
         state, meta = load_checkpoint(self.checkpoint)
@@ -187,7 +187,7 @@ class Run:
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        fallback = (getattr(self.cfg, "seed", 0), self.dist.rank, meta["step"])
+        fallback = (getattr(self.cfg, "seed", 0), meta["step"])
         self.dist.restore_rng(state["rng"], self.device, fallback)
         self.dist.check_same(f"{self.checkpoint} at step", meta["step"])
         if self.main:
