@@ -73,6 +73,19 @@ def beit_torchrun(processes: int, *args, timeout: int = 600) -> subprocess.Compl
     return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
+def run_together(commands: list[tuple[list, dict]], timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Start every (command, environment) at once, output captured; wait for all of them."""
+    processes = [
+        subprocess.Popen([*map(str, command)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command, env in commands
+    ]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results
+
+
 def _descendants(pid: int) -> list[int]:
     """The processes started by `pid`, and by them, ... (from /proc)."""
     children: dict[int, list[int]] = {}

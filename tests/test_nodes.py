@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from photos import COLOUR, GREY, beit, copy_photos, save_jpeg
+from photos import COLOUR, GREY, beit, copy_photos, run_together, save_jpeg
 
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
@@ -39,20 +39,15 @@ def two_nodes(tmp_path: Path, *args, local: int = 2, timeout: int = 600) -> list
     """`torchrun --nnodes 2 --node_rank R --nproc_per_node LOCAL --rdzv-backend c10d --rdzv-endpoint
     127.0.0.1:PORT -m beit ARGS` for R = 0, 1 at once; node R's TMPDIR is its own folder."""
     port = free_port()
-    processes = []
+    commands = []
     for node in (0, 1):
         tmp = tmp_path / f"node{node}-tmp"
         tmp.mkdir(exist_ok=True)
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node)]
         command += ["--nproc_per_node", str(local), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
-        command += ["--rdzv-id", "beit-two-nodes", "-m", "beit", *map(str, args)]
-        env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    for process in processes:
-        out, err = process.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
-    return results
+        command += ["--rdzv-id", "beit-two-nodes", "-m", "beit", *args]
+        commands.append((command, {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}))
+    return run_together(commands, timeout)
 
 
 @pytest.fixture(scope="module")

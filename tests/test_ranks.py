@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from photos import COLOUR, beit, copy_photos, save_jpeg
+from photos import COLOUR, beit, copy_photos, run_together, save_jpeg
 
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
 from beit.shared.store import TokenStore
@@ -28,7 +28,7 @@ def free_port() -> int:
 def two_ranks(args_of_rank, timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """`python -m beit ARGS` as ranks 0 and 1 of one process group, each with its own arguments."""
     port = free_port()
-    processes = []
+    commands = []
     for rank in (0, 1):
         env = {
             **os.environ,
@@ -38,13 +38,8 @@ def two_ranks(args_of_rank, timeout: int = 300) -> list[subprocess.CompletedProc
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
         }
-        command = [sys.executable, "-m", "beit", *map(str, args_of_rank(rank))]
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    for process in processes:
-        out, err = process.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
-    return results
+        commands.append(([sys.executable, "-m", "beit", *args_of_rank(rank)], env))
+    return run_together(commands, timeout)
 
 
 @pytest.fixture(scope="module")
