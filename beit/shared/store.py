@@ -21,6 +21,7 @@ One Zarr group per tokenization, N images with V views each and a gh x gw token 
 
 All arrays are chunked along N in chunks of `chunk_images` images, the unit of work: one writer
 (rank) owns a whole chunk, writes its tokens, views, errors (and images), and its status last.
+`keys` and `labels`, written once when the store is made, are chunked 16 work chunks at a time.
 A chunk whose status is not all done/failed is pending and is done again on resume; the views
 are a pure function of (seed, image, view) and so come out the same.
 
@@ -72,6 +73,7 @@ from beit.shared.images import TarMember, exists, is_url, join, read_source
 FORMAT = "beit-token-store"
 VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
+LISTING_CHUNKS = 16  # work chunks per zarr chunk of `keys` and `labels` (written once, by rank 0)
 
 
 class StoreError(ValueError):
@@ -217,8 +219,10 @@ class TokenStore:
             compressors=compressors,
         )
         group.create_array("views", shape=(n, views, 8), chunks=chunk + (views, 8), dtype="float32", fill_value=0.0)
-        group.create_array("labels", shape=(n,), chunks=chunk, dtype="int32", fill_value=-1)
-        group.create_array("keys", shape=(n,), chunks=chunk, dtype=str)
+        # keys and labels are written once, here: 16 work chunks a zarr chunk (a tenth of the files to write)
+        listing = (min(n, chunk[0] * LISTING_CHUNKS),) if n else chunk
+        group.create_array("labels", shape=(n,), chunks=listing, dtype="int32", fill_value=-1)
+        group.create_array("keys", shape=(n,), chunks=listing, dtype=str)
         group.create_array("status", shape=(n,), chunks=chunk, dtype="uint8", fill_value=PENDING)
         group.create_array("errors", shape=(n,), chunks=chunk, dtype=str)
         group.create_array("sizes", shape=(n, 2), chunks=chunk + (2,), dtype="int32", fill_value=0)
@@ -393,8 +397,8 @@ class TokenStore:
 
     def chunks(self) -> list[tuple[int, int]]:
         """(start, stop) of every chunk of images."""
-        c = self.chunk_images
-        return [(start, min(start + c, len(self))) for start in range(0, len(self), c)]
+        c, n = self.chunk_images, len(self)  # each asks zarr for an array's metadata: once, not per chunk
+        return [(start, min(start + c, n)) for start in range(0, n, c)]
 
     def chunk_done(self, start: int, stop: int) -> bool:
         """Whether a chunk has no pending image. A chunk whose status a crash left unreadable is pending."""
@@ -408,7 +412,14 @@ class TokenStore:
 
     def pending_chunks(self) -> list[tuple[int, int]]:
         """(start, stop) of every chunk that still has a pending image, from one read of `status`
-        (chunk by chunk only when a crash left some chunk unreadable)."""
+        (chunk by chunk only when a crash left some chunk unreadable). A chunk's status is written
+        whole and never all pending, so a store with no status chunk on disk yet (one listing to
+        know) is all pending, without reading N / chunk_images missing files."""
+        try:
+            if self.group["status"].nchunks_initialized == 0:
+                return self.chunks()
+        except Exception:
+            pass
         try:
             pending = self.status() == PENDING
         except Exception:
