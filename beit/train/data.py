@@ -71,7 +71,8 @@ class SamplePlan:
         min_block: int = 0,
         origin: tuple[int, int] = (0, 0),
     ):
-        self.done, self.views, self.grid = done, views, grid
+        self.done = np.asarray(done, dtype=np.int32)  # store indices (< 2**31): 4 bytes an image, per rank
+        self.views, self.grid = views, grid
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         patches = grid[0] * grid[1]
         # 0: BEiT's 75 patches and 16-patch minimum blocks of a 14x14 grid, scaled to this grid
@@ -111,7 +112,8 @@ class SamplePlan:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if self._order[0] != epoch:  # drawn once per epoch, not per batch: 1.28M images take tens of ms
-            self._order = (epoch, self.done[np.random.default_rng([self.seed, epoch]).permutation(len(self.done))])
+            order = np.random.default_rng([self.seed, epoch]).permutation(np.arange(len(self.done), dtype=np.int32))
+            self._order = (epoch, self.done[order])  # the permutation of range(n), drawn in int32
         return self._order[1]
 
     def views_of(self, images: np.ndarray, epoch: int) -> np.ndarray:
@@ -125,7 +127,7 @@ class SamplePlan:
         """(this rank's store indices, their views, their masks [B, gh * gw]) for global micro-batch `step`."""
         epoch, start = self.position(step)
         start += self.rank * self.batch_size
-        images = self.epoch_order(epoch)[start : start + self.batch_size]
+        images = self.epoch_order(epoch)[start : start + self.batch_size].astype(np.int64)
         keys = counter_key(self.seed, epoch, images, 2)
         if self.mask_kind == "random":
             masks = random_masks(keys, self.grid, self.mask_count)
