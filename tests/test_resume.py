@@ -131,13 +131,17 @@ TINY += ["--batch-size", "4", "--lr", "1e-3", "--set", "log_every=1", "--set", "
 def _killed_while_saving_its_first_checkpoint(command: list, out: Path, checkpoint: str) -> None:
     """Kill `command` while its first checkpoint is being written (its temporary file exists, the
     checkpoint does not yet: the run folder holds a config and the first steps' metrics, nothing
-    to resume from), then run it again to the end."""
+    to resume from), then run it again to the end. A tiny checkpoint is written in milliseconds:
+    on a busy machine the kill can land just after the rename, and then the checkpoint must be
+    whole (never torn)."""
 
     def saving() -> bool:
         return any(out.glob(f".{checkpoint}.*.tmp"))
 
     assert kill_when(command, saving, timeout=120) == -signal.SIGKILL
-    assert (out / "config.toml").exists() and not (out / checkpoint).exists()
+    assert (out / "config.toml").exists()
+    if (out / checkpoint).exists():
+        load_checkpoint(out / checkpoint)  # whole: it loads
     result = subprocess.run([*map(str, command)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not any(out.glob(".*.tmp"))  # the killed write's temporary file is cleared, not left for good
