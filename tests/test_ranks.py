@@ -6,23 +6,16 @@ but gives each rank its own copy of the data (its own "mount"), one of which dif
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from photos import COLOUR, beit, copy_photos, run_together, save_jpeg
+from photos import COLOUR, beit, copy_photos, free_port, run_together, save_jpeg
 
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
 from beit.shared.store import TokenStore
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_ranks(args_of_rank, timeout: int = 300) -> list[subprocess.CompletedProcess]:

@@ -5,7 +5,6 @@ an s3:// store through tokenize, verify, pre-training and a resume after SIGKILL
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from photos import COLOUR, GREY, beit, copy_photos, kill_when, save_jpeg, tiny_tokenizer
+from photos import COLOUR, GREY, beit, copy_photos, free_port, kill_when, save_jpeg, tiny_tokenizer
 
 from beit.shared.store import DONE, FAILED, TokenStore
 
@@ -35,9 +34,7 @@ PRETRAIN = [
 def start_server(log: Path, **settings: str) -> tuple[subprocess.Popen, str]:
     """`python -m moto.server` on a free port of 127.0.0.1 (with `settings` in its environment),
     once it answers: (the process, its endpoint URL)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **settings},
