@@ -1,9 +1,10 @@
 # make demo   set up .venv and run the demo
 # make test   set up .venv and run the test suite
+# make gpu-rehearsal   a GPU window's three calls, here, as the GPU machine runs them (bench/GPU.md)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-rehearsal
 
 # the demo needs the runtime and matplotlib; the tests also need their tools
 $(VENV)/.setup-demo: pyproject.toml scripts/setup.sh
@@ -24,6 +25,9 @@ test: $(VENV)/.setup-dev
 
 lint: $(VENV)/.setup-dev
 	$(VENV)/bin/ruff check .
+
+gpu-rehearsal:
+	python3 bench/gpu_rehearse.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

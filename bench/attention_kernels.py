@@ -421,10 +421,34 @@ def main() -> None:
         flush=True,
     )
 
-    results = []
+    results, blocks = [], []
+
+    def write() -> None:
+        """The JSON so far: rewritten after each case, so a run cut by a time limit keeps them."""
+        if not args.json:
+            return
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "device": machine,
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+            "batch": args.batch,
+            "heads": args.heads,
+            "tokens": tokens,
+            "head_dim": args.head_dim,
+            "dtype": str(dtype),
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "cases": results,
+            "model_block": blocks,
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+
     for case in cases:
         result = bench_case(case, args, device, dtype, run_flex=case in flex_cases)
         results.append(result)
+        write()
         print(
             f"\n{case}: bias {result['bias_shape']} strides {result['bias_strides']} {result['bias_dtype']}, "
             f"requires grad in training: {result['bias_requires_grad_in_training']}; q strides {result['q_strides']}"
@@ -446,34 +470,17 @@ def main() -> None:
     for name in BACKENDS if {"train", "frozen"} <= by_case.keys() else []:
         if not by_case["train"][name]["fwd_bwd_runs"] and by_case["frozen"][name]["fwd_bwd_runs"]:
             print(f"{name} trains only with a bias that needs no grad: it refuses the model's learned bias.")
-    blocks = []
     if args.model_block:
         for layout in ("pretrain", "finetune"):
             blocks.extend(bench_model_block(layout, args, device, dtype, args.compile))
+            write()
         for row in blocks:
             if row.get("fwd_bwd_error"):
                 print(f"  block/{row['layout']} {row['backend']}: {row['fwd_bwd_error'][:400]}")
             if row.get("profiler"):
                 print(f"  block/{row['layout']} default, profiler: {row['profiler']}")
 
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "device": machine,
-            "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"),
-            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-            "batch": args.batch,
-            "heads": args.heads,
-            "tokens": tokens,
-            "head_dim": args.head_dim,
-            "dtype": str(dtype),
-            "reps": args.reps,
-            "warmup": args.warmup,
-            "cases": results,
-            "model_block": blocks,
-        }
-        args.json.write_text(json.dumps(payload, indent=2))
+    write()
     print("\nms: median; diffs: max abs vs the MATH backend in float32; grad diff over d(qkv) and d(bias)")
     print_table(results, blocks)
 

@@ -1,30 +1,30 @@
 #!/usr/bin/env bash
-# GPU window, call 3 of 3 (DALI; about 6 minutes): unpack DALI (parts copied to /tmp/dali by
-# calls 1-3) and the zarr wheels (.wheels/, carried), then the DALI GPU test, stage 1 end to end
-# with the released-size tokenizer on realistic JPEGs (V = 10), and stage 2 cached against online
-# with real DALI input plus the input pipeline alone. Then the table.
-#   OUT=/tmp/out bash bench/gpu_call3.sh          # on the GPU machine (bench/GPU.md)
-#   REHEARSE=1 OUT=/tmp/rehearse bash bench/gpu_call3.sh   # on a CPU with DALI and zarr installed
+# GPU window, call 3 (bench/GPU.md), after calls 1 and 2 copied DALI's first two parts to /tmp/dali
+# and this call's command copied the third: DALI unpacked and the carried wheels installed under
+# /tmp/site (bench/gpu_install.sh, which also checks every requirement they declare), then the
+# end-to-end figures: stage 1 with the released-size tokenizer on realistic JPEGs (V = 10; steady
+# state and end to end) beside the released approach; stage 2 cached against online with real DALI
+# input on that store, and the input pipeline alone; the DALI GPU tests; DALI's decode beside
+# torchvision's. Each step has its own limit; the limits add up to 30 s under the call's timeout_s.
+#   OUT=/tmp/out bash bench/gpu_call3.sh                    # on the GPU machine
+#   REHEARSE=1 OUT=/tmp/out bash bench/gpu_call3.sh         # tiny sizes, on a CPU (bench/gpu_rehearse.sh)
 set -uo pipefail
+call=call3 budget=185
 source "$(dirname "$0")/gpu_common.sh"
-if [ -z "${REHEARSE:-}" ]; then
-  mkdir -p /tmp/site
-  if ! $py -c "import nvidia.dali" 2>/dev/null; then
-    cat /tmp/dali/dali.part.* | $py -c "import lzma,sys,tarfile; tarfile.open(fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall('/tmp/site')" \
-      > "$out/unpack.log" 2>&1
-    echo "unpack DALI: rc $?" | tee -a "$out/steps.txt"
-  fi
-  if ! $py -c "import zarr" 2>/dev/null; then
-    $py -m pip install -q --no-index --no-deps --target /tmp/site .wheels/*.whl > "$out/wheels.log" 2>&1
-    echo "install wheels: rc $?" | tee -a "$out/steps.txt"
-  fi
-  export PYTHONPATH="/tmp/site:$PYTHONPATH"
-  tok=(--released --images 2000); pre=(--models base --batch 256 --images 4096 --steps 30)
+if [ -n "${REHEARSE:-}" ]; then
+  images=64; tok=(--views 2 --chunk-images 16 --reference-images 16); pre=(--models tiny --batch 4 --steps 2)
+  decode=(--count 64 --batch 16 --reps 1)
 else
-  tok=(--images 16 --views 2); pre=(--models tiny --batch 4 --images 16 --steps 2)
+  images=12000; tok=(--released --reference-images 1000); pre=(--models base --batch 256 --steps 15)
+  decode=(--count 2000 --batch 128)
 fi
-run dali-import 60 $py -c "import nvidia.dali as d, zarr; print(d.__version__, zarr.__version__)"
-run gpu-tests-dali 120 $py -m pytest -q -m gpu tests -k dali -p no:cacheprovider -rs
-run tokenize 200 $py bench/tokenize_throughput.py "${tok[@]}" --json "$out/tokenize.json"
-run pretrain 200 $py bench/pretrain_throughput.py "${pre[@]}" --json "$out/pretrain.json"
-$py bench/gpu_summary.py "$out"
+step install 35 bash bench/gpu_install.sh /tmp/dali /tmp/site .wheels
+export PYTHONPATH="/tmp/site:$PYTHONPATH"
+step jpegs 15 $py bench/jpegs.py /tmp/beit-jpegs "$images"
+step tokenize 60 $py bench/tokenize_throughput.py --images "$images" --jpegs /tmp/beit-jpegs "${tok[@]}" \
+  --workdir /tmp/gpu-window/stage1 --json "$work/tokenize.json"
+step pretrain 40 $py bench/pretrain_throughput.py "${pre[@]}" --store /tmp/gpu-window/stage1/store.zarr \
+  --workdir /tmp/gpu-window/stage2 --json "$work/pretrain.json"
+step dali-tests 20 $py -m pytest -q -m "gpu and dali" tests -p no:cacheprovider -rs
+step decode 15 $py bench/jpeg_decode.py --images /tmp/beit-jpegs "${decode[@]}" --json "$work/decode_dali.json"
+[ -n "${GPU_PLAN:-}" ] || cat "$out/summary.txt"

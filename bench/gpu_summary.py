@@ -1,95 +1,135 @@
-"""The short table a GPU window ends with: each figure the issue sets a bar for, read from the
-JSON the call scripts wrote under OUT, beside its bar.
+"""A GPU window's results: what comes back from each call, and the short table it ends with.
 
-    python bench/gpu_summary.py OUT
+    python bench/gpu_summary.py collect WORK OUT   # after each step: OUT/results.json and OUT/summary.txt
+    python bench/gpu_summary.py WORK_OR_OUT        # the table: each figure beside its bar
+
+`collect` merges every JSON file under WORK (the call's own folder, bench/gpu_common.sh) into
+OUT/results.json, keyed by file name, and writes the table to OUT/summary.txt; both are written
+under a temporary name and renamed, so a call cut at any moment leaves whole files. The table
+reads either a WORK folder or a results.json that came back. Standard library only.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 
-def load(out: Path, name: str) -> dict | None:
-    path = out / name
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def load_results(where: Path) -> dict[str, dict]:
+    """{file name: its JSON} from a folder of JSON files, or from the results.json in it."""
+    files = [path for path in sorted(where.glob("*.json")) if path.name != "results.json"]
+    if not files and (where / "results.json").exists():  # what came back from a call
+        try:
+            return json.loads((where / "results.json").read_text())
+        except ValueError:
+            return {}
+    results = {}
+    for path in files:
+        try:
+            results[path.name] = json.loads(path.read_text())
+        except ValueError:  # a file being written when the step was cut
+            continue
+    return results
 
 
-def rows(out: Path) -> list[tuple[str, str, str]]:
+def percent(value: float) -> str:
+    return f"{value * 100:.1f}%"
+
+
+def rows(results: dict[str, dict]) -> list[tuple[str, str, str]]:
     table = []
-    for name, compiled in (("train_step.json", ""), ("train_step_compiled.json", " compiled")):
-        data = load(out, name)
-        for row in (data or {}).get("results", []):
-            if row["implementation"].startswith("beit"):
-                mfu = f"{row['mfu'] * 100:.1f}% MFU, " if "mfu" in row else ""
-                ratio = row.get("speed_vs_transformers")
-                text = f"{mfu}{row['images_per_s']:.0f} img/s" + (f", {ratio:.2f}x transformers" if ratio else "")
-                table.append((f"ViT-{row['model']} step{compiled}, batch {row['batch']}", text, ">= 40% MFU, >= 1x"))
-    dvae = load(out, "dvae.json")
+    device = results.get("device.json")
+    if device:
+        table.append(("device", f"{device.get('device')}, torch {device.get('torch')}", ""))
+    for row in results.get("train_step.json", {}).get("results", []):
+        if row["implementation"].startswith("beit"):
+            mfu = f"{percent(row['mfu'])} MFU, " if "mfu" in row else ""
+            ratio = row.get("speed_vs_transformers")
+            text = f"{mfu}{row['images_per_s']:.0f} img/s" + (f", {ratio:.2f}x transformers" if ratio else "")
+            compiled = " compiled" if row.get("compiled") else " eager"
+            table.append((f"ViT-{row['model']} step{compiled}, batch {row['batch']}", text, ">= 40% MFU, >= 1x"))
+    dvae = results.get("dvae.json")
     if dvae:
-        command = next((r for k, r in dvae["results"].items() if k == "beit tokenize default"), None)
-        if command:
-            policy = f"{command['body']}{' + tf32' if command['tf32'] else ''}"
-            table.append(
-                (
-                    f"dVAE {policy}, batch {dvae['batch']}",
-                    f"{command['views_per_s']:.0f} views/s, {command['agreement'] * 100:.2f}% agree",
-                    ">= 8000, >= 99%",
-                )
+        for label, row in dvae["results"].items():
+            if not label.startswith("beit tokenize default"):
+                continue
+            policy = f"{row['body']}{' + tf32' if row['tf32'] else ''}"
+            extra = ""
+            if "same_tokens_as_default" in row:
+                policy += " + cudnn.benchmark"
+                extra = f", {percent(row['same_tokens_as_default'])} same tokens"
+            text = f"{row['views_per_s']:.0f} views/s, {percent(row['agreement'])} agree{extra}"
+            table.append((f"dVAE {policy}, batch {dvae['batch']}", text, ">= 8000, >= 99%"))
+    step = results.get("pretrain_step.json")
+    for mode, run in (step or {}).get("runs", {}).items():
+        table.append(
+            (
+                f"step cached/online {mode}, ViT-{step['model']}",
+                f"{run['cached_over_online']:.2f}x (FLOP bound {step['flop_bound']:.2f}x)",
+                ">= 1.4x",
             )
-    for name, compiled in (("pretrain_step.json", ""), ("pretrain_step_compiled.json", " compiled")):
-        data = load(out, name)
-        if data:
-            table.append(
-                (
-                    f"step cached/online{compiled}, ViT-{data['model']}",
-                    f"{data['cached_over_online']:.2f}x (bound {data['flop_bound']:.2f}x)",
-                    ">= 1.4x",
-                )
-            )
-    attention = load(out, "attention_kernels.json")
+        )
+    attention = results.get("attention_kernels.json")
     for case in (attention or {}).get("cases", []):
         picked = case.get("profiled_fwd_bwd") or case.get("picked_fwd_bwd")
         table.append((f"SDPA kernel, {case['case']} (fwd+bwd)", str(picked), "not MATH"))
-    tokenize = load(out, "tokenize.json")
-    if tokenize:
-        spent = tokenize.get("ours_time", {})
-        where = ", ".join(f"{k} {v:.1f}s" for k, v in spent.items())
-        text = f"{tokenize['ours_views_per_s']:.0f} views/s ({where})"
-        measure = f"stage 1, V={tokenize['views']}, {tokenize['tokenizer']} dVAE"
-        table.append((measure, text, ">= 4000, decode not bound"))
-    pretrain = load(out, "pretrain.json")
+    for name in ("decode.json", "decode_dali.json"):
+        for decoder, row in results.get(name, {}).get("decoders", {}).items():
+            text = row.get("error") or f"{row['images_per_s']:.0f} images/s ({row['megapixels_per_s']:.0f} MP/s)"
+            table.append((f"JPEG decode, {decoder}", text[:60], "(compare)"))
+    tokenize = results.get("tokenize.json")
+    if tokenize and "ours_views_per_s" in tokenize:
+        steady = tokenize.get("ours_steady_views_per_s")
+        text = f"{steady or 0:.0f} views/s steady, {tokenize['ours_views_per_s']:.0f} end to end"
+        text += f" (set-up {percent(tokenize['ours_setup_share'])})"
+        measure = f"stage 1, V={tokenize['views']}, {tokenize['tokenizer']} dVAE, {tokenize['images']} images"
+        table.append((measure, text, ">= 4000 (set-up < 10%)"))
+        if "ratio" in tokenize:
+            table.append(("stage 1 / released approach", f"{tokenize['ratio']:.2f}x", "(compare)"))
+    pretrain = results.get("pretrain.json")
     for preset, model in (pretrain or {}).get("models", {}).items():
-        cached = model["cached"]
-        table.append(
-            (
-                f"stage 2 ViT-{preset} cached/online",
-                f"{model['ratio']:.2f}x, data wait {cached['data_wait'] * 100:.1f}%",
-                ">= 1.4x, < 2%",
-            )
-        )
-        pipeline = pretrain["pipeline_images_per_s"] / cached["images_per_s"]
-        table.append((f"input pipeline / trainer, ViT-{preset}", f"{pipeline:.2f}x", ">= 2x"))
+        cached = model.get("cached")
+        if "ratio" in model:
+            text = f"{model['ratio']:.2f}x, data wait {percent(cached['data_wait'])}"
+            table.append((f"stage 2 ViT-{preset} cached/online", text, ">= 1.4x, < 2%"))
+        if cached:
+            pipeline = pretrain["pipeline_images_per_s"] / cached["images_per_s"]
+            table.append((f"input pipeline / trainer, ViT-{preset}", f"{pipeline:.2f}x", ">= 2x"))
     return table
 
 
-def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/gpu")
-    steps = out / "steps.txt"
-    if steps.exists():
-        print(steps.read_text().rstrip())
-    table = rows(out)
+def render(results: dict[str, dict], steps: str = "") -> str:
+    lines = [steps.rstrip()] if steps.strip() else []
+    table = rows(results)
     if not table:
-        print(f"no results under {out}")
-        return
+        return "\n".join([*lines, "no results yet"]) + "\n"
     width = max(len(r[0]) for r in table)
-    print(f"{'measure':<{width}}  {'figure':<48}  bar")
-    for measure, figure, bar in table:
-        print(f"{measure:<{width}}  {figure:<48}  {bar}")
+    lines.append(f"{'measure':<{width}}  {'figure':<60}  bar")
+    lines += [f"{measure:<{width}}  {figure:<60}  {bar}" for measure, figure, bar in table]
+    return "\n".join(lines) + "\n"
+
+
+def write_whole(path: Path, text: str) -> None:
+    part = path.with_name(f".{path.name}.part")
+    part.write_text(text)
+    os.replace(part, path)
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "collect":
+        work, out = Path(sys.argv[2]), Path(sys.argv[3])
+        results = load_results(work)
+        write_whole(out / "results.json", json.dumps(results, indent=1) + "\n")
+        steps = out / "steps.txt"
+        write_whole(out / "summary.txt", render(results, steps.read_text() if steps.exists() else ""))
+        return
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    where = Path(sys.argv[1])
+    steps = where / "steps.txt"
+    print(render(load_results(where), steps.read_text() if steps.exists() else ""), end="")
 
 
 if __name__ == "__main__":

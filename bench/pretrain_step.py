@@ -9,7 +9,8 @@ Both arms run `pretrain.MIMStep`, the trainer's own step (copies, static-shape f
 backward, clipping, fused AdamW on a GPU), on the same weights and batches; the online arm also
 tokenizes each batch's 112 px twin view with the dVAE under the policy `beit tokenize` uses
 (`dvae.Precision` from TokenizeConfig), as `--targets online` does. Rounds alternate between the
-arms; each reports its median step time. Count first: the online arm adds the encoder's FLOPs per
+arms; each reports its median step time. With --compile the pair runs again with the model
+compiled; the JSON is rewritten after each pair. Count first: the online arm adds the encoder's FLOPs per
 image (52.1 GFLOP at 112 px for the released dVAE) to the ViT's training FLOPs (train_step.py's
 count), so ViT-B's bound is (ViT + dVAE) / ViT = 1.48x at 75 masked patches.
 """
@@ -65,12 +66,15 @@ def batches(count: int, batch: int, model: BeitForMIM, twin: int, device: torch.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="ViT preset (default: base on GPU, tiny on CPU)")
+    parser.add_argument("--depth", type=int, default=0, help="blocks (default: the preset's; fewer: a quick rehearsal)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=0, help="default 256 on GPU, 4 on CPU")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per arm (default 20 GPU, 3 CPU)")
     parser.add_argument("--warmup", type=int, default=0, help="untimed steps first (default 5 GPU, 1 CPU)")
     parser.add_argument("--dvae", default="", help="released | small (default: released on GPU, small on CPU)")
-    parser.add_argument("--compile", action="store_true", help="compile the model as `--set compile=true` does")
+    parser.add_argument(
+        "--compile", action="store_true", help="then again with the model compiled, as `--set compile=true` runs it"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -81,70 +85,68 @@ def main() -> None:
     steps, warmup = args.steps or (20 if cuda else 3), args.warmup or (5 if cuda else 1)
     dvae_size = args.dvae or ("released" if cuda else "small")
     torch.manual_seed(0)
-    model = BeitForMIM(ModelConfig(preset=preset)).to(device)
+    model = BeitForMIM(ModelConfig(preset=preset, depth=args.depth)).to(device)
     dvae_cfg = DVAEConfig() if dvae_size == "released" else DVAEConfig(n_hid=32, vocab_size=8192)
     tokenizer = DVAE(dvae_cfg, with_decoder=False).eval()
     dvae_flops = encoder_flops(tokenizer, 112)
     tokenizer = tokenizer.to(device)
     precision = Precision.resolve(TokenizeConfig.precision, TokenizeConfig.tf32, device)
-    cfg = PretrainConfig(compile=args.compile)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=cuda)
-    arms = {
-        "cached": MIMStep(model, model, optimizer, cfg, device),
-        "online": MIMStep(model, model, optimizer, cfg, device, online=(tokenizer, precision)),
-    }
     data = batches(4, batch, model, 112, device)
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for i in range(warmup + steps):
-        for name, step in arms.items():
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step(lambda i=i: data[i % len(data)], 1e-4)
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-
     vit_flops = train_flops_per_image(model.cfg, 75.0)
     peak = matmul_peak(device) if cuda else None
     machine = (
         torch.cuda.get_device_name(device) if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
-    rows = {}
-    for name, values in times.items():
-        median = statistics.median(values)
-        flops = vit_flops + (dvae_flops if name == "online" else 0.0)
-        rows[name] = {"median_step_s": median, "images_per_s": batch / median, "gflops_per_image": flops / 1e9}
-        if peak:
-            rows[name]["mfu"] = flops * batch / median / peak
-    ratio = rows["cached"]["images_per_s"] / rows["online"]["images_per_s"]
     bound = (vit_flops + dvae_flops) / vit_flops
     result = {
         "device": machine,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv),
-        "model": preset,
+        "model": f"{preset}, depth {args.depth}" if args.depth else preset,
         "dvae": dvae_size,
         "precision": {"body": precision.body, "tf32": precision.tf32},
         "batch": batch,
         "steps": steps,
-        "compile": args.compile,
-        "arms": rows,
-        "cached_over_online": ratio,
         "flop_bound": bound,
+        "runs": {},
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"device: {machine}; ViT-{preset} batch {batch}, dVAE {dvae_size} ({precision.body}, tf32 {precision.tf32})")
-    print(f"{'arm':<8} {'ms/step':>9} {'img/s':>9} {'GFLOP/img':>10} {'MFU':>6}")
-    for name, row in rows.items():
-        mfu = f"{row['mfu'] * 100:5.1f}%" if "mfu" in row else "     -"
-        ms, rate, gflops = row["median_step_s"] * 1e3, row["images_per_s"], row["gflops_per_image"]
-        print(f"{name:<8} {ms:9.1f} {rate:9.1f} {gflops:10.1f} {mfu}")
-    print(f"cached / online: {ratio:.2f}x (FLOP bound {bound:.2f}x)")
+    print(f"{'run':<9} {'arm':<8} {'ms/step':>9} {'img/s':>9} {'GFLOP/img':>10} {'MFU':>6}", flush=True)
+    for mode in ("eager", "compiled") if args.compile else ("eager",):
+        cfg = PretrainConfig(compile=mode == "compiled")
+        arms = {
+            "cached": MIMStep(model, model, optimizer, cfg, device),
+            "online": MIMStep(model, model, optimizer, cfg, device, online=(tokenizer, precision)),
+        }
+        times: dict[str, list[float]] = {name: [] for name in arms}
+        for i in range(warmup + steps):
+            for name, step in arms.items():
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step(lambda i=i: data[i % len(data)], 1e-4)
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+        rows = {}
+        for name, values in times.items():
+            median = statistics.median(values)
+            flops = vit_flops + (dvae_flops if name == "online" else 0.0)
+            rows[name] = {"median_step_s": median, "images_per_s": batch / median, "gflops_per_image": flops / 1e9}
+            if peak:
+                rows[name]["mfu"] = flops * batch / median / peak
+            mfu = f"{rows[name]['mfu'] * 100:5.1f}%" if "mfu" in rows[name] else "     -"
+            ms, rate, gflops = median * 1e3, batch / median, flops / 1e9
+            print(f"{mode:<9} {name:<8} {ms:9.1f} {rate:9.1f} {gflops:10.1f} {mfu}")
+        ratio = rows["cached"]["images_per_s"] / rows["online"]["images_per_s"]
+        result["runs"][mode] = {"arms": rows, "cached_over_online": ratio}
+        print(f"{mode:<9} cached / online: {ratio:.2f}x (FLOP bound {bound:.2f}x)", flush=True)
+        if args.json:  # after each run: a later one cut by a time limit leaves this one
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,16 @@ way), same model, batch and data, in one run; and the input pipeline alone.
     python bench/pretrain_throughput.py                              # CPU: tiny and small, released-size dVAE
     python bench/pretrain_throughput.py --models base --batch 256 --images 4096 --steps 30 --json out.json  # GPU
 
-A store is made first with `beit tokenize` (V = 2) from realistic JPEGs (500x375, q90, cut from
-scikit-image's photos) with the released-size dVAE architecture (random weights: the cost is
-what matters here). Then `beit pretrain` runs twice per model, `--targets cached` and
-`--targets online`, for 2 x STEPS steps; the second logged interval (STEPS steps, after the
+A store is made first with `beit tokenize` (V = 2) from realistic JPEGs (bench/jpegs.py: 500x375,
+q90, cut from scikit-image's photos) with the released-size dVAE architecture (random weights:
+the cost is what matters here), unless --store names one (a GPU window reuses the store
+bench/tokenize_throughput.py made; online targets use the tokenizer it records). Then
+`beit pretrain` runs twice per model, `--targets cached` and `--targets online`, for 2 x STEPS
+steps; the second logged interval (STEPS steps, after the
 warm-up interval) gives images/s and the data-wait fraction. The input pipeline alone is timed
 by drawing the same batches without a model. On a GPU, MFU = model FLOPs (train_step.py's
-count) x images/s / the bf16 matmul peak measured in the same run.
+count) x images/s / the bf16 matmul peak measured in the same run. The runs save no checkpoint,
+and the JSON is written after each measurement.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tokenize_throughput import make_jpegs  # noqa: E402
+from jpegs import make_jpegs  # noqa: E402
 from train_step import matmul_peak, train_flops_per_image  # noqa: E402
 
 from beit.shared.decode import dali_threads  # noqa: E402
@@ -50,6 +53,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="timed steps (default 30 GPU, 4 CPU)")
     parser.add_argument("--images", type=int, default=0, help="default 4096 GPU, 32 CPU")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--jpegs", type=Path, help="the JPEG folder (bench/jpegs.py; made or grown as needed)")
+    parser.add_argument("--store", type=Path, help="an existing store to train from (its tokenizer for online)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -59,14 +64,17 @@ def main() -> None:
     images = args.images or (4096 if cuda else 32)
     threads = 0  # the commands' default: this rank's share of the cores (decode.dali_threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="beit-bench-"))
-    make_jpegs(work / "images", images)
-    torch.manual_seed(0)
-    tokenizer = work / "dvae.safetensors"
-    save_tokenizer(DVAE(DVAEConfig(), with_decoder=False), tokenizer, input_size=112)
-    store = work / "store.zarr"
-    if not store.exists():
+    work.mkdir(parents=True, exist_ok=True)
+    store = args.store or work / "store.zarr"
+    if not args.store and not store.exists():
+        files = make_jpegs(args.jpegs or work / "images", images)
+        listed = work / "images-listed.txt"
+        listed.write_text("".join(f"{f}\n" for f in files))
+        torch.manual_seed(0)
+        tokenizer = work / "dvae.safetensors"
+        save_tokenizer(DVAE(DVAEConfig(), with_decoder=False), tokenizer, input_size=112)
         tokenize(
-            work / "images",
+            listed,
             str(store),
             tokenizer,
             TokenizeConfig(views=2, batch_size=min(batch, 64), chunk_images=256, threads=threads),
@@ -83,10 +91,17 @@ def main() -> None:
     for step in range(2, 2 + steps):
         data.batch(step)
     pipeline = batch * steps / (time.perf_counter() - start)
-    print(f"input pipeline alone: {pipeline:8.1f} images/s")
+    print(f"input pipeline alone: {pipeline:8.1f} images/s", flush=True)
+
+    def write() -> None:  # after each measurement: a run cut by a time limit keeps what it measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2, default=float))
 
     results = {
         "device": device,
+        "command": " ".join(sys.argv),
+        "store": str(store),
         "batch": batch,
         "steps": steps,
         "pipeline_images_per_s": pipeline,
@@ -94,6 +109,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "models": {},
     }
+    write()
     for preset in args.models.split(","):
         epochs = 2 * steps / data.steps_per_epoch
         rates = {}
@@ -110,7 +126,7 @@ def main() -> None:
                 checkpoint_every=10**9,
                 threads=threads,
             )
-            pretrain(str(store), run, cfg, resume=False, progress=False)
+            pretrain(str(store), run, cfg, resume=False, progress=False, save=False)  # no 1 GB checkpoint
             row = timed_interval(run)
             rates[targets] = row
             mfu = ""
@@ -120,14 +136,15 @@ def main() -> None:
                 mfu = f", MFU {row['mfu'] * 100:.1f}%"
             print(
                 f"{preset:>6} {targets:>6}: {row['images_per_s']:8.1f} images/s, data wait "
-                f"{row['data_wait'] * 100:.0f}%{mfu}"
+                f"{row['data_wait'] * 100:.0f}%{mfu}",
+                flush=True,
             )
+            results["models"][preset] = dict(rates)
+            write()
         ratio = rates["cached"]["images_per_s"] / rates["online"]["images_per_s"]
         print(f"{preset:>6} cached / online: {ratio:.2f}x")
         results["models"][preset] = {**rates, "ratio": ratio}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=float))
+        write()
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

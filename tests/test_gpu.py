@@ -99,6 +99,7 @@ def test_the_pretraining_step_never_waits_for_the_gpu(accumulation):
     assert torch.isfinite(grad_norm) and torch.isfinite(step.sums).all() and step.sums[2] > 0
 
 
+@pytest.mark.dali
 def test_dali_gpu_batches_reach_torch_on_the_gpu_without_the_host(tmp_path):
     """A GPU pipeline's output is a torch tensor on the GPU (no copy through the host), with the
     values the CPU pipeline gives (lossless PNGs; GPU and CPU resampling differ by rounding)."""
@@ -152,6 +153,7 @@ def test_segmenter_bf16_step_on_cuda_matches_fp32():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.dali
 def test_segmentation_batches_decode_and_augment_on_the_gpu(tmp_path):
     """Segmentation's training batch with DALI decoding on the GPU and mmseg's ops in torch on the
     decoded image there: pixels on the GPU, labels in page-locked host memory, and the values the

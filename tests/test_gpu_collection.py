@@ -40,6 +40,29 @@ def test_the_gpu_tests_collect_without_zarr_numcodecs_or_dali():
     assert expected and expected <= collected, output[-3000:]
 
 
+def test_the_dali_marker_selects_exactly_the_gpu_tests_that_need_dali():
+    """A GPU window runs `-m "gpu and not dali"` before DALI is there and `-m "gpu and dali"` once it
+    is (bench/gpu_call1.sh, gpu_call3.sh): together every GPU test, each where it can run."""
+    needs_dali, marked = set(), set()
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                for call in ast.walk(node):
+                    if (
+                        isinstance(call, ast.Call)
+                        and getattr(call.func, "attr", "") == "importorskip"
+                        and ast.literal_eval(call.args[0]) == "nvidia.dali"
+                    ):
+                        needs_dali.add(node.name)
+                if any(ast.unparse(d).endswith("mark.dali") for d in node.decorator_list):
+                    marked.add(node.name)
+    assert needs_dali and needs_dali == marked
+    args = ["--collect-only", "-q", "-m", "gpu and dali", "-p", "no:cacheprovider", "tests"]
+    result = run_without_the_missing_packages(f"import pytest\nsys.exit(pytest.main({args!r}))")
+    collected = {line.partition("::")[2] for line in result.stdout.splitlines() if line.startswith("tests/")}
+    assert collected == needs_dali, result.stdout[-3000:]
+
+
 def test_the_modules_the_gpu_benchmarks_import_need_no_zarr_numcodecs_or_dali():
     code = (
         "import importlib.util\n"
@@ -52,9 +75,9 @@ def test_the_modules_the_gpu_benchmarks_import_need_no_zarr_numcodecs_or_dali():
         "    else:\n"
         "        raise AssertionError(name + ' imported')\n"
         "import beit.shared.model, beit.shared.dvae, beit.shared.masking, beit.train.pretrain, beit.train.scaffold\n"
-        # the scripts of a GPU window's calls 1 and 2 (bench/GPU.md), imported as modules
+        # the scripts of a GPU window's call 1 (bench/GPU.md), imported as modules
         "sys.path.insert(0, 'bench')\n"
-        "import dvae, train_step, pretrain_step, attention_kernels, gpu_summary\n"
+        "import dvae, train_step, pretrain_step, attention_kernels, jpeg_decode, jpegs, gpu_summary, gpu_wheels\n"
     )
     result = run_without_the_missing_packages(code)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -102,6 +102,7 @@ def tokenize(
     progress: bool = True,
 ) -> dict:
     """Run stage 1; returns the summary (also written as JSON next to a local store)."""
+    entered = time.perf_counter()
     dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
     device = dist.device(cfg.device)
     device_id = dali_device_id(device)
@@ -219,6 +220,7 @@ def tokenize(
 
     work = [(start, stop, b0) for start, stop in mine for b0 in range(0, stop - start, cfg.batch_size)]
     done_images = failed_images = 0
+    first: tuple[float, int] | None = None  # when this rank's first chunk was written, and its images done
     start_time = time.perf_counter()
     bar = progress_bar(
         total=sum(stop - start for start, stop in mine),
@@ -275,6 +277,7 @@ def tokenize(
         done_images += int(np.sum(status == DONE))
         failed_images += int(np.sum(status == FAILED))
         elapsed = time.perf_counter() - start_time
+        first = first or (elapsed, done_images)
         bar.update(n)
         bar.set_postfix(
             img_s=f"{(done_images + failed_images) / elapsed:.1f}",
@@ -290,6 +293,12 @@ def tokenize(
         "seconds": elapsed,
         "images_per_s": (done_images + failed_images) / max(elapsed, 1e-9),
         "views_per_s": done_images * cfg.views / max(elapsed, 1e-9),
+        # set-up (tokenizer, store, pipelines) before the first batch, not in `seconds`; and the rate
+        # after this rank's first chunk, once the pipelines run warm (none with a single chunk)
+        "setup_seconds": start_time - entered,
+        "steady_views_per_s": (done_images - first[1]) * cfg.views / (elapsed - first[0])
+        if first and elapsed > first[0]
+        else None,
         "time": timing,
         "device": str(device),
         "world_size": dist.world,

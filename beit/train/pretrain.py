@@ -241,7 +241,10 @@ def build_online_tokenizer(data: PretrainData, location: str, device: torch.devi
     return tokenizer
 
 
-def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, progress: bool = True) -> dict:
+def pretrain(
+    store: str, out: Path, cfg: PretrainConfig, resume: bool = True, progress: bool = True, save: bool = True
+) -> dict:
+    """Stage 2. `save=False` writes no checkpoint, not even the last (benchmarks that time steps)."""
     run = Run(out, cfg, "pretrain", progress)
     dist, device = run.dist, run.device
     online = cfg.targets == "online"
@@ -340,7 +343,7 @@ def pretrain(store: str, out: Path, cfg: PretrainConfig, resume: bool = True, pr
             )
             train_step.sums.zero_()
             wait, images_since, last_log, logged_at = 0.0, 0, time.perf_counter(), step
-        if step % cfg.checkpoint_every == 0 or step == total:
+        if save and (step % cfg.checkpoint_every == 0 or step == total):
             rng = dist.rng_states(device)  # every rank's: each draws its own drop path
             micro = (step - origin["step"]) * cfg.accumulation
             epoch, position = data.plan.position(micro)
