@@ -99,7 +99,7 @@ def tokenize_command(
     set_: Overrides = None,
 ) -> None:
     """Stage 1: decode images, draw V views each, and cache their dVAE tokens in a Zarr store."""
-    from beit.tokenize.run import TokenizeConfig, tokenize
+    from beit.tokenize.stage1 import TokenizeConfig, tokenize
 
     cfg, summary = _run(ctx, TokenizeConfig, tokenize, source, store, tokenizer, overwrite=overwrite)
     if summary.get("already_complete") or "done" not in summary:
@@ -139,7 +139,7 @@ def pretrain_command(
     no_resume: NoResume = False,
 ) -> None:
     """Stage 2: pre-train a BEiT ViT from a token store's views and cached tokens."""
-    from beit.train.pretrain import PretrainConfig, pretrain
+    from beit.train.pretrain.trainer import PretrainConfig, pretrain
 
     _, result = _run(ctx, PretrainConfig, pretrain, store, out, resume=not no_resume)
     typer.echo(
@@ -168,7 +168,7 @@ def finetune_command(
     no_resume: NoResume = False,
 ) -> None:
     """Fine-tune a pre-trained BEiT for classification (layer decay, mixup/cutmix, RandAugment)."""
-    from beit.train.finetune import FinetuneConfig, finetune
+    from beit.train.classify.finetune import FinetuneConfig, finetune
 
     _, result = _run(ctx, FinetuneConfig, finetune, data, out, resume=not no_resume)
     _notes(result)
@@ -224,7 +224,7 @@ def tokenizer_train_command(
     no_resume: NoResume = False,
 ) -> None:
     """Train a dVAE tokenizer on your images (Gumbel-softmax, KL to a uniform prior, DALI crops)."""
-    from beit.tokenize.dvae_train import DVAETrainConfig, train_dvae
+    from beit.train.tokenizer.trainer import DVAETrainConfig, train_dvae
 
     cfg, report = _run(ctx, DVAETrainConfig, train_dvae, images, out, resume=not no_resume)
     held = report.get("held_out")
@@ -248,7 +248,7 @@ def tokenizer_reconstruct_command(
 ) -> None:
     """Write a PNG grid of original / reconstruction / token map for each image, and print PSNR."""
     from beit.shared.dvae import check_grid, load_tokenizer
-    from beit.tokenize.reconstruct import reconstruction_grid
+    from beit.train.tokenizer.reconstruct import reconstruction_grid
 
     if out.suffix.lower() != ".png":
         _fail(ValueError(f"--out {out} must end in .png."))
@@ -339,7 +339,7 @@ def attention_command(
     layer: Annotated[int, typer.Option(help="block whose attention to draw: 1..depth, -1 = the last")] = -1,
 ) -> None:
     """Draw self-attention maps of chosen query patches over each image (the BEiT paper's Figure 2)."""
-    from beit.train.pictures import attention_picture, load_model
+    from beit.train.pretrain.pictures import attention_picture, load_model
 
     try:
         queries = []
@@ -372,7 +372,7 @@ def mask_command(
     samples: Annotated[int, typer.Option(help="masks to draw")] = 4,
 ) -> None:
     """Draw samples of pre-training's blockwise (or random) mask over an image."""
-    from beit.train.pictures import mask_picture
+    from beit.train.pretrain.pictures import mask_picture
 
     try:
         masks, _, blocks = mask_picture(image, out, grid, count, seed, random_, samples)
@@ -393,7 +393,7 @@ def evaluate_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Top-1 / top-5 accuracy and loss of a fine-tuned checkpoint on a labelled set."""
-    from beit.train.evaluate import evaluate_checkpoint
+    from beit.train.classify.evaluate import evaluate_checkpoint
 
     try:
         result = evaluate_checkpoint(checkpoint, data, batch_size, device)
@@ -441,7 +441,7 @@ def probe_command(
     set_: Overrides = None,
 ) -> None:
     """Linear probe of a frozen backbone: cls + mean patch token of a block, a linear classifier."""
-    from beit.train.probe import ProbeConfig, probe
+    from beit.train.classify.probe import ProbeConfig, probe
 
     try:
         cfg = _config(ctx, ProbeConfig)
@@ -467,7 +467,7 @@ def fashion_mnist_command(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Fashion-MNIST (Zalando, MIT) as ImageFolder trees: the shipped 10,000-image subset, or all 70,000."""
-    from beit.shared.fashion_mnist import write_imagefolder
+    from beit.shared.datasets.fashion_mnist import write_imagefolder
 
     try:
         counts = write_imagefolder(out, size, source, train, val, seed)
@@ -484,7 +484,7 @@ def fashion_scenes_command(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """A small real segmentation task: scenes of 1-4 Fashion-MNIST items on noise, 11 classes."""
-    from beit.shared.fashion_scenes import write_scenes
+    from beit.shared.datasets.fashion_scenes import write_scenes
 
     try:
         counts = write_scenes(out, train=train, val=val, seed=seed)
@@ -513,7 +513,7 @@ def segment_train_command(
     no_resume: NoResume = False,
 ) -> None:
     """Fine-tune a pre-trained BEiT for semantic segmentation (UperNet, the released recipe)."""
-    from beit.train.segment import SegmentConfig, segment
+    from beit.train.segment.trainer import SegmentConfig, segment
 
     _, result = _run(ctx, SegmentConfig, segment, data, out, renames={"crop": "model.image_size"}, resume=not no_resume)
     _notes(result)
@@ -538,7 +538,7 @@ def segment_evaluate_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """mIoU, mAcc and aAcc of a segmentation checkpoint, by sliding window, multi-scale and flip."""
-    from beit.train.segment_predict import evaluate_checkpoint
+    from beit.train.segment.predict import evaluate_checkpoint
 
     try:
         factors = tuple(float(x) for x in scales.split(","))
@@ -560,7 +560,7 @@ def segment_predict_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Palette PNG masks (class indices) for images, and overlays to look at."""
-    from beit.train.segment_predict import predict_files
+    from beit.train.segment.predict import predict_files
 
     try:
         summaries = predict_files(checkpoint, images, out, overlay, device=device)

@@ -5,7 +5,7 @@ and what each kernel costs and how far it is from exact (issue 13).
     python bench/attention_kernels.py --model-block --json out.json    # also the real `Attention` module
     python bench/attention_kernels.py --device cpu --batch 2 --dtype float32 --reps 2   # CPU rehearsal
 
-The inputs are made the way `beit.shared.model.Attention.forward` makes them: q, k and v are strided views
+The inputs are made the way `beit.train.model.Attention.forward` makes them: q, k and v are strided views
 of one [B, N, 3 * width] projection (packed layout: strides (N*3*width, head_dim, 3*width, 1)), and the bias
 is a [heads, N, N] tensor in q's dtype passed as `attn_mask=bias.unsqueeze(0)`, broadcast over the batch.
 Three cases:
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from beit.shared.model import Attention, RelativePositionBias
+from beit.train.model import Attention, RelativePositionBias
 
 BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"]
 CASES = ["train", "frozen", "finetune"]
@@ -301,7 +301,7 @@ def bench_case(case: str, args, device: torch.device, dtype, run_flex: bool) -> 
 
 
 def bench_model_block(layout: str, args, device: torch.device, dtype, use_compile: bool) -> list[dict]:
-    """`beit.shared.model.Attention` forward+backward as training runs it (autocast to `dtype` when it is
+    """`beit.train.model.Attention` forward+backward as training runs it (autocast to `dtype` when it is
     not float32), with each backend forced, the default, and optionally the default under torch.compile."""
     cuda = device.type == "cuda"
     grid, heads = (args.image_size // 16,) * 2, args.heads

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from beit.shared.dvae import DVAE, DVAEConfig, Precision, load_tokenizer, map_pixels
-from beit.tokenize.run import TokenizeConfig
+from beit.tokenize.stage1 import TokenizeConfig
 
 
 def encoder_flops(model: DVAE, size: int) -> float:

@@ -18,7 +18,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,21 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dvae import time_batches  # noqa: E402
 from jpegs import make_jpegs  # noqa: E402
-
-
-def timed_passes(run_pass, reps: int, cuda: bool) -> float:
-    run_pass()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run_pass()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def torchvision_pass(data: list[bytes], batch: int, cuda: bool):
@@ -120,7 +106,9 @@ def main() -> None:
         decoders["DALI decoders.image"] = dali_pass
     for name, make in decoders.items():
         try:
-            seconds = timed_passes(make(data, args.batch, cuda), args.reps, cuda)
+            run_pass = make(data, args.batch, cuda)
+            run_pass()  # untimed: the decoder's start-up
+            seconds = time_batches(run_pass, args.reps, cuda)
         except Exception as error:  # a decoder that cannot run here is recorded, and the other still timed
             result["decoders"][name] = {"error": f"{type(error).__name__}: {error}"[:500]}
             print(f"{name}: {type(error).__name__}: {error}")

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from beit.shared.masking import block_mask, random_mask
+from beit.train.pretrain.masking import block_mask, random_mask
 
 
 def per_mask_us(make, masks: int, rounds: int = 5) -> float:

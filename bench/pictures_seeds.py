@@ -32,8 +32,8 @@ def main() -> None:
     from photos import copy_photos
     from PIL import Image
 
-    from beit.shared.model import BeitClassifier, ModelConfig
-    from beit.train.pictures import attention_picture
+    from beit.train.model import BeitClassifier, ModelConfig
+    from beit.train.pretrain.pictures import attention_picture
 
     first, _, last = args.seeds.partition("-")
     seeds = list(range(int(first), int(last) + 1)) if last else [int(s) for s in args.seeds.split(",")]

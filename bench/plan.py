@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from beit.shared.masking import block_mask, random_mask
-from beit.train.data import SamplePlan
+from beit.train.pretrain.data import SamplePlan
+from beit.train.pretrain.masking import block_mask, random_mask
 
 
 def median_ms(run, steps: int) -> float:

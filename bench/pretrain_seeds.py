@@ -34,7 +34,7 @@ def main() -> None:
     import test_pretrain
     from photos import beit
 
-    from beit.train.data import PretrainData
+    from beit.train.pretrain.data import PretrainData
 
     first, _, last = args.seeds.partition("-")
     seeds = list(range(int(first), int(last) + 1)) if last else [int(s) for s in args.seeds.split(",")]

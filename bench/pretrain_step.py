@@ -35,11 +35,11 @@ from train_step import matmul_peak, train_flops_per_image  # noqa: E402
 
 from beit.shared.counter import counter_key  # noqa: E402
 from beit.shared.dvae import DVAE, DVAEConfig, Precision  # noqa: E402
-from beit.shared.masking import block_masks, masked_positions  # noqa: E402
-from beit.shared.model import BeitForMIM, ModelConfig  # noqa: E402
-from beit.tokenize.run import TokenizeConfig  # noqa: E402
-from beit.train.data import Batch  # noqa: E402
-from beit.train.pretrain import MIMStep, PretrainConfig, param_groups  # noqa: E402
+from beit.tokenize.stage1 import TokenizeConfig  # noqa: E402
+from beit.train.model import BeitForMIM, ModelConfig  # noqa: E402
+from beit.train.pretrain.data import Batch  # noqa: E402
+from beit.train.pretrain.masking import block_masks, masked_positions  # noqa: E402
+from beit.train.pretrain.trainer import MIMStep, PretrainConfig, param_groups  # noqa: E402
 
 
 def batches(count: int, batch: int, model: BeitForMIM, twin: int, device: torch.device) -> list[Batch]:

@@ -35,10 +35,10 @@ from train_step import matmul_peak, train_flops_per_image  # noqa: E402
 
 from beit.shared.decode import dali_threads  # noqa: E402
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer  # noqa: E402
-from beit.shared.model import ModelConfig  # noqa: E402
-from beit.tokenize.run import TokenizeConfig, tokenize  # noqa: E402
-from beit.train.data import PretrainData  # noqa: E402
-from beit.train.pretrain import PretrainConfig, pretrain  # noqa: E402
+from beit.tokenize.stage1 import TokenizeConfig, tokenize  # noqa: E402
+from beit.train.model import ModelConfig  # noqa: E402
+from beit.train.pretrain.data import PretrainData  # noqa: E402
+from beit.train.pretrain.trainer import PretrainConfig, pretrain  # noqa: E402
 
 
 def timed_interval(run: Path) -> dict:

@@ -71,7 +71,7 @@ def build(out: Path, n: int, views: int, grid: int, batch: int, ranks: int, step
     """The synthetic store at out/store and its list file at out/source/list.txt."""
     from beit.shared.store import DONE, TokenStore
     from beit.shared.views import JITTER_PLACEMENT, PARAMS, ViewConfig, draw_views
-    from beit.train.data import SamplePlan
+    from beit.train.pretrain.data import SamplePlan
 
     source = out / "source"
     source.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def real_photos(folder: Path) -> list[Path]:
 def stage2_worker(store: str, batch: int, steps: int, cache: str, out: str) -> None:
     """One rank of stage 2's start-up (RANK and WORLD_SIZE from the environment)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    from beit.train.data import PretrainData
+    from beit.train.pretrain.data import PretrainData
 
     imported = time.perf_counter()
     before = memory()

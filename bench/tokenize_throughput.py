@@ -42,7 +42,7 @@ from jpegs import make_jpegs  # noqa: E402
 
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer  # noqa: E402
 from beit.shared.store import TokenStore  # noqa: E402
-from beit.tokenize.run import TokenizeConfig, tokenize  # noqa: E402
+from beit.tokenize.stage1 import TokenizeConfig, tokenize  # noqa: E402
 
 
 def _reference_views(job: tuple[str, np.ndarray, int]) -> np.ndarray:

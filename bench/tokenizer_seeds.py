@@ -85,7 +85,7 @@ def main() -> None:
     from beit.shared.config import load_config
     from beit.shared.dvae import load_tokenizer
     from beit.shared.images import list_images
-    from beit.tokenize.dvae_train import CropStream, DVAETrainConfig, train_dvae
+    from beit.train.tokenizer.trainer import CropStream, DVAETrainConfig, train_dvae
 
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(args.deterministic)

@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from beit.shared.counter import counter_key  # noqa: E402
-from beit.shared.masking import block_masks, masked_positions  # noqa: E402
-from beit.shared.model import BeitForMIM, ModelConfig  # noqa: E402
-from beit.train.pretrain import mim_step_loss  # noqa: E402
+from beit.train.model import BeitForMIM, ModelConfig  # noqa: E402
+from beit.train.pretrain.masking import block_masks, masked_positions  # noqa: E402
+from beit.train.pretrain.trainer import mim_step_loss  # noqa: E402
 
 
 def train_flops_per_image(cfg: ModelConfig, masked: float) -> float:

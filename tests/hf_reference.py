@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from beit.shared.model import BeitClassifier, BeitForMIM, ModelConfig
+from beit.train.model import BeitClassifier, BeitForMIM, ModelConfig
 
 _BLOCK = {
     "gamma_1": "lambda_1",

@@ -18,7 +18,7 @@ from beit.shared.checkpoint import (
     save_checkpoint,
     to_timm,
 )
-from beit.shared.model import BeitClassifier, BeitForMIM, ModelConfig
+from beit.train.model import BeitClassifier, BeitForMIM, ModelConfig
 
 TINY = dict(preset="custom", image_size=48, patch_size=8, width=64, depth=3, heads=4, vocab_size=96, num_classes=7)
 

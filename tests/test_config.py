@@ -6,7 +6,7 @@ from typing import Literal
 import pytest
 
 from beit.shared.config import ConfigError, load_config, to_toml
-from beit.shared.model import ModelConfig
+from beit.train.model import ModelConfig
 
 
 @dataclass
@@ -96,12 +96,12 @@ def test_a_table_refines_the_fields_own_default():
 @pytest.mark.parametrize(
     "cls,override",
     [
-        ("beit.train.pretrain.PretrainConfig", "checkpoint_every=0"),
-        ("beit.train.pretrain.PretrainConfig", "accumulation=0"),
-        ("beit.train.finetune.FinetuneConfig", "eval_every=0"),
-        ("beit.train.finetune.FinetuneConfig", "log_every=-5"),
-        ("beit.tokenize.dvae_train.DVAETrainConfig", "steps=0"),
-        ("beit.tokenize.run.TokenizeConfig", "views=0"),
+        ("beit.train.pretrain.trainer.PretrainConfig", "checkpoint_every=0"),
+        ("beit.train.pretrain.trainer.PretrainConfig", "accumulation=0"),
+        ("beit.train.classify.finetune.FinetuneConfig", "eval_every=0"),
+        ("beit.train.classify.finetune.FinetuneConfig", "log_every=-5"),
+        ("beit.train.tokenizer.trainer.DVAETrainConfig", "steps=0"),
+        ("beit.tokenize.stage1.TokenizeConfig", "views=0"),
     ],
 )
 def test_counts_and_intervals_below_one_are_refused_on_load(cls, override):

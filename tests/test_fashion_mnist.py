@@ -6,7 +6,7 @@ import numpy as np
 from photos import beit
 from PIL import Image
 
-from beit.shared.fashion_mnist import CLASSES, load
+from beit.shared.datasets.fashion_mnist import CLASSES, load
 
 
 def test_the_shipped_subset_is_balanced_real_images():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beit.shared.fashion_mnist import CLASSES as ITEM_CLASSES
-from beit.shared.fashion_mnist import load
-from beit.shared.fashion_scenes import CLASSES, IGNORE_INDEX, draw_scene, write_scenes
+from beit.shared.datasets.fashion_mnist import CLASSES as ITEM_CLASSES
+from beit.shared.datasets.fashion_mnist import load
+from beit.shared.datasets.fashion_scenes import CLASSES, IGNORE_INDEX, draw_scene, write_scenes
 
 SPLITS = ("training", "validation")
 

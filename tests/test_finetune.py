@@ -12,8 +12,8 @@ from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
-from beit.shared.model import BeitClassifier, BeitForMIM, ModelConfig
-from beit.train.finetune import layer_decay_groups
+from beit.train.classify.finetune import layer_decay_groups
+from beit.train.model import BeitClassifier, BeitForMIM, ModelConfig
 
 MODEL = dict(preset="tiny", image_size=64, width=96, heads=3, depth=2, vocab_size=128)
 ARGS = [

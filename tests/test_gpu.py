@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from beit.shared.masking import block_mask
-from beit.shared.model import BeitForMIM, ModelConfig, mim_loss
+from beit.train.model import BeitForMIM, ModelConfig, mim_loss
+from beit.train.pretrain.masking import block_mask
 
 pytestmark = pytest.mark.gpu
 
@@ -48,7 +48,7 @@ def test_dvae_low_precision_tokens_agree_with_fp32_on_cuda():
     assert (model.tokenize(pixels, dtype=torch.bfloat16) == reference).float().mean() >= 0.98
     # what `beit tokenize` runs by default (fp16 body, TF32 logits) against strict fp32
     from beit.shared.dvae import Precision
-    from beit.tokenize.run import TokenizeConfig
+    from beit.tokenize.stage1 import TokenizeConfig
 
     command = Precision.resolve(TokenizeConfig.precision, TokenizeConfig.tf32, pixels.device)
     assert command.tf32 and command.body == "fp16"
@@ -60,8 +60,8 @@ def synthetic_batch(batch: int, grid: tuple[int, int], vocab: int, image_size: i
     draws, padded to 75 positions, and every host tensor in page-locked memory (or all of it on
     `device`, as DALI's GPU output is)."""
     from beit.shared.counter import counter_key
-    from beit.shared.masking import block_masks, masked_positions
-    from beit.train.data import Batch
+    from beit.train.pretrain.data import Batch
+    from beit.train.pretrain.masking import block_masks, masked_positions
 
     masks = block_masks(counter_key(0, 0, np.arange(batch), 2), grid, 75, min_block=16).reshape(batch, -1)
     positions, valid = masked_positions(masks, 75)
@@ -80,7 +80,7 @@ def synthetic_batch(batch: int, grid: tuple[int, int], vocab: int, image_size: i
 def test_the_pretraining_step_never_waits_for_the_gpu(accumulation):
     """The trainer's step (`MIMStep`: copies from pinned memory, static shapes, backward, clipping,
     fused AdamW) runs with torch.cuda.set_sync_debug_mode("error"): any host synchronisation raises."""
-    from beit.train.pretrain import MIMStep, PretrainConfig, param_groups
+    from beit.train.pretrain.trainer import MIMStep, PretrainConfig, param_groups
 
     torch.manual_seed(0)
     model = BeitForMIM(ModelConfig(preset="small", drop_path=0.1)).cuda()
@@ -133,7 +133,7 @@ def test_dali_gpu_batches_reach_torch_on_the_gpu_without_the_host(tmp_path):
 def test_segmenter_bf16_step_on_cuda_matches_fp32():
     """ViT-B with UperNet at the released crop: a bf16 training step's loss within 2% of fp32's,
     and every parameter gets a finite gradient."""
-    from beit.shared.segmenter import BeitSegmenter, segmentation_loss
+    from beit.train.segment.model import BeitSegmenter, segmentation_loss
 
     torch.manual_seed(0)
     model = BeitSegmenter(ModelConfig(preset="base", image_size=512, num_classes=150, drop_path=0.0)).cuda()
@@ -159,8 +159,8 @@ def test_segmentation_batches_decode_and_augment_on_the_gpu(tmp_path):
     decoded image there: pixels on the GPU, labels in page-locked host memory, and the values the
     CPU path gives (lossless PNG scenes; GPU and CPU resampling differ by rounding)."""
     pytest.importorskip("nvidia.dali")
-    from beit.shared.fashion_scenes import write_scenes
-    from beit.train.segmentation_data import SegmentationData, read_segmentation
+    from beit.shared.datasets.fashion_scenes import write_scenes
+    from beit.train.segment.data import SegmentationData, read_segmentation
 
     write_scenes(tmp_path / "scenes", train=8, val=2, seed=0)
     source = read_segmentation(tmp_path / "scenes", "train")

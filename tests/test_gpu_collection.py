@@ -74,7 +74,8 @@ def test_the_modules_the_gpu_benchmarks_import_need_no_zarr_numcodecs_or_dali():
         "        pass\n"
         "    else:\n"
         "        raise AssertionError(name + ' imported')\n"
-        "import beit.shared.model, beit.shared.dvae, beit.shared.masking, beit.train.pretrain, beit.train.scaffold\n"
+        "import beit.train.model, beit.shared.dvae, beit.train.pretrain.masking, beit.train.pretrain.trainer\n"
+        "import beit.train.scaffold\n"
         # the scripts of a GPU window's call 1 (bench/GPU.md), imported as modules
         "sys.path.insert(0, 'bench')\n"
         "import dvae, train_step, pretrain_step, attention_kernels, jpeg_decode, jpegs, gpu_summary, gpu_wheels\n"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from beit.shared.counter import counter_key
-from beit.shared.masking import Block, block_mask, block_masks, random_mask, random_masks
+from beit.train.pretrain.masking import Block, block_mask, block_masks, random_mask, random_masks
 
 
 def test_blockwise_masking_statistics_over_20000_masks():

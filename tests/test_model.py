@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from beit.shared.masking import block_mask
-from beit.shared.model import PRESETS, BeitClassifier, BeitForMIM, ModelConfig, mim_loss
+from beit.train.model import PRESETS, BeitClassifier, BeitForMIM, ModelConfig, mim_loss
+from beit.train.pretrain.masking import block_mask
 
 TINY = dict(preset="custom", image_size=48, patch_size=8, width=64, depth=3, heads=4, vocab_size=96, num_classes=7)
 
@@ -142,7 +142,7 @@ def test_classifier_matches_huggingface():
 
 
 def test_relative_position_bias_distinguishes_cls_rows():
-    from beit.shared.model import relative_position_index
+    from beit.train.model import relative_position_index
 
     index = relative_position_index((3, 4))
     rows = (2 * 3 - 1) * (2 * 4 - 1) + 3
@@ -154,8 +154,8 @@ def test_relative_position_bias_distinguishes_cls_rows():
 def test_static_masked_positions_give_the_flat_paths_logits_loss_and_gradients():
     """The trainer's static-shape step (each image's masked patches padded to K, the padding
     ignored) computes what the flat path over the M masked patches computes."""
-    from beit.shared.masking import masked_positions
-    from beit.train.pretrain import mim_step_loss
+    from beit.train.pretrain.masking import masked_positions
+    from beit.train.pretrain.trainer import mim_step_loss
 
     torch.manual_seed(0)
     model = BeitForMIM(ModelConfig(preset="tiny", image_size=64, vocab_size=96, drop_path=0.0))
@@ -183,7 +183,7 @@ def test_static_masked_positions_give_the_flat_paths_logits_loss_and_gradients()
 
     # pixel targets: the mean squared error over the masked patches alone
     model.lm_head = torch.nn.Linear(model.cfg.width, 16 * 16 * 3)
-    from beit.train.pretrain import pixel_targets
+    from beit.train.pretrain.trainer import pixel_targets
 
     patches = pixel_targets(pixels, 16).flatten(0, 1)[mask.flatten()]
     flat_mse = torch.nn.functional.mse_loss(model(pixels, mask), patches)

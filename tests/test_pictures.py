@@ -13,10 +13,10 @@ from beit.shared.checkpoint import save_checkpoint
 from beit.shared.config import to_dict
 from beit.shared.counter import counter_key
 from beit.shared.images import read_image
-from beit.shared.masking import block_masks, random_masks
-from beit.shared.model import BeitClassifier, BeitForMIM, ModelConfig
-from beit.train.data import SamplePlan
-from beit.train.pictures import (
+from beit.train.model import BeitClassifier, BeitForMIM, ModelConfig
+from beit.train.pretrain.data import SamplePlan
+from beit.train.pretrain.masking import block_masks, random_masks
+from beit.train.pretrain.pictures import (
     GREY,
     GREY_WEIGHT,
     attention_maps,

@@ -15,10 +15,10 @@ from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.dvae import DVAE, DVAEConfig, load_tokenizer, save_tokenizer
-from beit.shared.model import BeitForMIM, ModelConfig
 from beit.shared.store import StoreError, TokenStore
 from beit.shared.views import draw_views
-from beit.train.data import PretrainData, SamplePlan
+from beit.train.model import BeitForMIM, ModelConfig
+from beit.train.pretrain.data import PretrainData, SamplePlan
 from beit.train.scaffold import truncate_metrics
 
 TINY = [

@@ -13,9 +13,9 @@ from photos import beit, beit_torchrun, kill_when
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint, save_checkpoint
-from beit.shared.model import BeitForMIM, ModelConfig
+from beit.train.model import BeitForMIM, ModelConfig
 from beit.train.scaffold import layer_decay_groups
-from beit.train.segment import poly_lr_at
+from beit.train.segment.trainer import poly_lr_at
 
 MODEL = dict(preset="tiny", image_size=64, width=48, heads=2, depth=4, vocab_size=64, drop_path=0.0)
 ARGS = [
@@ -121,7 +121,7 @@ def test_intermediate_fine_tuning_end_to_end_takes_the_released_pt2ft_values(dat
 
 
 def test_layer_wise_rates_and_the_poly_schedule_follow_the_released_formulas():
-    from beit.shared.segmenter import BeitSegmenter
+    from beit.train.segment.model import BeitSegmenter
 
     model = BeitSegmenter(ModelConfig(**{**MODEL, "num_classes": 3}), aux_channels=8)
     groups = layer_decay_groups(model, lr=1.0, weight_decay=0.05, decay=0.9)

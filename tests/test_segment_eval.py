@@ -1,4 +1,4 @@
-"""Segmentation metrics and inference (beit.train.segment_eval) on small tensors, on the CPU."""
+"""Segmentation metrics and inference (beit.train.segment.inference) on small tensors, on the CPU."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from beit.train.segment_eval import (
+from beit.train.segment.inference import (
     confusion,
     predict,
     predict_logits,

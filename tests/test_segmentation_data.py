@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
-from beit.train.segmentation_data import (
+from beit.train.segment.data import (
     SegmentationData,
     adjust_hsv,
     choose_crop,
@@ -381,7 +381,7 @@ def test_views_on_the_gpu_equal_the_cpu_ones(blocks, monkeypatch):
     """The per-sample ops run where DALI's decoded image is: on a GPU image they give the CPU's
     views (up to float rounding), labels page-locked on the host. (The GPU machine has no DALI:
     decoding is replaced by PIL here.)"""
-    from beit.train import segmentation_data
+    from beit.train.segment import data as segmentation_data
 
     monkeypatch.setattr(segmentation_data, "decode_builder", lambda threads: None)
     source = read_segmentation(blocks, "train")

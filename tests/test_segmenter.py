@@ -7,8 +7,8 @@ import torch
 from hf_reference import huggingface_segmenter_logits, huggingface_segmenter_twin
 
 from beit.shared.checkpoint import load_pretrained, save_checkpoint
-from beit.shared.model import BeitClassifier, BeitForMIM, ModelConfig
-from beit.shared.segmenter import BeitSegmenter, default_out_indices, pixel_cross_entropy, segmentation_loss
+from beit.train.model import BeitClassifier, BeitForMIM, ModelConfig
+from beit.train.segment.model import BeitSegmenter, default_out_indices, pixel_cross_entropy, segmentation_loss
 
 TINY = dict(preset="tiny", width=32, depth=4, heads=2, image_size=64, num_classes=5, drop_path=0.0)
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from beit.shared import fashion_mnist
+from beit.shared.datasets import fashion_mnist
 
 CLASSES = ["background", *fashion_mnist.CLASSES]
 IGNORE_INDEX = 255
@@ -156,7 +156,7 @@ def write_scenes(
     _check(out, train, val, min_side, max_side, items)
     subset = fashion_mnist.load()
     record = {
-        "source": "the shipped Fashion-MNIST subset (beit/shared/data/fashion_mnist_subset.npz)",
+        "source": "the shipped Fashion-MNIST subset (beit/shared/datasets/data/fashion_mnist_subset.npz)",
         "seed": seed,
         "sides": [min_side, max_side],
         "items_per_scene": list(items),

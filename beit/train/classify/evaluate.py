@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.dist import choose_device, dali_device_id
 from beit.shared.images import read_source
-from beit.shared.model import BeitClassifier, ModelConfig
-from beit.train.classification import ClassificationData, relabel
+from beit.train.classify.data import ClassificationData, relabel
+from beit.train.model import BeitClassifier, ModelConfig
 
 
 @torch.no_grad()

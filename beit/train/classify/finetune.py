@@ -6,10 +6,10 @@
     beit evaluate runs/ft/best.pt DATA/val --per-class
 
 DATA is a folder with ImageFolder trees train/ and val/, or a labelled token store (`held_out`
-of each class as val); its views come from `beit.train.classification` (RandomResizedCrop, flip,
+of each class as val); its views come from `beit.train.classify.data` (RandomResizedCrop, flip,
 RandAugment in DALI; evaluation: resize to size / 0.875, centre crop), then, in torch: random
 erasing, mixup / cutmix with label smoothing (soft-target cross-entropy). After each
-`eval_every` epochs, `beit.train.evaluate.evaluate` on val. AdamW with
+`eval_every` epochs, `beit.train.classify.evaluate.evaluate` on val. AdamW with
 layer-wise lr decay (the released layer ids: patch embed and cls 0, block i -> i + 1, the rest
 depth + 1; scale = decay ^ (depth + 1 - id)), warm-up + cosine, drop path, bf16 on a GPU.
 RUN_DIR: config.toml, metrics.jsonl (train rows and eval rows), checkpoint.pt (the latest: every
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from beit.shared.checkpoint import load_pretrained
 from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
-from beit.shared.model import BeitClassifier, ModelConfig
-from beit.train.classification import ClassificationData, read_splits
-from beit.train.evaluate import evaluate
+from beit.train.classify.data import ClassificationData, read_splits
+from beit.train.classify.evaluate import evaluate
+from beit.train.model import BeitClassifier, ModelConfig
 from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, layer_decay_groups, lr_at, set_lr
 
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from beit.shared.checkpoint import load_pretrained
 from beit.shared.dist import choose_device, dali_device_id
-from beit.shared.model import BeitClassifier, ModelConfig
-from beit.train.classification import ClassificationData, read_splits
+from beit.train.classify.data import ClassificationData, read_splits
+from beit.train.model import BeitClassifier, ModelConfig
 
 
 @dataclass

@@ -33,10 +33,10 @@ import torch
 
 from beit.shared.counter import counter_key, counter_uniforms
 from beit.shared.decode import ImageBatches, as_tensor
-from beit.shared.masking import block_masks, masked_positions, random_masks
 from beit.shared.prefetch import prefetch
 from beit.shared.store import DONE, StoreError, TokenStore
 from beit.shared.views import draw_views, render_builder, shape_builder
+from beit.train.pretrain.masking import block_masks, masked_positions, random_masks
 
 
 @dataclass

@@ -31,9 +31,9 @@ import torch
 from beit.shared.checkpoint import CheckpointError, load_checkpoint, load_weights
 from beit.shared.counter import counter_key
 from beit.shared.images import read_image
-from beit.shared.masking import Block, block_masks, random_masks
-from beit.shared.model import Attention, BeitClassifier, BeitForMIM, ModelConfig
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from beit.train.model import Attention, BeitClassifier, BeitForMIM, ModelConfig
+from beit.train.pretrain.masking import Block, block_masks, random_masks
 
 GREY = 128  # what a masked patch is blended towards
 GREY_WEIGHT = 0.65  # how far: Fashion-MNIST's black backgrounds must show their masks too

@@ -5,7 +5,7 @@
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m beit pretrain STORE --out runs/pt
 
 Each step: the pixels of one recorded view per image (rendered by DALI from the image the store
-gives: its embedded copy, else the source file; `beit.train.data`), its
+gives: its embedded copy, else the source file; `beit.train.pretrain.data`), its
 cached token grid as the target, a blockwise mask; the ViT predicts the tokens of the masked
 patches (cross-entropy); AdamW with the released parameter groups, warm-up + cosine, gradient
 clipping, bf16 autocast on a GPU. No step runs the tokenizer, except with `targets = "online"`
@@ -34,10 +34,10 @@ import torch
 from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.shared.dvae import Precision, encoder_sha256, load_tokenizer
-from beit.shared.model import BeitForMIM, ModelConfig, mim_loss
 from beit.shared.store import StoreError
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
-from beit.train.data import Batch, PretrainData
+from beit.train.model import BeitForMIM, ModelConfig, mim_loss
+from beit.train.pretrain.data import Batch, PretrainData
 from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr
 
 

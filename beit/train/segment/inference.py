@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from beit.train.segment.data import SegmentationData
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -176,3 +179,24 @@ def predict_logits(
 def predict(model: Model, image: torch.Tensor, num_classes: int, **options: Any) -> torch.Tensor:
     """Labels [B, H, W] (int64): the argmax of `predict_logits` with the same arguments."""
     return predict_logits(model, image, num_classes, **options).argmax(1)
+
+
+@torch.no_grad()
+def evaluate_segmenter(
+    model, data: SegmentationData, mode: str, stride: int, scales=(1.0,), flip=False, keep: int = 0
+) -> dict:
+    """mIoU, mAcc, aAcc and per-class IoU over `data`'s images at their original size; with
+    `keep`, also "examples": the first `keep` (key, pixels [3, h, w] as fed, labels, prediction)."""
+    model.eval()
+    classes, crop = model.cfg.num_classes, model.cfg.image_size
+    total, examples = None, []
+    for key, pixels, labels in data.images():
+        scores = predict_logits(model, pixels, classes, mode=mode, crop=crop, stride=stride, scales=scales, flip=flip)
+        scores = torch.nn.functional.interpolate(scores, size=labels.shape, mode="bilinear", align_corners=False)
+        prediction = scores.argmax(1)[0]
+        matrix = confusion(prediction, labels.to(scores.device), classes, data.source.ignore_index)
+        total = matrix if total is None else total + matrix
+        if len(examples) < keep:
+            examples.append((key, pixels[0].cpu(), labels.cpu(), prediction.cpu()))
+    model.train()
+    return {**segmentation_metrics(total, data.source.class_names), **({"examples": examples} if keep else {})}

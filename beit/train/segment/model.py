@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beit.shared.model import BeitBackbone, ModelConfig
+from beit.train.model import BeitBackbone, ModelConfig
 
 POOL_SCALES = (1, 2, 3, 6)
 AUX_WEIGHT = 0.4

@@ -14,12 +14,11 @@ import torch
 
 from beit.shared.checkpoint import CheckpointError, load_checkpoint, load_weights
 from beit.shared.dist import choose_device, dali_device_id
-from beit.shared.model import ModelConfig
-from beit.shared.segmenter import BeitSegmenter
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
-from beit.train.segment import evaluate_segmenter
-from beit.train.segment_eval import predict_logits
-from beit.train.segmentation_data import SegmentationData, eval_view, read_segmentation
+from beit.train.model import ModelConfig
+from beit.train.segment.data import SegmentationData, eval_view, read_segmentation
+from beit.train.segment.inference import evaluate_segmenter, predict_logits
+from beit.train.segment.model import BeitSegmenter
 
 
 def load_segmenter(path: Path) -> tuple[BeitSegmenter, dict]:

@@ -6,9 +6,9 @@ peer of classification fine-tuning on the same run scaffold.
     beit segment evaluate runs/seg/best.pt DATA --mode slide --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip
     beit segment predict runs/seg/best.pt photo.jpg -o masks/ --overlay
 
-DATA's layout is detected (`beit.train.segmentation_data`); its training images go through
+DATA's layout is detected (`beit.train.segment.data`); its training images go through
 mmseg's ADE20K pipeline (random resize 0.5-2x of `scale`, a crop with at most 75% of one class,
-flip, photometric distortion). The model is `beit.shared.segmenter.BeitSegmenter`. The recipe is
+flip, photometric distortion). The model is `beit.train.segment.model.BeitSegmenter`. The recipe is
 the released one for self-supervised checkpoints: AdamW lr 7e-4, weight decay 0.05, layer decay
 0.65 (the heads at the top), linear warm-up over 1,500 iterations from 1e-6 x lr then poly
 (power 1) to 0, 160k iterations, crop 512, drop path 0.1. From a fine-tuned (classification)
@@ -30,11 +30,11 @@ import torch
 from beit.shared.checkpoint import adapt_state_dict, load_weights, read_state_dict
 from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
-from beit.shared.model import ModelConfig
-from beit.shared.segmenter import BeitSegmenter, segmentation_loss
+from beit.train.model import ModelConfig
 from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, layer_decay_groups, set_lr
-from beit.train.segment_eval import confusion, predict_logits, segmentation_metrics
-from beit.train.segmentation_data import SegmentationData, read_segmentation
+from beit.train.segment.data import SegmentationData, read_segmentation
+from beit.train.segment.inference import evaluate_segmenter
+from beit.train.segment.model import BeitSegmenter, segmentation_loss
 
 # The released values for a self-supervised checkpoint and for one fine-tuned on labels first
 # (pt2ft); from scratch the same, but without layer decay (nothing in the lower layers to keep).
@@ -116,27 +116,6 @@ def resolve(cfg: SegmentConfig, classes: int, init: dict | None) -> tuple[ModelC
     if model.num_classes != classes:
         raise ValueError(f"model.num_classes {model.num_classes} does not match the data's {classes} classes.")
     return model.resolved(), cfg.lr or values["lr"], cfg.layer_decay or values["layer_decay"], recipe
-
-
-@torch.no_grad()
-def evaluate_segmenter(
-    model, data: SegmentationData, mode: str, stride: int, scales=(1.0,), flip=False, keep: int = 0
-) -> dict:
-    """mIoU, mAcc, aAcc and per-class IoU over `data`'s images at their original size; with
-    `keep`, also "examples": the first `keep` (key, pixels [3, h, w] as fed, labels, prediction)."""
-    model.eval()
-    classes, crop = model.cfg.num_classes, model.cfg.image_size
-    total, examples = None, []
-    for key, pixels, labels in data.images():
-        scores = predict_logits(model, pixels, classes, mode=mode, crop=crop, stride=stride, scales=scales, flip=flip)
-        scores = torch.nn.functional.interpolate(scores, size=labels.shape, mode="bilinear", align_corners=False)
-        prediction = scores.argmax(1)[0]
-        matrix = confusion(prediction, labels.to(scores.device), classes, data.source.ignore_index)
-        total = matrix if total is None else total + matrix
-        if len(examples) < keep:
-            examples.append((key, pixels[0].cpu(), labels.cpu(), prediction.cpu()))
-    model.train()
-    return {**segmentation_metrics(total, data.source.class_names), **({"examples": examples} if keep else {})}
 
 
 def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, progress: bool = True) -> dict:
