@@ -1,6 +1,6 @@
 # make demo   set up .venv and run the demo
 # make test   set up .venv and run the test suite
-# make gpu-rehearsal   a GPU window's three calls, here, as the GPU machine runs them (bench/GPU.md)
+# make gpu-rehearsal   a GPU window's three calls, here, as the GPU machine runs them (bench/gpu/GPU.md)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -27,7 +27,7 @@ lint: $(VENV)/.setup-dev
 	$(VENV)/bin/ruff check .
 
 gpu-rehearsal:
-	python3 bench/gpu_rehearse.py
+	python3 bench/gpu/rehearse.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

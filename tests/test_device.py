@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from photos import beit
+from helpers import beit
 
 from beit.shared.dist import choose_device
 

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from photos import COLOUR, GREY, beit, copy_photos, kill_when, save_jpeg
+from helpers import COLOUR, GREY, beit, copy_photos, kill_when, save_jpeg
 from PIL import Image
 
 SMALL = [
@@ -63,7 +63,7 @@ def test_a_trained_tokenizer_beats_the_mean_colour_and_uses_its_codebook(trained
     report = json.loads(out.with_suffix(".json").read_text())["report"]
     held = report["held_out"]
     # PSNR minus that of each crop's mean colour, on the same 512 crops of the 13 held-out tiles:
-    # 8 seeds on AMD EPYC, 2 threads (2026-11-30, bench/tokenizer_seeds.py): min 4.82, median 5.00,
+    # 8 seeds on AMD EPYC, 2 threads (2026-11-30, tests/calibration/seeds.py tokenizer): min 4.82, median 5.00,
     # max 5.17 dB (baseline 15.15 dB); threshold = min - 1.0 dB. (Before issue 11: 3 held-out photos picked
     # by the seed, gap 0.1 to 6.1 dB over 5 seeds.)
     assert held["psnr"] >= held["baseline_psnr"] + 3.8, held

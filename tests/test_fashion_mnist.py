@@ -3,7 +3,7 @@
 import gzip
 
 import numpy as np
-from photos import beit
+from helpers import beit
 from PIL import Image
 
 from beit.shared.datasets.fashion_mnist import CLASSES, load

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when
+from helpers import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
@@ -214,7 +214,7 @@ def test_linear_probe_reports_every_layer(data):
     accuracies = [float(line.split("top-1")[1].strip(" %")) for line in result.stdout.splitlines() if "block" in line]
     assert len(accuracies) == 2 and all(0 <= a <= 100 for a in accuracies)
     # colour against grey photos is linearly separable from almost any features. 8 init seeds of the
-    # stand-in model on AMD EPYC (2026-11-30, bench/probe_seeds.py): the best block 100% every time
+    # stand-in model on AMD EPYC (2026-11-30, tests/calibration/seeds.py probe): the best block 100% every time
     # (one block alone fell to 75% once); threshold = min - one of the 4 val images.
     assert max(accuracies) >= 75
     result = beit("probe", folder, "--init", pretrained, *model_args, "--layer", "5")

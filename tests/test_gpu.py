@@ -34,7 +34,7 @@ def test_dvae_low_precision_tokens_agree_with_fp32_on_cuda():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "speed"))
     from dvae import photo_batch
 
     from beit.shared.dvae import DVAE, DVAEConfig

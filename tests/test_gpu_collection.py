@@ -42,7 +42,7 @@ def test_the_gpu_tests_collect_without_zarr_numcodecs_or_dali():
 
 def test_the_dali_marker_selects_exactly_the_gpu_tests_that_need_dali():
     """A GPU window runs `-m "gpu and not dali"` before DALI is there and `-m "gpu and dali"` once it
-    is (bench/gpu_call1.sh, gpu_call3.sh): together every GPU test, each where it can run."""
+    is (bench/gpu/call1.sh, call3.sh): together every GPU test, each where it can run."""
     needs_dali, marked = set(), set()
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         for node in ast.parse(path.read_text()).body:
@@ -76,9 +76,9 @@ def test_the_modules_the_gpu_benchmarks_import_need_no_zarr_numcodecs_or_dali():
         "        raise AssertionError(name + ' imported')\n"
         "import beit.train.model, beit.shared.dvae, beit.train.pretrain.masking, beit.train.pretrain.trainer\n"
         "import beit.train.scaffold\n"
-        # the scripts of a GPU window's call 1 (bench/GPU.md), imported as modules
-        "sys.path.insert(0, 'bench')\n"
-        "import dvae, train_step, pretrain_step, attention_kernels, jpeg_decode, jpegs, gpu_summary, gpu_wheels\n"
+        # the scripts of a GPU window's call 1 (bench/gpu/GPU.md), imported as modules
+        "sys.path[:0] = ['bench/speed', 'bench/gpu']\n"
+        "import dvae, train_step, pretrain_step, attention_kernels, jpeg_decode, jpegs, summary, wheels\n"
     )
     result = run_without_the_missing_packages(code)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The GPU window's plan and its pieces that run here (bench/GPU.md): the calls fit the budget,
+"""The GPU window's plan and its pieces that run here (bench/gpu/GPU.md): the calls fit the budget,
 the requirement check finds what is missing, the results a cut step leaves are collected whole,
 and what would not come back from $OUT is named. (`make gpu-rehearsal` runs the calls themselves.)"""
 
@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))
 
-import gpu_rehearse  # noqa: E402
-import gpu_summary  # noqa: E402
-import gpu_wheels  # noqa: E402
+import rehearse as gpu_rehearse  # noqa: E402
+import summary as gpu_summary  # noqa: E402
+import wheels as gpu_wheels  # noqa: E402
 
 
 def test_the_calls_fit_twelve_minutes_and_each_calls_steps_fit_its_limit():

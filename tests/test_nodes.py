@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from photos import COLOUR, GREY, beit, copy_photos, free_port, run_together, save_jpeg
+from helpers import COLOUR, GREY, beit, copy_photos, free_port, run_together, save_jpeg
 
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer

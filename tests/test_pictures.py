@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from photos import beit, copy_photos
+from helpers import beit, copy_photos
 from PIL import Image
 
 from beit.shared.checkpoint import save_checkpoint
@@ -170,7 +170,7 @@ def test_attention_command_writes_the_picture(photos, tmp_path):
     )
     summaries = attention_picture(load_model(classifier), photos[:1], tmp_path / "ft.png")
     assert [s["query"] for s in summaries[0]] == [(2, 2), (1, 1), (1, 3), (3, 2)]
-    # 8 seeds of the randomised model on AMD EPYC (2026-11-30, bench/pictures_seeds.py): lowest peak
+    # 8 seeds of the randomised model on AMD EPYC (2026-11-30, tests/calibration/seeds.py pictures): lowest peak
     # min 2.28, median 3.59 x uniform; threshold = min - 0.78 (1/3 of min). Highest entropy max 0.965,
     # median 0.84 of log N; the threshold is the bound itself (1 = uniform): the maps are not uniform.
     assert all(s["peak"] > 1.5 and s["entropy"] < 1 for s in summaries[0])

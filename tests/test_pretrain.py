@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when, save_jpeg
+from helpers import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when, save_jpeg
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint
@@ -142,7 +142,7 @@ def test_a_few_hundred_steps_lower_the_loss_and_beat_the_majority_token(store, t
     tokens = PretrainData(str(location), batch_size=8, seed=0).tokens
     majority = np.bincount(tokens.ravel()).max() / tokens.size
     # An untrained model predicts about uniformly: loss ln(128) = 4.85. 8 seeds (--seed 0-7) on AMD
-    # EPYC (2026-11-30, bench/pretrain_seeds.py), majority-token rate 0.32: last loss / ln(128) median
+    # EPYC (2026-11-30, tests/calibration/seeds.py pretrain), majority-token rate 0.32: last loss / ln(128) median
     # 0.321, max 0.330, threshold = max + 0.05; last / first loss median 0.639, max 0.651, threshold =
     # max + 0.1; accuracy - majority min 0.114, median 0.132, max 0.146, threshold = min - 0.044.
     assert rows[-1]["loss"] < 0.38 * np.log(128) and rows[-1]["loss"] < 0.75 * rows[0]["loss"]
@@ -301,7 +301,7 @@ def test_source_root_reads_the_same_images_elsewhere_and_refuses_others(store, t
     assert f"--source-root {moved} does not hold the images {location} was made from" in result.stderr
 
 
-# Last / first loss, 8 seeds on AMD EPYC (2026-11-30, bench/pretrain_seeds.py --ablation=FLAG):
+# Last / first loss, 8 seeds on AMD EPYC (2026-11-30, tests/calibration/seeds.py pretrain --ablation=FLAG):
 # --targets online median 0.463, max 0.477; --targets pixels median 0.868, max 0.888 (a pixel
 # loss falls less in 50 steps: the old 0.9 was flaky); --mask random median 0.473, max 0.489.
 # Threshold = max + 0.1.

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from photos import COLOUR, beit, copy_photos, free_port, run_together, save_jpeg
+from helpers import COLOUR, beit, copy_photos, free_port, run_together, save_jpeg
 
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
 from beit.shared.store import TokenStore

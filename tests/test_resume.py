@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from photos import COLOUR, GREY, copy_photos, kill_when, save_jpeg, tiny_tokenizer
+from helpers import COLOUR, GREY, copy_photos, kill_when, save_jpeg, tiny_tokenizer
 
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.store import DONE, TokenStore

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from photos import beit, beit_torchrun, kill_when
+from helpers import beit, beit_torchrun, kill_when
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint, save_checkpoint

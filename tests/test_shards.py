@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from photos import COLOUR, GREY, beit, copy_photos, save_jpeg, tiny_tokenizer
+from helpers import COLOUR, GREY, beit, copy_photos, save_jpeg, tiny_tokenizer
 
 from beit.shared.store import DONE, FAILED, TokenStore
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from photos import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when, save_jpeg, tiny_tokenizer
+from helpers import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when, save_jpeg, tiny_tokenizer
 from PIL import Image
 
 from beit.shared.store import DONE, FAILED, StoreError, TokenStore

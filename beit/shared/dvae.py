@@ -191,7 +191,7 @@ class DVAE(nn.Module):
 @dataclass(frozen=True)
 class Precision:
     """How the tokenizer runs, one policy for `beit tokenize`, online targets, `store verify`,
-    bench/dvae.py and the GPU test: the encoder body in `body` ("fp32", "fp16" or "bf16"), the
+    bench/speed/dvae.py and the GPU test: the encoder body in `body` ("fp32", "fp16" or "bf16"), the
     logits always fp32, and whether fp32 convolutions may use TF32 on a GPU (`tf32`). The store
     records the policy it was made with."""
 

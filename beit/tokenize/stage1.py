@@ -65,7 +65,7 @@ class TokenizeConfig:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # the encoder's body; auto: fp16 on a GPU
     # fp32 convolutions (the logits) on TF32 tensor cores, on a GPU: the logits conv is an eighth of the
     # released encoder's FLOPs, and strict fp32 runs it at a fraction of the speed; agreement with
-    # strict fp32 is measured by bench/dvae.py for exactly this policy
+    # strict fp32 is measured by bench/speed/dvae.py for exactly this policy
     tf32: bool = True
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 prepares
 

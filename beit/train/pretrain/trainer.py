@@ -120,7 +120,7 @@ def mim_step_loss(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The step's forward and loss, with static shapes (the K padded masked positions of each
     image): (loss, correct predictions, masked patches); `targets` [B, N] token ids, or None to
-    regress each masked patch's normalised pixels. What the trainer runs and bench/train_step.py times."""
+    regress each masked patch's normalised pixels. What the trainer runs and bench/speed/train_step.py times."""
     output = forward(pixels, mask, positions=positions)  # [B, K, vocab]
     if targets is None:
         patches = pixel_targets(pixels, patch)
