@@ -189,7 +189,8 @@ def tokenizer_convert_command(
     ),
 ) -> None:
     """Convert the DALL-E dVAE's released pickles to a safetensors tokenizer, running none of their code."""
-    from beit.shared.dvae import convert_dall_e, save_tokenizer
+    from beit.shared.dalle import convert_dall_e
+    from beit.shared.dvae import save_tokenizer
 
     if out.suffix != ".safetensors":
         _fail(ValueError(f"--out {out} must end in .safetensors."))
@@ -393,10 +394,10 @@ def evaluate_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Top-1 / top-5 accuracy and loss of a fine-tuned checkpoint on a labelled set."""
-    from beit.train.classify.evaluate import evaluate_checkpoint
+    from beit.train.classify.evaluate import evaluate_classifier_checkpoint
 
     try:
-        result = evaluate_checkpoint(checkpoint, data, batch_size, device)
+        result = evaluate_classifier_checkpoint(checkpoint, data, batch_size, device)
     except ValueError as error:  # CheckpointError is a ValueError
         _fail(error)
     typer.echo(
@@ -538,11 +539,11 @@ def segment_evaluate_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """mIoU, mAcc and aAcc of a segmentation checkpoint, by sliding window, multi-scale and flip."""
-    from beit.train.segment.predict import evaluate_checkpoint
+    from beit.train.segment.predict import evaluate_segmenter_checkpoint
 
     try:
         factors = tuple(float(x) for x in scales.split(","))
-        result = evaluate_checkpoint(checkpoint, data, split, mode, stride, factors, flip, device, picture)
+        result = evaluate_segmenter_checkpoint(checkpoint, data, split, mode, stride, factors, flip, device, picture)
     except ValueError as error:
         _fail(error)
     typer.echo(f"mIoU {result['mIoU'] * 100:.2f}, mAcc {result['mAcc'] * 100:.2f}, aAcc {result['aAcc'] * 100:.2f}")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from beit.shared.checkpoint import CheckpointError
-from beit.shared.dvae import DVAE, DVAEConfig, check_grid, convert_dall_e, load_tokenizer, save_tokenizer
+from beit.shared.dalle import convert_dall_e
+from beit.shared.dvae import DVAE, DVAEConfig, check_grid, load_tokenizer, save_tokenizer
 
 
 def test_released_architecture_sizes():
@@ -224,7 +225,7 @@ def test_storage_records_that_run_past_the_file_are_refused(tmp_path):
 
 
 def convert_dall_e_state(path):
-    from beit.shared.dvae import _recorded_weights, _stand_ins
+    from beit.shared.dalle import _recorded_weights, _stand_ins
     from beit.shared.safe_pickle import load_legacy
 
     return _recorded_weights(load_legacy(path, {name: cls for cls, name in _stand_ins()}))

@@ -200,3 +200,14 @@ def to_toml(cfg: Any) -> str:
 
     table(to_dict(cfg), "")
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def differences(theirs: Any, ours: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, theirs, ours) wherever two nested dicts differ: a key either side lacks counts
+    as None there; values that are not both dicts are compared as they are."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        out = []
+        for key in sorted(set(theirs) | set(ours)):
+            out += differences(theirs.get(key), ours.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if theirs == ours else [(prefix or "value", theirs, ours)]

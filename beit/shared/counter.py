@@ -15,7 +15,7 @@ import numpy as np
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def mix(z: np.ndarray) -> np.ndarray:
+def splitmix(z: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a bijective scramble of uint64s."""
     with np.errstate(over="ignore"):
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -33,9 +33,9 @@ def counter_key(seed, *parts) -> np.ndarray:
     """A uint64 key for (seed, *parts); ints or integer arrays, broadcast together. A key may
     itself be the seed of a further key."""
     with np.errstate(over="ignore"):
-        key = mix(_u64(seed) + _GOLDEN)
+        key = splitmix(_u64(seed) + _GOLDEN)
         for part in parts:
-            key = mix(key + _u64(part) * _GOLDEN)
+            key = splitmix(key + _u64(part) * _GOLDEN)
     return key
 
 
@@ -43,5 +43,5 @@ def counter_uniforms(key: np.ndarray, count: int) -> np.ndarray:
     """float64 [*key.shape, count] in [0, 1): the first `count` draws of each key."""
     with np.errstate(over="ignore"):
         j = np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN
-        bits = mix(np.asarray(key, dtype=np.uint64)[..., None] + j)
+        bits = splitmix(np.asarray(key, dtype=np.uint64)[..., None] + j)
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53

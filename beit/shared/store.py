@@ -53,22 +53,19 @@ and holds (`tokens`, `view_params`, `labels`, `keys`), and for the bytes to deco
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import os
-import shutil
-import socket
-import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from beit.shared.config import differences
 from beit.shared.images import TarMember, exists, is_url, join, read_source
+
+if TYPE_CHECKING:
+    from beit.shared.node_copy import KeyTable, NodeCopy
 
 FORMAT = "beit-token-store"
 VERSION = 1
@@ -96,17 +93,6 @@ def _open_group(location: str, mode: str):
         if options
         else zarr.open_group(location, mode=mode)
     )
-
-
-def _differences(stored: Any, wanted: Any, prefix: str) -> list[str]:
-    if isinstance(stored, dict) and isinstance(wanted, dict):
-        out = []
-        for key in sorted(set(stored) | set(wanted)):
-            out += _differences(stored.get(key), wanted.get(key), f"{prefix}.{key}")
-        return out
-    if stored != wanted:
-        return [f"{prefix}: the store has {stored!r}, this run has {wanted!r}"]
-    return []
 
 
 def chunk_length(chunk_images: int, images: int) -> int:
@@ -188,7 +174,10 @@ class TokenStore:
                     f"{location} exists and is not a beit token store: choose another path, or --overwrite."
                 )
             stored = {k: attrs.get(k) for k in identity}
-            diffs = _differences(stored, json.loads(json.dumps(identity)), "store")
+            diffs = [
+                f"{key}: the store has {theirs!r}, this run has {ours!r}"
+                for key, theirs, ours in differences(stored, json.loads(json.dumps(identity)), "store")
+            ]
             wanted = chunk_length(chunk_images, len(keys))
             if attrs.get("chunk_images") != wanted:
                 diffs.append(
@@ -537,98 +526,15 @@ class TokenStore:
         return out
 
     def node_copy(self, cache_root: str | Path = "") -> NodeCopy:
-        """This store's tokens, view parameters, status, image sizes and keys as plain arrays in a
-        node-local cache folder (`cache_root`, "" = the system's temporary folder), written once
-        by the first process of the node to ask (the others wait on a lock) and memory-mapped
-        by every one: the node's page cache holds them once for all its ranks. The folder is
-        named by the store's identity, so a run that starts again maps it without copying."""
-        root = Path(cache_root or tempfile.gettempdir())
-        identity = {
-            "location": self.location if "://" in self.location else str(Path(self.location).resolve()),
-            **{k: self.attrs.get(k) for k in ("created", "completed", "counts")},
-            "tokenizer": self.attrs.get("tokenizer", {}).get("sha256"),
-            "fingerprint": self.attrs.get("source", {}).get("fingerprint"),
-        }
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-        folder = root / f"beit-store-{digest}"
-        if not (folder / "ready.json").is_file():
-            try:
-                root.mkdir(parents=True, exist_ok=True)
-                lock = open(root / f"beit-store-{digest}.lock", "a")  # noqa: SIM115 (held until the copy exists)
-            except OSError as error:
-                raise StoreError(
-                    f"cannot write the node's copy of {self.location} under {root} ({error.strerror}): set "
-                    "data_cache to a writable local folder."
-                ) from None
-            with lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if not (folder / "ready.json").is_file():
-                    self._write_node_copy(folder, identity)
-        copy = NodeCopy.open(folder)
+        """This store's training arrays from one node-local copy (`beit.shared.node_copy`),
+        memory-mapped; its keys (and tar members) are then read from the copy too."""
+        from beit.shared.node_copy import make_node_copy
+
+        copy = make_node_copy(self, cache_root)
         self._keys = copy.keys
         if copy.members is not None:
             self._members = copy.members
         return copy
-
-    def _write_node_copy(self, folder: Path, identity: dict) -> None:
-        n, views, (gh, gw) = len(self), self.views_per_image, self.grid
-        # tokens, views; status, sizes, key offsets, tar members; keys (about 64 bytes each)
-        need = n * views * (gh * gw * 2 + 8 * 4) + n * (1 + 8 + 8 + 16 + 64)
-        for stale in folder.parent.glob(f"{folder.name}.tmp-{socket.gethostname()}-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # a copy this host began and did not finish (we hold the lock)
-        free = shutil.disk_usage(folder.parent).free
-        if free < need:
-            raise StoreError(
-                f"the node's copy of {self.location} needs about {need / 2**30:.1f} GiB and {folder.parent} has "
-                f"{free / 2**30:.1f} GiB free: set data_cache to a local folder with room."
-            )
-        work = folder.parent / f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-        try:
-            self._fill_node_copy(work, identity)
-        except OSError as error:
-            shutil.rmtree(work, ignore_errors=True)
-            raise StoreError(
-                f"could not write the node's copy of {self.location} in {folder.parent} ({error.strerror or error}): "
-                "set data_cache to a local folder with room."
-            ) from None
-        try:
-            os.rename(work, folder)
-        except OSError:  # another node sharing this folder finished first: theirs is the same
-            shutil.rmtree(work, ignore_errors=True)
-            if not (folder / "ready.json").is_file():
-                raise
-
-    def _fill_node_copy(self, work: Path, identity: dict) -> None:
-        n, views, (gh, gw) = len(self), self.views_per_image, self.grid
-        work.mkdir()
-        open_memmap = np.lib.format.open_memmap
-        tokens = open_memmap(work / "tokens.npy", mode="w+", dtype=np.uint16, shape=(n, views, gh, gw))
-        params = open_memmap(work / "views.npy", mode="w+", dtype=np.float32, shape=(n, views, 8))
-        status = open_memmap(work / "status.npy", mode="w+", dtype=np.uint8, shape=(n,))
-        sizes = (
-            open_memmap(work / "sizes.npy", mode="w+", dtype=np.int32, shape=(n, 2)) if "sizes" in self.group else None
-        )
-        members = None
-        if "members" in self.group:
-            members = open_memmap(work / "members.npy", mode="w+", dtype=np.int64, shape=(n, 2))
-        offsets = open_memmap(work / "key_offsets.npy", mode="w+", dtype=np.int64, shape=(n + 1,))
-        offsets[0] = 0
-        with open(work / "keys.bin", "wb") as blob:
-            for start, stop in self.chunks():
-                tokens[start:stop] = self.group["tokens"][start:stop]
-                params[start:stop] = self.group["views"][start:stop]
-                status[start:stop] = self.group["status"][start:stop]
-                if sizes is not None:
-                    sizes[start:stop] = self.group["sizes"][start:stop]
-                if members is not None:
-                    members[start:stop] = self.group["members"][start:stop]
-                encoded = [str(k).encode() for k in self.group["keys"][start:stop]]
-                offsets[start + 1 : stop + 1] = offsets[start] + np.cumsum([len(k) for k in encoded])
-                blob.write(b"".join(encoded))
-        for array in (tokens, params, status, sizes, members, offsets):
-            if array is not None:
-                array.flush()
-        (work / "ready.json").write_text(json.dumps(identity, indent=2) + "\n")
 
     def check_sources(self, indices, flag: str = "--embed-images") -> None:
         """Refuse, in one sentence, a store whose images come from source files (it embeds none)
@@ -661,49 +567,6 @@ class StoreItems:
     def take(self, positions) -> list:
         """The items at `positions`, read together."""
         return self.store.items(self.indices[np.asarray(positions, dtype=np.int64)])
-
-
-class KeyTable:
-    """N strings as one UTF-8 blob and N + 1 offsets, both memory-mapped: `table[i]` is key i."""
-
-    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
-        self.blob, self.offsets = blob, offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> str:
-        return self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes().decode()
-
-
-@dataclass
-class NodeCopy:
-    """A store's training arrays, memory-mapped from a node-local folder (`TokenStore.node_copy`)."""
-
-    folder: Path
-    tokens: np.ndarray  # [N, V, gh, gw] uint16
-    views: np.ndarray  # [N, V, 8] float32
-    status: np.ndarray  # [N] uint8
-    sizes: np.ndarray | None  # [N, 2] int32 (height, width), None for a store made before they were recorded
-    keys: KeyTable
-    members: np.ndarray | None = None  # [N, 2] int64 (offset, size) in a tar shard, for a source of shards
-
-    @classmethod
-    def open(cls, folder: Path) -> NodeCopy:
-        def load(name: str):
-            path = folder / name
-            return np.load(path, mmap_mode="r") if path.is_file() else None
-
-        blob_path = folder / "keys.bin"
-        blob = (
-            np.memmap(blob_path, dtype=np.uint8, mode="r")
-            if blob_path.stat().st_size
-            else np.zeros(0, dtype=np.uint8)  # all keys empty: numpy cannot map an empty file
-        )
-        return cls(
-            folder, load("tokens.npy"), load("views.npy"), load("status.npy"), load("sizes.npy"),
-            KeyTable(blob, load("key_offsets.npy")), load("members.npy"),
-        )  # fmt: skip
 
 
 def _read(array, indices: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ commute with crop and resize up to rounding), then flip and conversion to float 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,17 @@ PARAMS = ("x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")
 JITTER_PLACEMENT = "after crop and resize, before flip; DALI color_twist (brightness, contrast about 128, saturation)"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.cache
+def imagenet_stats(device="cpu", scale: float = 1.0):
+    """ImageNet mean and std times `scale` (255 for pixels in 0..255) as [3, 1, 1] torch tensors on
+    `device`, made once per device and scale (a copy to the GPU in every step would wait for it).
+    Shared: never change them in place."""
+    import torch
+
+    mean = torch.tensor([scale * m for m in IMAGENET_MEAN], device=device).view(3, 1, 1)
+    return mean, torch.tensor([scale * s for s in IMAGENET_STD], device=device).view(3, 1, 1)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from beit.shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from beit.shared.config import resume_fields, to_dict, to_toml
+from beit.shared.config import differences, resume_fields, to_dict, to_toml
 from beit.shared.dist import dali_device_id, init_dist
 from beit.shared.progress import progress_bar
 
@@ -118,15 +118,44 @@ class LossMeter:
         return row
 
 
-def changed_keys(theirs: Any, ours: Any, prefix: str = "") -> list[str]:
+class StepEnd:
+    """The end of a training step in a trainer that evaluates (fine-tuning, segmentation): rank 0
+    logs the loss every `log_every` steps and at the last (`log`); then (`checkpoint`) every rank's
+    random states are taken when saving (before evaluation draws from them), rank 0 evaluates when
+    asked, logging the result's `keys` as eval_* and keeping best.pt while `metric` improves, the
+    checkpoint is written and the ranks meet. `best` and `last` (the last evaluation) are what a
+    checkpoint records; they start from the resumed ones."""
+
+    def __init__(self, run: Run, meter: LossMeter, optimizer, bar, total: int, log_every: int, metric: str,
+                 keys: tuple[str, ...], best: float, last: dict):  # fmt: skip
+        self.run, self.meter, self.optimizer, self.bar = run, meter, optimizer, bar
+        self.total, self.log_every, self.metric, self.keys = total, log_every, metric, keys
+        self.best, self.last = best, last
+
+    def log(self, step: int, **extra: Any) -> None:
+        if self.run.dist.main and (step % self.log_every == 0 or step == self.total):
+            row = self.meter.row(step, self.optimizer, self.run.dist.world, **extra)
+            self.run.log(row)
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}")
+
+    def checkpoint(self, step: int, evaluating: bool, saving: bool, evaluate, save, **extra: Any) -> None:
+        """`evaluate()` gives the result; `save(path, rng)` writes a checkpoint."""
+        rng = self.run.dist.rng_states(self.run.device) if saving else []  # every rank's
+        if evaluating and self.run.dist.main:
+            self.last = evaluate()
+            self.run.log({"step": step, **extra, **{f"eval_{k}": self.last[k] for k in self.keys}})
+            if self.last[self.metric] > self.best:
+                self.best = self.last[self.metric]
+                save(self.run.out / "best.pt", rng)
+        if saving:
+            save(self.run.checkpoint, rng)
+            self.run.dist.barrier()
+
+
+def changed_keys(theirs: Any, ours: Any) -> list[str]:
     """The dotted keys where two JSON-like values differ (tuples and lists alike)."""
     theirs, ours = json.loads(json.dumps(theirs)), json.loads(json.dumps(ours))
-    if isinstance(theirs, dict) and isinstance(ours, dict):
-        out = []
-        for key in sorted(set(theirs) | set(ours)):
-            out += changed_keys(theirs.get(key), ours.get(key), f"{prefix}.{key}" if prefix else key)
-        return out
-    return [] if theirs == ours else [prefix or "value"]
+    return [key for key, _, _ in differences(theirs, ours)]
 
 
 class Run:

@@ -20,7 +20,7 @@ from beit.train.model import BeitClassifier, ModelConfig
 
 
 @torch.no_grad()
-def evaluate(model: BeitClassifier, data: ClassificationData, device: torch.device, classes: int) -> dict:
+def evaluate_classifier(model: BeitClassifier, data: ClassificationData, device: torch.device, classes: int) -> dict:
     """Top-1, top-5, loss and per-class [hits, images] over a whole (unsharded) split."""
     model.eval()
     correct1 = correct5 = total = 0
@@ -52,7 +52,7 @@ def evaluate(model: BeitClassifier, data: ClassificationData, device: torch.devi
     }
 
 
-def evaluate_checkpoint(
+def evaluate_classifier_checkpoint(
     checkpoint: Path, data: Path, batch_size: int = 64, device: str = "auto", threads: int = 0
 ) -> dict:
     """`evaluate` of a fine-tuned checkpoint on an ImageFolder tree (or folder) whose classes
@@ -69,4 +69,4 @@ def evaluate_checkpoint(
     loader = ClassificationData(
         source, model.cfg.image_size, batch_size, False, threads=threads, device_id=dali_device_id(torch_device)
     )
-    return {**evaluate(model.to(torch_device), loader, torch_device, len(names)), "class_names": names}
+    return {**evaluate_classifier(model.to(torch_device), loader, torch_device, len(names)), "class_names": names}

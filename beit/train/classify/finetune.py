@@ -32,9 +32,9 @@ from beit.shared.checkpoint import load_pretrained
 from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.train.classify.data import ClassificationData, read_splits
-from beit.train.classify.evaluate import evaluate
+from beit.train.classify.evaluate import evaluate_classifier
 from beit.train.model import BeitClassifier, ModelConfig
-from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, layer_decay_groups, lr_at, set_lr
+from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, StepEnd, layer_decay_groups, lr_at, set_lr
 
 
 @dataclass
@@ -76,7 +76,9 @@ class FinetuneConfig:
 # ---------------------------------------------------------------- recipe pieces
 
 
-def mix(pixels: torch.Tensor, labels: torch.Tensor, classes: int, cfg: FinetuneConfig, generator: np.random.Generator):
+def mixup_cutmix(
+    pixels: torch.Tensor, labels: torch.Tensor, classes: int, cfg: FinetuneConfig, generator: np.random.Generator
+):
     """Mixup or cutmix (chosen with equal odds when both are on) with label smoothing:
     (mixed pixels, soft targets [B, classes]); labels on the pixels' device."""
     off = cfg.label_smoothing / classes
@@ -174,15 +176,16 @@ def finetune(data_dir: Path | str, out: Path, cfg: FinetuneConfig, resume: bool 
     trained = run.wrap(model)
     stream = train.stream(step)
     bar = run.bar(total, step)
-    meter = LossMeter(device, step)
+    metrics = ("top1", "top5", "loss")
+    ending = StepEnd(run, LossMeter(device, step), optimizer, bar, total, cfg.log_every, "top1", metrics, best, result)
 
     def save(path: Path, rng: list[dict]) -> None:
         meta = {
             "step": step,
             "epoch": step / train.steps_per_epoch,
-            "best_top1": best,
-            "top1": result.get("top1", -1.0),
-            "last_eval": {k: result[k] for k in ("top1", "top5", "loss") if k in result},
+            "best_top1": ending.best,
+            "top1": ending.last.get("top1", -1.0),
+            "last_eval": {k: ending.last[k] for k in ("top1", "top5", "loss") if k in ending.last},
             "model": to_dict(model_cfg),
             "init": cfg.init,
             "effective_lr": lr,
@@ -197,40 +200,30 @@ def finetune(data_dir: Path | str, out: Path, cfg: FinetuneConfig, resume: bool 
         generator = np.random.default_rng([cfg.seed, dist.rank, step])
         pixels = pixels.to(device, non_blocking=True)
         pixels = random_erasing(pixels, cfg.erasing, generator)
-        pixels, targets = mix(pixels, labels, classes, cfg, generator)
+        pixels, targets = mixup_cutmix(pixels, labels, classes, cfg, generator)
         with run.autocast():
             logits = trained(pixels)
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        meter.add(loss, len(labels))
+        ending.meter.add(loss, len(labels))
         step += 1
         bar.update(1)
-        if dist.main and (step % cfg.log_every == 0 or step == total):
-            row = meter.row(step, optimizer, dist.world, epoch=step / train.steps_per_epoch)
-            run.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        ending.log(step, epoch=step / train.steps_per_epoch)
         end_of_epoch = step % train.steps_per_epoch == 0
         evaluating = end_of_epoch and ((step // train.steps_per_epoch) % cfg.eval_every == 0 or step == total)
         saving = evaluating or step % cfg.checkpoint_every == 0 or step == total
-        rng = dist.rng_states(device) if saving else []  # every rank's, before evaluation draws from them
-        if evaluating and dist.main:
-            result = evaluate(model, val, device, classes)
-            row = {"step": step, "epoch": step / train.steps_per_epoch}
-            run.log({**row, **{f"eval_{k}": result[k] for k in ("top1", "top5", "loss")}})
-            if result["top1"] > best:
-                best = result["top1"]
-                save(run.out / "best.pt", rng)
-        if saving:
-            save(run.checkpoint, rng)
-            dist.barrier()
+        ending.checkpoint(
+            step, evaluating, saving, lambda: evaluate_classifier(model, val, device, classes), save,
+            epoch=step / train.steps_per_epoch,
+        )  # fmt: skip
     bar.close()
     run.close()
     return {
         "steps": step,
-        "best_top1": best,
-        "last": result,
+        "best_top1": ending.best,
+        "last": ending.last,
         "notes": notes,
         "effective_lr": lr,
         "checkpoint": str(run.checkpoint),

@@ -31,7 +31,7 @@ import torch
 from beit.shared.checkpoint import CheckpointError, load_checkpoint, load_weights
 from beit.shared.counter import counter_key
 from beit.shared.images import read_image
-from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from beit.shared.views import imagenet_stats
 from beit.train.model import Attention, BeitClassifier, BeitForMIM, ModelConfig
 from beit.train.pretrain.masking import Block, block_masks, random_masks
 
@@ -72,8 +72,7 @@ def load_model(path: Path) -> BeitForMIM | BeitClassifier:
 def read_pixels(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An image file -> ([3, size, size] in [0, 1] to show, the same ImageNet-normalised to feed)."""
     image = read_image(Path(path), size)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = imagenet_stats()
     return image, (image - mean) / std
 
 

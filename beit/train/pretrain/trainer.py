@@ -23,7 +23,6 @@ so on the CPU a resumed run's losses equal an uninterrupted run's.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.shared.dvae import Precision, encoder_sha256, load_tokenizer
 from beit.shared.store import StoreError
-from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from beit.shared.views import imagenet_stats
 from beit.train.model import BeitForMIM, ModelConfig, mim_loss
 from beit.train.pretrain.data import Batch, PretrainData
 from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr
@@ -91,18 +90,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-@functools.cache
-def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std as [1, 3, 1, 1] on `device`, made once: a copy to the GPU per step waits for it."""
-    return (
-        torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
-        torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1),
-    )
-
-
 def pixel_targets(pixels: torch.Tensor, patch: int) -> torch.Tensor:
     """[B, 3, H, W] ImageNet-normalised -> [B, N, patch*patch*3] per-patch normalised pixels."""
-    mean, std = _imagenet_stats(pixels.device)
+    mean, std = imagenet_stats(pixels.device)  # [3, 1, 1]: broadcast over the batch
     x = pixels * std + mean
     b, c, h, w = x.shape
     x = x.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, patch * patch * c)

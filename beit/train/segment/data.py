@@ -43,7 +43,6 @@ or resumed run draws the same views of an image.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ import torch.nn.functional as F
 from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder
 from beit.shared.images import IMAGE_SUFFIXES
 from beit.shared.prefetch import ahead, prefetch
-from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
+from beit.shared.views import imagenet_stats
 
 ADE20K_CLASSES = (
     "wall building sky floor tree ceiling road bed windowpane grass cabinet sidewalk person earth door table "
@@ -379,12 +378,6 @@ def photometric_distortion(image: torch.Tensor, rng) -> torch.Tensor:
     return image
 
 
-@functools.lru_cache(maxsize=8)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor([255 * m for m in IMAGENET_MEAN], device=device).view(3, 1, 1)
-    return mean, torch.tensor([255 * s for s in IMAGENET_STD], device=device).view(3, 1, 1)
-
-
 def _resized(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[H, W, 3] uint8 -> [3, h, w] float 0-255, bilinear like cv2.INTER_LINEAR."""
     chw = image.permute(2, 0, 1).float()
@@ -416,7 +409,7 @@ def train_view(
         pixels, labels = pixels.flip(-1), labels[:, ::-1]
     if photometric:
         pixels = photometric_distortion(pixels, rng)
-    mean, std = _mean_std(pixels.device)
+    mean, std = imagenet_stats(pixels.device, 255.0)
     out = torch.zeros(3, crop, crop, device=pixels.device)
     out[:, : labels.shape[0], : labels.shape[1]] = (pixels - mean) / std
     padded = np.full((crop, crop), ignore_index, dtype=np.uint8)
@@ -426,7 +419,7 @@ def train_view(
 
 def eval_view(image: torch.Tensor, scale: tuple[int, int] = (2048, 512)) -> torch.Tensor:
     """`image` [H, W, 3] uint8 -> [1, 3, h, w] float32 normalised, resized to the base scale."""
-    mean, std = _mean_std(image.device)
+    mean, std = imagenet_stats(image.device, 255.0)
     return ((_resized(image, rescaled_size(*image.shape[:2], scale)) - mean) / std)[None]
 
 

@@ -33,7 +33,7 @@ def load_segmenter(path: Path) -> tuple[BeitSegmenter, dict]:
     return model.eval(), meta
 
 
-def evaluate_checkpoint(
+def evaluate_segmenter_checkpoint(
     checkpoint: Path,
     data: Path,
     split: str = "val",

@@ -31,7 +31,7 @@ from beit.shared.checkpoint import adapt_state_dict, load_weights, read_state_di
 from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.train.model import ModelConfig
-from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, layer_decay_groups, set_lr
+from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, StepEnd, layer_decay_groups, set_lr
 from beit.train.segment.data import SegmentationData, read_segmentation
 from beit.train.segment.inference import evaluate_segmenter
 from beit.train.segment.model import BeitSegmenter, segmentation_loss
@@ -156,13 +156,14 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
     trained = run.wrap(model)
     stream = train.stream(step)
     bar = run.bar(cfg.iters, step)
-    meter = LossMeter(device, step)
+    ending = StepEnd(run, LossMeter(device, step), optimizer, bar, cfg.iters, cfg.log_every, "mIoU",
+                     ("mIoU", "mAcc", "aAcc"), best, result)  # fmt: skip
 
     def save(path: Path, rng: list[dict]) -> None:
         meta = {
             "step": step,
-            "best_miou": best,
-            "last_eval": {k: result[k] for k in ("mIoU", "mAcc", "aAcc") if k in result},
+            "best_miou": ending.best,
+            "last_eval": {k: ending.last[k] for k in ("mIoU", "mAcc", "aAcc") if k in ending.last},
             "model": to_dict(model_cfg),
             "head": cfg.head,
             "channels": cfg.channels,
@@ -189,25 +190,14 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        meter.add(loss, len(labels))
+        ending.meter.add(loss, len(labels))
         step += 1
         bar.update(1)
-        if dist.main and (step % cfg.log_every == 0 or step == cfg.iters):
-            row = meter.row(step, optimizer, dist.world)
-            run.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        ending.log(step)
         evaluating = step % cfg.eval_every == 0 or step == cfg.iters
         saving = evaluating or step % cfg.checkpoint_every == 0
-        rng = dist.rng_states(device) if saving else []
-        if evaluating and dist.main:
-            result = evaluate_segmenter(model, val, cfg.eval_mode, stride)
-            run.log({"step": step, **{f"eval_{k}": result[k] for k in ("mIoU", "mAcc", "aAcc")}})
-            if result["mIoU"] > best:
-                best = result["mIoU"]
-                save(run.out / "best.pt", rng)
-        if saving:
-            save(run.checkpoint, rng)
-            dist.barrier()
+        ending.checkpoint(step, evaluating, saving, lambda: evaluate_segmenter(model, val, cfg.eval_mode, stride), save)
     bar.close()
     run.close()
-    return {"steps": step, "best_miou": best, "last": result, "notes": notes, "recipe": recipe, "lr": lr}
+    best, last = ending.best, ending.last
+    return {"steps": step, "best_miou": best, "last": last, "notes": notes, "recipe": recipe, "lr": lr}

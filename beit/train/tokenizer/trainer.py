@@ -94,7 +94,7 @@ def warmup_at(step: int, cfg: DVAETrainConfig) -> float:
     return min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
 
 
-def lr_at(step: int, cfg: DVAETrainConfig) -> float:
+def tokenizer_lr_at(step: int, cfg: DVAETrainConfig) -> float:
     """Linear warm-up, then cosine decay to 1% of lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -194,7 +194,7 @@ def split_files(files: list[Path], fraction: float, seed: int) -> tuple[list[Pat
     return [files[i] for i in sorted(order[held:])], [files[i] for i in sorted(order[:held])]
 
 
-def evaluate(model: DVAE, stream: CropStream, batches: int) -> dict:
+def held_out_quality(model: DVAE, stream: CropStream, batches: int) -> dict:
     """Hard-token reconstructions of held-out crops: PSNR against the crops, the same for each
     crop's own mean colour (the constant baseline: one flat colour per crop), and code usage."""
     model.eval()
@@ -269,7 +269,7 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
     while step < cfg.steps:
         pixels = stream.next().contiguous(memory_format=torch.channels_last)
         for entry in optimizer.param_groups:
-            entry["lr"] = lr_at(step, cfg)
+            entry["lr"] = tokenizer_lr_at(step, cfg)
         target = map_pixels(pixels)
         logits = model.encoder(target)
         soft = F.gumbel_softmax(logits, tau=temperature_at(step, cfg), dim=1)
@@ -317,7 +317,7 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
     if held_files:
         # random crops of the held-out images, as the model saw in training, from a fixed seed
         held_stream = CropStream(held_files, cfg, cfg.split_seed + 12345, device)
-        report["held_out"] = evaluate(model, held_stream, cfg.eval_batches)
+        report["held_out"] = held_out_quality(model, held_stream, cfg.eval_batches)
     info = save_tokenizer(
         model.cpu(),
         out,
