@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import COLOUR, GREY, STAGE1_SMALL, beit, copy_photos, save_jpeg, tiny_tokenizer
 
 
 def pytest_collection_modifyitems(config, items):
@@ -9,3 +10,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Shared by the stage 1 and store tests (made once per test run): an ImageFolder tree of 12 real
+# photos and a tokenizer, and the store `beit tokenize` makes of them at STAGE1_SMALL.
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """An ImageFolder tree of 12 real photos in two classes, as 120 px JPEGs, and a tokenizer."""
+    root = tmp_path_factory.mktemp("data")
+    source = root / "source"
+    for name, names in (("colour", COLOUR[:6]), ("grey", GREY[:6])):
+        for path in copy_photos(root / "raw", names):
+            (source / name).mkdir(parents=True, exist_ok=True)
+            save_jpeg(path, source / name / f"{path.stem}.jpg", 120)
+    tokenizer = tiny_tokenizer(root / "tok.safetensors")
+    return source, tokenizer
+
+
+@pytest.fixture(scope="session")
+def reference(data, tmp_path_factory):
+    source, tokenizer = data
+    store = tmp_path_factory.mktemp("ref") / "store"
+    result = beit("tokenize", source, store, "--tokenizer", tokenizer, *STAGE1_SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return store, result.stdout

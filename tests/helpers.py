@@ -155,3 +155,23 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+# Stage 1 at test size, for the shared `data` and `reference` fixtures (conftest.py): a 64 px patch
+# view (4x4 patches of 16) and a 32 px tokenizer view (4x4 tokens of 8).
+STAGE1_SMALL = ["--views", "3", "--set", "view.image_size=64", "--set", "chunk_images=2", "--batch-size", "4"]
+
+
+def arrays(store: Path) -> dict:
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r")
+    return {name: group[name][:] for name in ("tokens", "views", "labels", "keys", "status", "errors")}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    import numpy as np
+
+    first, second = arrays(a), arrays(b)
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name

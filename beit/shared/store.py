@@ -102,6 +102,62 @@ def chunk_length(chunk_images: int, images: int) -> int:
     return min(chunk_images, max(images, 1))
 
 
+def refuse_another(location: str, attrs: dict, identity: dict, chunk_images: int, images: int) -> None:
+    """Refuse, in one sentence, to finish a store that is not ours or was made differently."""
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{location} exists and is not a beit token store: choose another path, or --overwrite.")
+    stored = {k: attrs.get(k) for k in identity}
+    diffs = [
+        f"{key}: the store has {theirs!r}, this run has {ours!r}"
+        for key, theirs, ours in differences(stored, json.loads(json.dumps(identity)), "store")
+    ]
+    wanted = chunk_length(chunk_images, images)
+    if attrs.get("chunk_images") != wanted:
+        diffs.append(
+            f"store.chunk_images: the store has {attrs.get('chunk_images')}, this run has {wanted}"
+            + (f" (chunk_images {chunk_images}, {images} images)" if wanted != chunk_images else "")
+        )
+    if diffs:
+        raise StoreError(
+            f"{location} was made differently ({'; '.join(diffs[:3])}"
+            + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+            + "): use another STORE path, or --overwrite to replace it."
+        )
+
+
+def create(location: str, identity: dict, keys, labels, chunk_images: int, embed_images: bool, members):
+    """A new store's group with its arrays (keys, labels and tar members written), marked as being
+    created until its attributes are written."""
+    zarr = _zarr()
+    n = len(keys)
+    group = _open_group(location, "w")
+    group.update_attributes({"format": FORMAT, "version": VERSION, "creating": True})
+    gh, gw = identity["grid"]
+    views = identity["views"]["count"]
+    chunk = (chunk_length(chunk_images, n),)
+    compressors = [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+    group.create_array(
+        "tokens", shape=(n, views, gh, gw), chunks=chunk + (views, gh, gw), dtype="uint16", fill_value=0,
+        compressors=compressors,
+    )  # fmt: skip
+    group.create_array("views", shape=(n, views, 8), chunks=chunk + (views, 8), dtype="float32", fill_value=0.0)
+    # keys and labels are written once, here: 16 work chunks a zarr chunk (a tenth of the files to write)
+    listing = (min(n, chunk[0] * LISTING_CHUNKS),) if n else chunk
+    group.create_array("labels", shape=(n,), chunks=listing, dtype="int32", fill_value=-1)
+    group.create_array("keys", shape=(n,), chunks=listing, dtype=str)
+    group.create_array("status", shape=(n,), chunks=chunk, dtype="uint8", fill_value=PENDING)
+    group.create_array("errors", shape=(n,), chunks=chunk, dtype=str)
+    group.create_array("sizes", shape=(n, 2), chunks=chunk + (2,), dtype="int32", fill_value=0)
+    if embed_images:  # one inner chunk per image: training reads them one at a time
+        group.create_array("images", shape=(n,), chunks=(1,), shards=chunk, dtype="variable_length_bytes")
+    group["labels"][:] = np.asarray(labels, dtype=np.int32)
+    group["keys"][:] = np.asarray(keys, dtype=object)
+    if members is not None:  # where each image is in its shard (key: shard/member): one ranged read
+        group.create_array("members", shape=(n, 2), chunks=chunk + (2,), dtype="int64", fill_value=-1)
+        group["members"][:] = np.asarray(members, dtype=np.int64)
+    return group
+
+
 class TokenStore:
     """A token store on disk (a local path or an fsspec URL zarr can open)."""
 
@@ -157,7 +213,6 @@ class TokenStore:
         """Create the store, or reopen one made by the same tokenizer, views and source to finish
         it. `identity` = {tokenizer, views, source, grid}; any difference is refused unless `overwrite`.
         `members`: [N, 2] (offset, size) of each image in its tar shard, for a source of shards."""
-        zarr = _zarr()
         location = str(location)
         try:
             existing = _open_group(location, "r")
@@ -166,62 +221,10 @@ class TokenStore:
         if existing is not None and not overwrite:
             attrs = dict(existing.attrs)
             ours_unfinished = attrs.get("format") == FORMAT and attrs.get("creating") is not False
-            if ours_unfinished or (not attrs and not list(existing.keys())):
-                existing = None  # a creation that was killed half-way (or an empty group): start it again
-        if existing is not None and not overwrite:
-            if attrs.get("format") != FORMAT:
-                raise StoreError(
-                    f"{location} exists and is not a beit token store: choose another path, or --overwrite."
-                )
-            stored = {k: attrs.get(k) for k in identity}
-            diffs = [
-                f"{key}: the store has {theirs!r}, this run has {ours!r}"
-                for key, theirs, ours in differences(stored, json.loads(json.dumps(identity)), "store")
-            ]
-            wanted = chunk_length(chunk_images, len(keys))
-            if attrs.get("chunk_images") != wanted:
-                diffs.append(
-                    f"store.chunk_images: the store has {attrs.get('chunk_images')}, this run has {wanted}"
-                    + (f" (chunk_images {chunk_images}, {len(keys)} images)" if wanted != chunk_images else "")
-                )
-            if diffs:
-                raise StoreError(
-                    f"{location} was made differently ({'; '.join(diffs[:3])}"
-                    + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
-                    + "): use another STORE path, or --overwrite to replace it."
-                )
-            return cls(_open_group(location, "r+"), location)
-
-        n = len(keys)
-        group = _open_group(location, "w")
-        group.update_attributes({"format": FORMAT, "version": VERSION, "creating": True})
-        gh, gw = identity["grid"]
-        views = identity["views"]["count"]
-        chunk = (chunk_length(chunk_images, n),)
-        compressors = [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
-        group.create_array(
-            "tokens",
-            shape=(n, views, gh, gw),
-            chunks=chunk + (views, gh, gw),
-            dtype="uint16",
-            fill_value=0,
-            compressors=compressors,
-        )
-        group.create_array("views", shape=(n, views, 8), chunks=chunk + (views, 8), dtype="float32", fill_value=0.0)
-        # keys and labels are written once, here: 16 work chunks a zarr chunk (a tenth of the files to write)
-        listing = (min(n, chunk[0] * LISTING_CHUNKS),) if n else chunk
-        group.create_array("labels", shape=(n,), chunks=listing, dtype="int32", fill_value=-1)
-        group.create_array("keys", shape=(n,), chunks=listing, dtype=str)
-        group.create_array("status", shape=(n,), chunks=chunk, dtype="uint8", fill_value=PENDING)
-        group.create_array("errors", shape=(n,), chunks=chunk, dtype=str)
-        group.create_array("sizes", shape=(n, 2), chunks=chunk + (2,), dtype="int32", fill_value=0)
-        if embed_images:  # one inner chunk per image: training reads them one at a time
-            group.create_array("images", shape=(n,), chunks=(1,), shards=chunk, dtype="variable_length_bytes")
-        group["labels"][:] = np.asarray(labels, dtype=np.int32)
-        group["keys"][:] = np.asarray(keys, dtype=object)
-        if members is not None:  # where each image is in its shard (key: shard/member): one ranged read
-            group.create_array("members", shape=(n, 2), chunks=chunk + (2,), dtype="int64", fill_value=-1)
-            group["members"][:] = np.asarray(members, dtype=np.int64)
+            if not ours_unfinished and (attrs or list(existing.keys())):  # else a creation killed half-way: again
+                refuse_another(location, attrs, identity, chunk_images, len(keys))
+                return cls(_open_group(location, "r+"), location)
+        group = create(location, identity, keys, labels, chunk_images, embed_images, members)
         from beit import __version__
 
         group.update_attributes(
@@ -232,7 +235,7 @@ class TokenStore:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **json.loads(json.dumps(identity)),
                 "class_names": list(class_names),
-                "chunk_images": chunk[0],
+                "chunk_images": chunk_length(chunk_images, len(keys)),
                 "embedded_images": embed_images,
                 "complete": False,
                 "creating": False,

@@ -238,22 +238,7 @@ def pretrain(
     run = Run(out, cfg, "pretrain", progress)
     dist, device = run.dist, run.device
     online = cfg.targets == "online"
-    data = PretrainData(
-        store,
-        cfg.batch_size,
-        cfg.seed,
-        dist.rank,
-        dist.world,
-        cfg.mask,
-        cfg.mask_count,
-        twin=online,
-        fresh=online,
-        threads=cfg.threads,
-        device_id=run.device_id,
-        views=cfg.views,
-        data_cache=cfg.data_cache,
-        source_root=cfg.source_root,
-    )
+    data = build_data(store, cfg, run)
     model_cfg = build_model_config(cfg, data, store)
     tokenizer = build_online_tokenizer(data, store, device) if online else None
     precision = Precision.recorded(data.store.tokenizer_precision, device)  # as the store's tokens were made
@@ -263,12 +248,7 @@ def pretrain(
     torch.manual_seed(cfg.seed + dist.rank)  # one weight init everywhere, stochastic depth per rank
     effective_batch = cfg.batch_size * dist.world * cfg.accumulation
     lr = cfg.lr if cfg.lr is not None else cfg.blr * effective_batch / 2048
-    steps_per_epoch = data.steps_per_epoch / cfg.accumulation  # optimizer steps; an epoch may end mid-accumulation
-    if round(cfg.epochs * steps_per_epoch) < 1:
-        raise ValueError(
-            f"--epochs {cfg.epochs} is less than one optimizer step: an epoch is {data.steps_per_epoch} batches and "
-            f"accumulation is {cfg.accumulation}; lower accumulation or --batch-size, or raise --epochs."
-        )
+    steps_per_epoch = optimizer_steps_per_epoch(cfg, data)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda"
@@ -291,39 +271,18 @@ def pretrain(
     trained = run.wrap(model)
     train_step = MIMStep(model, trained, optimizer, cfg, device, online=(tokenizer, precision) if online else None)
 
-    micro = (step - origin["step"]) * cfg.accumulation  # the data plan's micro-batch at `step`
-    stream = data.stream(micro)
+    stream = data.stream((step - origin["step"]) * cfg.accumulation)  # the data plan's micro-batch at `step`
     bar = run.bar(total, step)
-    wait, logged_at = 0.0, step
-    last_log, images_since = time.perf_counter(), 0
-
-    def next_batch() -> Batch:
-        nonlocal wait
-        t0 = time.perf_counter()
-        batch = next(stream)
-        wait += time.perf_counter() - t0
-        return batch
-
+    meter = StepMeter(train_step.sums, step)
     while step < total:
         at = schedule_start + (step - origin["step"])  # = step, unless the plan was re-cut
-        grad_norm = train_step(next_batch, lr_at(at, lr, cfg.min_lr, warmup, schedule_total))
-        images_since += cfg.batch_size * cfg.accumulation
+        grad_norm = train_step(lambda: meter.next(stream), lr_at(at, lr, cfg.min_lr, warmup, schedule_total))
+        meter.images += cfg.batch_size * cfg.accumulation
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
-            values = train_step.sums.tolist()  # the one host synchronisation, at logging intervals
-            elapsed = time.perf_counter() - last_log
-            row = {
-                "step": step,
-                "epoch": data.plan.epoch_at((step - origin["step"]) * cfg.accumulation),
-                "loss": values[0] / ((step - logged_at) * cfg.accumulation),
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm),
-                "images_per_s": images_since * dist.world / elapsed,
-                "data_wait": wait / elapsed,
-            }
-            if cfg.targets != "pixels":
-                row["mim_accuracy"] = values[1] / max(values[2], 1)
+            epoch = data.plan.epoch_at((step - origin["step"]) * cfg.accumulation)
+            row = meter.row(step, epoch, cfg, optimizer, grad_norm, dist.world)
             run.log(row)
             bar.set_postfix(
                 loss=f"{row['loss']:.3f}",
@@ -331,24 +290,10 @@ def pretrain(
                 img_s=f"{row['images_per_s']:.0f}",
                 wait=f"{row['data_wait']:.2f}",
             )
-            train_step.sums.zero_()
-            wait, images_since, last_log, logged_at = 0.0, 0, time.perf_counter(), step
         if save and (step % cfg.checkpoint_every == 0 or step == total):
             rng = dist.rng_states(device)  # every rank's: each draws its own drop path
-            micro = (step - origin["step"]) * cfg.accumulation
-            epoch, position = data.plan.position(micro)
             meta = {
-                "step": step,
-                "epoch": data.plan.epoch_at(micro),
-                # where the data stands: micro-batch `micro_batch` of the plan that starts at `origin`
-                # (global micro-batches of `global_batch` images), the next one at `position` of `epoch`
-                "data_position": {
-                    "micro_batch": micro,
-                    "origin": origin,
-                    "global_batch": data.plan.global_batch,
-                    "epoch": epoch,
-                    "position": position,
-                },
+                **data_position(step, origin, data, cfg),
                 "effective_lr": lr,
                 "effective_batch": effective_batch,
                 "seed": cfg.seed,
@@ -361,3 +306,90 @@ def pretrain(
     stream.close()
     run.close()
     return {"steps": step, "effective_lr": lr, "effective_batch": effective_batch, "checkpoint": str(run.checkpoint)}
+
+
+def build_data(store: str, cfg: PretrainConfig, run: Run) -> PretrainData:
+    """This rank's pre-training data from the store (with twin views and fresh ones per epoch for
+    online targets)."""
+    online = cfg.targets == "online"
+    return PretrainData(
+        store,
+        cfg.batch_size,
+        cfg.seed,
+        run.dist.rank,
+        run.dist.world,
+        cfg.mask,
+        cfg.mask_count,
+        twin=online,
+        fresh=online,
+        threads=cfg.threads,
+        device_id=run.device_id,
+        views=cfg.views,
+        data_cache=cfg.data_cache,
+        source_root=cfg.source_root,
+    )
+
+
+def optimizer_steps_per_epoch(cfg: PretrainConfig, data: PretrainData) -> float:
+    """Optimizer steps per epoch (an epoch may end mid-accumulation); refuses a run of no step."""
+    steps_per_epoch = data.steps_per_epoch / cfg.accumulation
+    if round(cfg.epochs * steps_per_epoch) < 1:
+        raise ValueError(
+            f"--epochs {cfg.epochs} is less than one optimizer step: an epoch is {data.steps_per_epoch} batches and "
+            f"accumulation is {cfg.accumulation}; lower accumulation or --batch-size, or raise --epochs."
+        )
+    return steps_per_epoch
+
+
+class StepMeter:
+    """What a metrics row reports since the last one: the step's loss sums (on the device), images,
+    time, and the time spent waiting for data."""
+
+    def __init__(self, sums: torch.Tensor, step: int):
+        self.sums, self.logged_at = sums, step
+        self.wait, self.images, self.last_log = 0.0, 0, time.perf_counter()
+
+    def next(self, stream) -> Batch:
+        """The stream's next batch, the wait for it counted."""
+        t0 = time.perf_counter()
+        batch = next(stream)
+        self.wait += time.perf_counter() - t0
+        return batch
+
+    def row(self, step: int, epoch: float, cfg: PretrainConfig, optimizer, grad_norm, world: int) -> dict:
+        """The metrics row; then starts the next interval."""
+        values = self.sums.tolist()  # the one host synchronisation, at logging intervals
+        elapsed = time.perf_counter() - self.last_log
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "loss": values[0] / ((step - self.logged_at) * cfg.accumulation),
+            "lr": optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm),
+            "images_per_s": self.images * world / elapsed,
+            "data_wait": self.wait / elapsed,
+        }
+        if cfg.targets != "pixels":
+            row["mim_accuracy"] = values[1] / max(values[2], 1)
+        self.sums.zero_()
+        self.wait, self.images, self.last_log, self.logged_at = 0.0, 0, time.perf_counter(), step
+        return row
+
+
+def data_position(step: int, origin: dict, data: PretrainData, cfg: PretrainConfig) -> dict:
+    """Where a checkpoint at `step` stands: the step, the epoch and the data's position."""
+    micro = (step - origin["step"]) * cfg.accumulation
+    epoch, position = data.plan.position(micro)
+    return {
+        "step": step,
+        "epoch": data.plan.epoch_at(micro),
+        # where the data stands: micro-batch `micro_batch` of the plan that starts at `origin`
+        # (global micro-batches of `global_batch` images), the next one at `position` of `epoch`
+        "data_position": {
+            "micro_batch": micro,
+            "origin": origin,
+            "global_batch": data.plan.global_batch,
+            "epoch": epoch,
+            "position": position,
+        },
+    }

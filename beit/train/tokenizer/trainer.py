@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -82,6 +82,10 @@ class DVAETrainConfig:
     seed: int = 0
     threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     device: str = "auto"
+
+    def model_config(self) -> DVAEConfig:
+        """The architecture: DVAEConfig's fields, which this config repeats at the trainer's defaults."""
+        return DVAEConfig(**{f.name: getattr(self, f.name) for f in fields(DVAEConfig)})
 
 
 def temperature_at(step: int, cfg: DVAETrainConfig) -> float:
@@ -219,18 +223,46 @@ def held_out_quality(model: DVAE, stream: CropStream, batches: int) -> dict:
     }
 
 
+def resume_training(checkpoint: Path, model: DVAE, optimizer, cfg: DVAETrainConfig, images: Path) -> int:
+    """The model and optimizer from the run's checkpoint; the step it reached. Refuses one written
+    for other images or another config."""
+    try:
+        state, meta = load_checkpoint(checkpoint)
+    except ValueError as error:
+        raise ValueError(f"{error} Pass --no-resume to start over.") from None
+    if meta.get("config") != asdict(cfg) or meta.get("images") != str(images):
+        raise ValueError(
+            f"{checkpoint} was written for other images or another config: rerun with the same "
+            "IMAGES and settings, or pass --no-resume to start over."
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"resuming from {checkpoint} at step {meta['step']}", flush=True)
+    return meta["step"]
+
+
+def dvae_loss(model: DVAE, pixels: torch.Tensor, step: int, cfg: DVAETrainConfig) -> tuple:
+    """The training loss at `step` (reconstruction through Gumbel-softmax codes, plus the warmed-up
+    KL and codebook-usage terms), the encoder's logits and the decoder's statistics."""
+    target = map_pixels(pixels)
+    logits = model.encoder(target)
+    soft = F.gumbel_softmax(logits, tau=temperature_at(step, cfg), dim=1)
+    stats = model.decoder(soft)
+    recon = reconstruction_loss(stats, target, cfg.loss)
+    log_q = logits.log_softmax(1)
+    log_k = math.log(cfg.vocab_size)
+    kl = (log_q.exp() * log_q).sum(1).mean() + log_k
+    usage = log_q.exp().mean(dim=(0, 2, 3))
+    usage_kl = (usage * usage.clamp(min=1e-12).log()).sum() + log_k
+    warm = warmup_at(step, cfg)
+    return recon + warm * (cfg.kl_weight * kl + cfg.usage_weight * usage_kl), logits, stats
+
+
 def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = True, progress: bool = True) -> dict:
     """Train a dVAE on `images` and write it to `out`; returns the final report."""
     out = Path(out)
     device = choose_device(cfg.device)
-    model_cfg = DVAEConfig(
-        n_hid=cfg.n_hid,
-        blocks_per_group=cfg.blocks_per_group,
-        group_count=cfg.group_count,
-        vocab_size=cfg.vocab_size,
-        n_init=cfg.n_init,
-        cosine_logits=cfg.cosine_logits,
-    )
+    model_cfg = cfg.model_config()
     check_grid(cfg.input_size, model_cfg)
     files = list_images(images)
     # The split and the evaluation crops do not follow the training seed: runs that differ only in
@@ -246,21 +278,7 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     checkpoint = out.with_suffix(".ckpt.pt")
-    step = 0
-    if resume and checkpoint.exists():
-        try:
-            state, meta = load_checkpoint(checkpoint)
-        except ValueError as error:
-            raise ValueError(f"{error} Pass --no-resume to start over.") from None
-        if meta.get("config") != asdict(cfg) or meta.get("images") != str(images):
-            raise ValueError(
-                f"{checkpoint} was written for other images or another config: rerun with the same "
-                "IMAGES and settings, or pass --no-resume to start over."
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = meta["step"]
-        print(f"resuming from {checkpoint} at step {step}", flush=True)
+    step = resume_training(checkpoint, model, optimizer, cfg, images) if resume and checkpoint.exists() else 0
     stream = CropStream(train_files, cfg, cfg.seed, device, start_batch=step)
 
     bar = progress_bar(total=cfg.steps, initial=step, disable=not progress, desc="dvae", unit="step")
@@ -270,18 +288,7 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
         pixels = stream.next().contiguous(memory_format=torch.channels_last)
         for entry in optimizer.param_groups:
             entry["lr"] = tokenizer_lr_at(step, cfg)
-        target = map_pixels(pixels)
-        logits = model.encoder(target)
-        soft = F.gumbel_softmax(logits, tau=temperature_at(step, cfg), dim=1)
-        stats = model.decoder(soft)
-        recon = reconstruction_loss(stats, target, cfg.loss)
-        log_q = logits.log_softmax(1)
-        log_k = math.log(cfg.vocab_size)
-        kl = (log_q.exp() * log_q).sum(1).mean() + log_k
-        usage = log_q.exp().mean(dim=(0, 2, 3))
-        usage_kl = (usage * usage.clamp(min=1e-12).log()).sum() + log_k
-        warm = warmup_at(step, cfg)
-        loss = recon + warm * (cfg.kl_weight * kl + cfg.usage_weight * usage_kl)
+        loss, logits, stats = dvae_loss(model, pixels, step, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
