@@ -160,7 +160,8 @@ def test_segmentation_batches_decode_and_augment_on_the_gpu(tmp_path):
     CPU path gives (lossless PNG scenes; GPU and CPU resampling differ by rounding)."""
     pytest.importorskip("nvidia.dali")
     from beit.shared.datasets.fashion_scenes import write_scenes
-    from beit.train.segment.data import SegmentationData, read_segmentation
+    from beit.train.segment.data import SegmentationData
+    from beit.train.segment.datasets import read_segmentation
 
     write_scenes(tmp_path / "scenes", train=8, val=2, seed=0)
     source = read_segmentation(tmp_path / "scenes", "train")

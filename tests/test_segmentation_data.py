@@ -11,14 +11,9 @@ import torch
 from PIL import Image
 
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
-from beit.train.segment.data import (
-    SegmentationData,
-    adjust_hsv,
-    choose_crop,
-    nearest_indices,
-    read_segmentation,
-    rescaled_size,
-)
+from beit.train.segment.augment import adjust_hsv, choose_crop, nearest_indices, rescaled_size
+from beit.train.segment.data import SegmentationData
+from beit.train.segment.datasets import read_segmentation
 
 H, W = 40, 56
 

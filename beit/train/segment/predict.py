@@ -16,7 +16,9 @@ from beit.shared.checkpoint import CheckpointError, load_checkpoint, load_weight
 from beit.shared.dist import choose_device, dali_device_id
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
 from beit.train.model import ModelConfig
-from beit.train.segment.data import SegmentationData, eval_view, read_segmentation
+from beit.train.segment.augment import eval_view
+from beit.train.segment.data import SegmentationData
+from beit.train.segment.datasets import read_segmentation
 from beit.train.segment.inference import evaluate_segmenter, predict_logits
 from beit.train.segment.model import BeitSegmenter
 

@@ -32,7 +32,8 @@ from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.train.model import ModelConfig
 from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, StepEnd, layer_decay_groups, set_lr
-from beit.train.segment.data import SegmentationData, read_segmentation
+from beit.train.segment.data import SegmentationData
+from beit.train.segment.datasets import read_segmentation
 from beit.train.segment.inference import evaluate_segmenter
 from beit.train.segment.model import BeitSegmenter, segmentation_loss
 
