@@ -119,18 +119,27 @@ class LossMeter:
 
 
 class StepEnd:
-    """The end of a training step in a trainer that evaluates (fine-tuning, segmentation): rank 0
-    logs the loss every `log_every` steps and at the last (`log`); then (`checkpoint`) every rank's
-    random states are taken when saving (before evaluation draws from them), rank 0 evaluates when
-    asked, logging the result's `keys` as eval_* and keeping best.pt while `metric` improves, the
-    checkpoint is written and the ranks meet. `best` and `last` (the last evaluation) are what a
-    checkpoint records; they start from the resumed ones."""
+    """The end of a training step in a trainer that evaluates (fine-tuning, segmentation): the
+    optimizer step (`update`); rank 0 logs the loss every `log_every` steps and at the last
+    (`log`); then (`checkpoint`) every rank's random states are taken when saving (before
+    evaluation draws from them), rank 0 evaluates when asked, logging the result's `keys` as eval_*
+    and keeping best.pt while `metric` improves, the checkpoint is written and the ranks meet.
+    `best` and `last` (the last evaluation) are what a checkpoint records; they start from the
+    resumed ones."""
 
     def __init__(self, run: Run, meter: LossMeter, optimizer, bar, total: int, log_every: int, metric: str,
                  keys: tuple[str, ...], best: float, last: dict):  # fmt: skip
         self.run, self.meter, self.optimizer, self.bar = run, meter, optimizer, bar
         self.total, self.log_every, self.metric, self.keys = total, log_every, metric, keys
         self.best, self.last = best, last
+
+    def update(self, loss: torch.Tensor, images: int) -> None:
+        """The optimizer step on `loss` (backward, step, gradients cleared), counted for the next row."""
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.meter.add(loss, images)
+        self.bar.update(1)
 
     def log(self, step: int, **extra: Any) -> None:
         if self.run.dist.main and (step % self.log_every == 0 or step == self.total):

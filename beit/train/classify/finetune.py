@@ -204,12 +204,8 @@ def finetune(data_dir: Path | str, out: Path, cfg: FinetuneConfig, resume: bool 
         with run.autocast():
             logits = trained(pixels)
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ending.meter.add(loss, len(labels))
+        ending.update(loss, len(labels))
         step += 1
-        bar.update(1)
         ending.log(step, epoch=step / train.steps_per_epoch)
         end_of_epoch = step % train.steps_per_epoch == 0
         evaluating = end_of_epoch and ((step // train.steps_per_epoch) % cfg.eval_every == 0 or step == total)

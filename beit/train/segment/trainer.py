@@ -188,12 +188,8 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
         pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with run.autocast():
             loss, _ = segmentation_loss(trained, pixels, labels, cfg.ignore_index)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ending.meter.add(loss, len(labels))
+        ending.update(loss, len(labels))
         step += 1
-        bar.update(1)
         ending.log(step)
         evaluating = step % cfg.eval_every == 0 or step == cfg.iters
         saving = evaluating or step % cfg.checkpoint_every == 0
