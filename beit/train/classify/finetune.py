@@ -142,20 +142,40 @@ def build_model(cfg: FinetuneConfig, classes: int, data_dir: Path) -> tuple[Beit
 # ---------------------------------------------------------------- the loop
 
 
+def check_same_splits(dist, data_dir, train_source, val_source) -> None:
+    """Every rank lists the same train and val images (else ranks would mix up images and labels)."""
+    for source, split in ((train_source, "train"), (val_source, "val")):
+        dist.check_same_listing(f"the {split} images of {data_dir}", source.fingerprint(), source.entries)
+
+
+def build_data(train_source, val_source, size: int, cfg: FinetuneConfig, run: Run) -> tuple:
+    """This rank's share of the training images (augmented) and the validation images."""
+    views = {"seed": cfg.seed, "randaugment": cfg.randaugment, "threads": cfg.threads, "device_id": run.device_id}
+    world = {"rank": run.dist.rank, "world": run.dist.world}
+    train = ClassificationData(train_source, size, cfg.batch_size, True, **world, **views)
+    return train, ClassificationData(val_source, size, cfg.batch_size, False, **views)
+
+
+def resumed(meta: dict | None) -> tuple[int, float, dict]:
+    """(step, best top-1, last evaluation) from a resumed checkpoint's meta; a fresh run's without."""
+    if not meta:
+        return 0, -1.0, {}
+    result = meta.get("last_eval", {})
+    if not result and meta.get("top1", -1.0) >= 0:  # a checkpoint from before last_eval
+        result = {"top1": meta["top1"]}
+    return meta["step"], meta["best_top1"], result
+
+
 def finetune(data_dir: Path | str, out: Path, cfg: FinetuneConfig, resume: bool = True, progress: bool = True) -> dict:
     run = Run(out, cfg, "finetune", progress)
     dist, device = run.dist, run.device
     train_source, val_source = read_splits(data_dir, cfg.held_out, cfg.seed, cfg.source_root)
-    for source, split in ((train_source, "train"), (val_source, "val")):  # else ranks would mix up images and labels
-        dist.check_same_listing(f"the {split} images of {data_dir}", source.fingerprint(), source.entries)
+    check_same_splits(dist, data_dir, train_source, val_source)
     classes = len(train_source.class_names)
     model, notes = build_model(cfg, classes, data_dir)
     model_cfg = model.cfg
     model.to(device)
-    views = {"seed": cfg.seed, "randaugment": cfg.randaugment, "threads": cfg.threads, "device_id": run.device_id}
-    size = model_cfg.image_size
-    train = ClassificationData(train_source, size, cfg.batch_size, True, rank=dist.rank, world=dist.world, **views)
-    val = ClassificationData(val_source, size, cfg.batch_size, False, **views)
+    train, val = build_data(train_source, val_source, model_cfg.image_size, cfg, run)
     effective_batch = cfg.batch_size * dist.world
     lr = cfg.lr if cfg.lr is not None else cfg.blr * effective_batch / 1024
     total = cfg.epochs * train.steps_per_epoch
@@ -166,12 +186,7 @@ def finetune(data_dir: Path | str, out: Path, cfg: FinetuneConfig, resume: bool 
     )
     run.identity(classes=train_source.class_names)
     torch.manual_seed(cfg.seed + dist.rank)  # one weight init everywhere, drop path and erasing per rank
-    step, best, result = 0, -1.0, {}
-    meta = run.resume(resume, model, optimizer, total)
-    if meta:
-        step, best, result = meta["step"], meta["best_top1"], meta.get("last_eval", {})
-        if not result and meta.get("top1", -1.0) >= 0:  # a checkpoint from before last_eval
-            result = {"top1": meta["top1"]}
+    step, best, result = resumed(run.resume(resume, model, optimizer, total))
     run.start(step)
     trained = run.wrap(model)
     stream = train.stream(step)
