@@ -125,9 +125,9 @@ def refuse_another(location: str, attrs: dict, identity: dict, chunk_images: int
         )
 
 
-def create(location: str, identity: dict, keys, labels, chunk_images: int, embed_images: bool, members):
-    """A new store's group with its arrays (keys, labels and tar members written), marked as being
-    created until its attributes are written."""
+def create(location: str, identity: dict, keys, labels, class_names, chunk_images: int, embed_images: bool, members):
+    """A new store's group: its arrays (keys, labels and tar members written), marked as being
+    created until its attributes are written, last."""
     zarr = _zarr()
     n = len(keys)
     group = _open_group(location, "w")
@@ -155,6 +155,22 @@ def create(location: str, identity: dict, keys, labels, chunk_images: int, embed
     if members is not None:  # where each image is in its shard (key: shard/member): one ranged read
         group.create_array("members", shape=(n, 2), chunks=chunk + (2,), dtype="int64", fill_value=-1)
         group["members"][:] = np.asarray(members, dtype=np.int64)
+    from beit import __version__
+
+    group.update_attributes(
+        {  # one write: zarr's attrs.update writes key by key
+            "format": FORMAT,
+            "version": VERSION,
+            "writer": f"beit {__version__}",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **json.loads(json.dumps(identity)),
+            "class_names": list(class_names),
+            "chunk_images": chunk[0],
+            "embedded_images": embed_images,
+            "complete": False,
+            "creating": False,
+        }
+    )
     return group
 
 
@@ -224,23 +240,7 @@ class TokenStore:
             if not ours_unfinished and (attrs or list(existing.keys())):  # else a creation killed half-way: again
                 refuse_another(location, attrs, identity, chunk_images, len(keys))
                 return cls(_open_group(location, "r+"), location)
-        group = create(location, identity, keys, labels, chunk_images, embed_images, members)
-        from beit import __version__
-
-        group.update_attributes(
-            {  # one write: zarr's attrs.update writes key by key
-                "format": FORMAT,
-                "version": VERSION,
-                "writer": f"beit {__version__}",
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **json.loads(json.dumps(identity)),
-                "class_names": list(class_names),
-                "chunk_images": chunk_length(chunk_images, len(keys)),
-                "embedded_images": embed_images,
-                "complete": False,
-                "creating": False,
-            }
-        )
+        group = create(location, identity, keys, labels, class_names, chunk_images, embed_images, members)
         return cls(group, location)
 
     # ---------------------------------------------------------------- what it records (typed)

@@ -137,9 +137,10 @@ def tokenize(
         return summary
     chunks = ChunkTokenizer(store, root, cfg, view_cfg, token_side, tokenizer, precision, device)
     label = f"tokenize[{dist.rank}]" if dist.world > 1 else "tokenize"
-    summary = chunks.run(pending[dist.rank :: dist.world], progress, label)
+    setup = time.perf_counter() - entered  # listing, tokenizer, store, pipelines: before the first batch
+    summary = {"store": str(store_path), **chunks.run(pending[dist.rank :: dist.world], progress, label)}
     dist.barrier()
-    summary = {"store": str(store_path), **summary, "setup_seconds": summary.pop("started") - entered}
+    summary["setup_seconds"] = setup
     summary |= {"time": chunks.timing, "device": str(device), "world_size": dist.world}
     if dist.main:
         counts = store.mark_complete()
@@ -379,5 +380,4 @@ class ChunkTokenizer:
             "steady_views_per_s": (done_images - first[1]) * cfg.views / (elapsed - first[0])
             if first and elapsed > first[0]
             else None,
-            "started": started,
         }

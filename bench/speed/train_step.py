@@ -121,7 +121,7 @@ def bench_model(
 ):
     """Eager: ours and the peer side by side; then, with `use_compile`, ours compiled alone (timed
     before the peer's compile starts, so a slow peer compile cannot cost our figure), then the
-    peer compiled beside ours compiled. `report(rows)` is called after each of these."""
+    peer compiled beside ours compiled. After each, `report(measured rows, every row so far)`."""
     cfg = ModelConfig(preset=preset, depth=depth)
     ours = BeitForMIM(cfg)
     grid = ours.cfg.grid
@@ -167,6 +167,11 @@ def bench_model(
                     rows[OURS, compiled]["images_per_s"] / theirs["images_per_s"]
                 )
 
+    def measured(steppers: list[Stepper], compiled: bool) -> None:
+        for stepper in steppers:
+            record(stepper, compiled)
+        report([rows[stepper.name, compiled] for stepper in steppers], list(rows.values()))
+
     eager = [Stepper(OURS, ours, ours_forward, device, False)]
     if peer:
         from hf_reference import huggingface_twin
@@ -174,22 +179,17 @@ def bench_model(
         hf = huggingface_twin(ours, drop_path=ours.cfg.drop_path)
         eager.append(Stepper(PEER, hf, hf_forward, device, False))
     alternate(eager, inputs, warmup, steps)
-    for stepper in eager:
-        record(stepper, False)
-    report(list(rows.values()))
+    measured(eager, False)
     if not use_compile:
         return list(rows.values())
     # the compiled steppers share the eager ones' modules (and so their weights)
     compiled = [Stepper(OURS, eager[0].model, ours_forward, device, True)]
     alternate(compiled, inputs, warmup, steps)
-    record(compiled[0], True)
-    report(list(rows.values()))
+    measured(compiled, True)
     if peer:
         compiled.append(Stepper(PEER, eager[1].model, hf_forward, device, True, compile_part="step"))
         alternate(compiled, inputs, warmup, steps)
-        for stepper in compiled:
-            record(stepper, True)
-        report(list(rows.values()))
+        measured(compiled, True)
     return list(rows.values())
 
 
@@ -241,15 +241,11 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "results": [],
     }
-    done: list[dict] = []  # rows printed
     finished: list[dict] = []  # the rows of the models before this one
 
-    def report(rows: list[dict]) -> None:
-        """Print the rows measured since the last call, and rewrite the JSON: a step cut later keeps these."""
-        for row in rows:
-            if any(row is seen for seen in done):
-                continue
-            done.append(row)
+    def report(fresh: list[dict], rows: list[dict]) -> None:
+        """Print the rows just measured, and rewrite the JSON: a step cut later keeps these."""
+        for row in fresh:
             line = (
                 f"{row['model']:>5}  {row['implementation']:<18} {'compiled' if row['compiled'] else 'eager':<8} "
                 f"batch {row['batch']:>4}  {row['median_step_s'] * 1e3:9.1f} ms/step  "
