@@ -227,7 +227,9 @@ def tokenizer_train_command(
     """Train a dVAE tokenizer on your images (Gumbel-softmax, KL to a uniform prior, DALI crops)."""
     from beit.train.tokenizer.trainer import DVAETrainConfig, train_dvae
 
-    cfg, report = _run(ctx, DVAETrainConfig, train_dvae, images, out, resume=not no_resume)
+    cfg, report = _run(
+        ctx, DVAETrainConfig, train_dvae, images, out, renames={"vocab_size": "model.vocab_size"}, resume=not no_resume
+    )
     held = report.get("held_out")
     summary = f"wrote {out} after {report['steps']} steps on {report['train_images']} images"
     if report["failed_images"]:
@@ -235,7 +237,7 @@ def tokenizer_train_command(
     if held:
         summary += (
             f"; held-out crops: PSNR {held['psnr']:.1f} dB (mean-colour baseline {held['baseline_psnr']:.1f} dB), "
-            f"codes used {held['codes_used']}/{cfg.vocab_size}, perplexity {held['perplexity']:.0f}"
+            f"codes used {held['codes_used']}/{cfg.model.vocab_size}, perplexity {held['perplexity']:.0f}"
         )
     typer.echo(summary)
 

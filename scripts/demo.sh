@@ -58,8 +58,8 @@ finetune=("${model[@]}" --epochs "$finetune_epochs" --batch-size 64 --lr 2e-3 --
 run data beit data fashion-mnist "$out/data" --size "$size"
 run data-10pc beit data fashion-mnist "$out/data-10pc" --size "$size" --train 800 --seed 1
 run tokenizer beit tokenizer train "$out/data/train" -o "$out/tokenizer.safetensors" --no-resume \
-  --steps "$tokenizer_steps" --input-size "$size" --vocab-size 512 --batch-size 64 --set group_count=3 \
-  --set n_hid=32 --set n_init=32 --set warmup_steps=100 --set held_out=0.05 --set min_crop_area=0.5
+  --steps "$tokenizer_steps" --input-size "$size" --vocab-size 512 --batch-size 64 --set model.group_count=3 \
+  --set model.n_hid=32 --set model.n_init=32 --set warmup_steps=100 --set held_out=0.05 --set min_crop_area=0.5
 examples=$(ls "$out"/data/val/*/*.png | awk 'NR % 250 == 1' | head -8)
 # shellcheck disable=SC2086
 run reconstruct beit tokenizer reconstruct "$out/tokenizer.safetensors" $examples -o "$out/reconstructions.png"

@@ -67,6 +67,25 @@ def beit(*args, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
+def beit_here(*args) -> subprocess.CompletedProcess:
+    """`beit ARGS` run in this process through the real CLI (typer's runner): the same exit status,
+    stdout and stderr as `beit()`, without a subprocess's 3 s of start-up (importing torch and
+    DALI). For every command that is not killed, not distributed and needs no environment of its
+    own; `beit()` runs those. An exception the CLI does not turn into its one-line error ends as in
+    a subprocess: exit status 1 and the traceback on stderr."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from beit.cli import app
+
+    result = CliRunner().invoke(app, [*map(str, args)], catch_exceptions=True)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["beit", *map(str, args)], result.exit_code, result.stdout, stderr)
+
+
 def beit_torchrun(processes: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node PROCESSES -m beit ARGS` (as python -m torch.distributed.run), output captured."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "beit"]

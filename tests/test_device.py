@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import beit
+from helpers import beit_here
 
 from beit.shared.dist import choose_device
 
@@ -22,7 +22,7 @@ def test_device_settings():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a CPU-only machine gives")
 def test_a_command_asked_for_a_missing_gpu_says_so(tmp_path):
-    result = beit("pretrain", tmp_path / "no-store", "--out", tmp_path / "run", "--set", "device=cuda")
+    result = beit_here("pretrain", tmp_path / "no-store", "--out", tmp_path / "run", "--set", "device=cuda")
     assert result.returncode == 1
     assert "needs a CUDA GPU, and torch sees none: use --set device=cpu (or auto)." in result.stderr
 

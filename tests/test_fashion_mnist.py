@@ -3,7 +3,7 @@
 import gzip
 
 import numpy as np
-from helpers import beit
+from helpers import beit_here
 from PIL import Image
 
 from beit.shared.datasets.fashion_mnist import CLASSES, load
@@ -19,7 +19,7 @@ def test_the_shipped_subset_is_balanced_real_images():
 
 
 def test_write_an_imagefolder_at_a_chosen_size(tmp_path):
-    result = beit("data", "fashion-mnist", tmp_path / "fm", "--size", "32", "--train", "100", "--val", "30")
+    result = beit_here("data", "fashion-mnist", tmp_path / "fm", "--size", "32", "--train", "100", "--val", "30")
     assert result.returncode == 0, result.stderr
     assert "wrote 100 training and 30 validation images" in result.stdout
     train = sorted((tmp_path / "fm" / "train").iterdir())
@@ -46,8 +46,8 @@ def test_the_official_idx_files_are_read(tmp_path):
     back = load(folder)
     assert np.array_equal(back["train"][0], data["train"][0][:50])
     assert np.array_equal(back["val"][1], data["val"][1][:20])
-    result = beit("data", "fashion-mnist", tmp_path / "out", "--source", folder)
+    result = beit_here("data", "fashion-mnist", tmp_path / "out", "--source", folder)
     assert result.returncode == 0 and "wrote 50 training and 20 validation" in result.stdout
     (folder / "t10k-labels-idx1-ubyte.gz").unlink()
-    result = beit("data", "fashion-mnist", tmp_path / "out2", "--source", folder)
+    result = beit_here("data", "fashion-mnist", tmp_path / "out2", "--source", folder)
     assert result.returncode == 1 and "has no t10k-labels-idx1-ubyte" in result.stderr

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when
+from helpers import COLOUR, GREY, beit_here, beit_torchrun, copy_photos, kill_when
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
@@ -88,14 +88,14 @@ def test_finetune_from_pretraining_and_from_scratch(data, tmp_path):
     folder, pretrained = data
     for init in (pretrained, "none"):
         run = tmp_path / ("pt" if init != "none" else "scratch")
-        result = beit("finetune", folder, "--init", init, "--out", run, *ARGS, "--epochs", "3")
+        result = beit_here("finetune", folder, "--init", init, "--out", run, *ARGS, "--epochs", "3")
         assert result.returncode == 0, result.stderr[-3000:]
         assert "val top-1" in result.stdout
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in rows if "eval_top1" in r]
         assert len(evals) == 3 and 0.0 <= evals[-1]["eval_top1"] <= 1.0
         assert (run / "best.pt").exists() and (run / "checkpoint.pt").exists()
-    result = beit("evaluate", tmp_path / "pt" / "best.pt", folder / "val", "--per-class")
+    result = beit_here("evaluate", tmp_path / "pt" / "best.pt", folder / "val", "--per-class")
     assert result.returncode == 0 and "4 images: top-1" in result.stdout and "colour" in result.stdout
 
 
@@ -148,7 +148,7 @@ def test_an_official_layout_checkpoint_fine_tunes_with_no_missing_keys(data, tmp
         if name.endswith("relative_position_index"):
             state[name] = buffer
     torch.save({"model": state, "args": argparse.Namespace(model="beit_tiny")}, tmp_path / "official.pth")
-    result = beit(
+    result = beit_here(
         "finetune", folder, "--init", tmp_path / "official.pth", "--out", tmp_path / "run", *ARGS, "--epochs", "1"
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -158,13 +158,13 @@ def test_an_official_layout_checkpoint_fine_tunes_with_no_missing_keys(data, tmp
 def test_export_loads_into_the_timm_layout_with_the_same_logits(data, tmp_path):
     folder, pretrained = data
     run = tmp_path / "run"
-    assert beit("finetune", folder, "--init", pretrained, "--out", run, *ARGS, "--epochs", "1").returncode == 0
+    assert beit_here("finetune", folder, "--init", pretrained, "--out", run, *ARGS, "--epochs", "1").returncode == 0
     state, meta = load_checkpoint(run / "best.pt")
     original = BeitClassifier(ModelConfig(**meta["model"])).eval()
     original.load_state_dict(state["model"])
     pixels = torch.randn(2, 3, 64, 64)
     for fmt, name in (("timm", "model.pth"), ("safetensors", "model.safetensors")):
-        result = beit("export", run / "best.pt", "-o", tmp_path / name, "--format", fmt)
+        result = beit_here("export", run / "best.pt", "-o", tmp_path / name, "--format", fmt)
         assert result.returncode == 0, result.stderr
         exported = BeitClassifier(ModelConfig(**meta["model"])).eval()
         assert load_pretrained(exported, tmp_path / name) == []  # no missing, unexpected or adapted keys
@@ -178,20 +178,20 @@ def test_bad_inputs_are_one_clear_error_each(data, tmp_path):
     subprocess.run(["cp", "-r", str(folder), str(bad)], check=True)
     (bad / "val" / "zebra").mkdir()
     Image.new("RGB", (32, 32)).save(bad / "val" / "zebra" / "z.jpg")
-    result = beit("finetune", bad, "--init", "none", "--out", tmp_path / "r", *ARGS)
+    result = beit_here("finetune", bad, "--init", "none", "--out", tmp_path / "r", *ARGS)
     assert result.returncode == 1 and "val has classes that train/ lacks (zebra)" in result.stderr
     (bad / "val" / "zebra" / "z.jpg").unlink()
-    result = beit("finetune", bad, "--init", "none", "--out", tmp_path / "r", *ARGS)
+    result = beit_here("finetune", bad, "--init", "none", "--out", tmp_path / "r", *ARGS)
     assert result.returncode == 1 and "is empty" in result.stderr
     other = tmp_path / "other.pt"
     save_checkpoint(
         other, {"model": BeitForMIM(ModelConfig(**{**MODEL, "width": 48})).state_dict()}, {"kind": "pretrain"}
     )
-    result = beit("finetune", folder, "--init", other, "--out", tmp_path / "r", *ARGS)
+    result = beit_here("finetune", folder, "--init", other, "--out", tmp_path / "r", *ARGS)
     assert result.returncode == 1 and "does not fit the model" in result.stderr
-    result = beit("finetune", tmp_path / "nowhere", "--init", "none", "--out", tmp_path / "r", *ARGS)
+    result = beit_here("finetune", tmp_path / "nowhere", "--init", "none", "--out", tmp_path / "r", *ARGS)
     assert result.returncode == 1 and "does not exist" in result.stderr
-    result = beit("finetune", folder, "--init", tmp_path / "missing.pt", "--out", tmp_path / "r", *ARGS)
+    result = beit_here("finetune", folder, "--init", tmp_path / "missing.pt", "--out", tmp_path / "r", *ARGS)
     assert result.returncode == 1 and "does not exist" in result.stderr
 
 
@@ -209,7 +209,7 @@ def test_linear_probe_reports_every_layer(data):
         "--set",
         "model.depth=2",
     ]
-    result = beit("probe", folder, "--init", pretrained, *model_args, "--all-layers", "--epochs", "100")
+    result = beit_here("probe", folder, "--init", pretrained, *model_args, "--all-layers", "--epochs", "100")
     assert result.returncode == 0, result.stderr[-3000:]
     accuracies = [float(line.split("top-1")[1].strip(" %")) for line in result.stdout.splitlines() if "block" in line]
     assert len(accuracies) == 2 and all(0 <= a <= 100 for a in accuracies)
@@ -217,7 +217,7 @@ def test_linear_probe_reports_every_layer(data):
     # stand-in model on AMD EPYC (2026-11-30, tests/calibration/seeds.py probe): the best block 100% every time
     # (one block alone fell to 75% once); threshold = min - one of the 4 val images.
     assert max(accuracies) >= 75
-    result = beit("probe", folder, "--init", pretrained, *model_args, "--layer", "5")
+    result = beit_here("probe", folder, "--init", pretrained, *model_args, "--layer", "5")
     assert result.returncode == 1 and "outside the model's blocks 1..2" in result.stderr
 
 
@@ -229,7 +229,7 @@ def test_fine_tune_from_a_token_store_and_with_two_processes(data, tmp_path):
     tokenizer = tmp_path / "tok.safetensors"
     save_tokenizer(DVAE(DVAEConfig(n_hid=16, blocks_per_group=1, vocab_size=128, n_init=8)), tokenizer, input_size=32)
     store = tmp_path / "store"
-    result = beit(
+    result = beit_here(
         "tokenize",
         folder / "train",
         store,
@@ -242,7 +242,7 @@ def test_fine_tune_from_a_token_store_and_with_two_processes(data, tmp_path):
         "--embed-images",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    result = beit(
+    result = beit_here(
         "finetune",
         store,
         "--init",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import COLOUR, GREY, beit, copy_photos, free_port, run_together, save_jpeg
+from helpers import COLOUR, GREY, beit_here, copy_photos, free_port, run_together, save_jpeg
 
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
@@ -57,13 +57,22 @@ def data(tmp_path_factory):
     return source, tokenizer
 
 
-def test_two_nodes_tokenize_the_store_one_process_makes(data, tmp_path):
+@pytest.fixture(scope="module")
+def store(data, tmp_path_factory):
+    """The store one process makes of the photos: what the nodes' store must equal, and what both
+    pre-trainings read."""
+    source, tokenizer = data
+    store = tmp_path_factory.mktemp("one") / "store"
+    alone = beit_here("tokenize", source, store, "--tokenizer", tokenizer, *TOKENIZE)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    return store
+
+
+def test_two_nodes_tokenize_the_store_one_process_makes(data, store, tmp_path):
     source, tokenizer = data
     results = two_nodes(tmp_path, "tokenize", source, tmp_path / "nodes", "--tokenizer", tokenizer, *TOKENIZE)
     assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:] + results[1].stderr[-3000:]
-    alone = beit("tokenize", source, tmp_path / "one", "--tokenizer", tokenizer, *TOKENIZE)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    nodes, one = TokenStore.open(tmp_path / "nodes"), TokenStore.open(tmp_path / "one")
+    nodes, one = TokenStore.open(tmp_path / "nodes"), TokenStore.open(store)
     assert nodes.keys() == one.keys() and len(nodes) == 16
     for name in ("tokens", "view_params", "status", "image_sizes"):
         assert np.array_equal(getattr(nodes, name)(), getattr(one, name)()), name
@@ -71,13 +80,10 @@ def test_two_nodes_tokenize_the_store_one_process_makes(data, tmp_path):
     assert '"world_size": 4' in summary
 
 
-def test_two_nodes_pretrain_as_one_process_does(data, tmp_path):
-    source, tokenizer = data
-    store = tmp_path / "store"
-    assert beit("tokenize", source, store, "--tokenizer", tokenizer, *TOKENIZE).returncode == 0
+def test_two_nodes_pretrain_as_one_process_does(store, tmp_path):
     results = two_nodes(tmp_path, "pretrain", store, "--out", tmp_path / "nodes", *PRETRAIN, "--batch-size", 2)
     assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:] + results[1].stderr[-3000:]
-    alone = beit("pretrain", store, "--out", tmp_path / "one", *PRETRAIN, "--batch-size", 8)
+    alone = beit_here("pretrain", store, "--out", tmp_path / "one", *PRETRAIN, "--batch-size", 8)
     assert alone.returncode == 0, alone.stderr[-3000:]
     (nodes, their), (one, ours) = (load_checkpoint(tmp_path / run / "checkpoint.pt") for run in ("nodes", "one"))
     assert their["world_size"] == 4 and ours["world_size"] == 1 and their["step"] == ours["step"] == 4

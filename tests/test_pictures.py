@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import beit, copy_photos
+from helpers import beit_here, copy_photos
 from PIL import Image
 
 from beit.shared.checkpoint import save_checkpoint
@@ -14,7 +14,7 @@ from beit.shared.config import to_dict
 from beit.shared.counter import counter_key
 from beit.shared.images import read_image
 from beit.train.model import BeitClassifier, BeitForMIM, ModelConfig
-from beit.train.pretrain.data import SamplePlan
+from beit.train.pretrain.data import SamplePlan, Sampling
 from beit.train.pretrain.masking import block_masks, random_masks
 from beit.train.pretrain.pictures import (
     GREY,
@@ -152,14 +152,14 @@ def test_attention_command_writes_the_picture(photos, tmp_path):
         {"kind": "pretrain", "model": to_dict(cfg)},
     )
     out = tmp_path / "attention.png"
-    result = beit("attention", checkpoint, *photos, "-o", out, "--query", "1,2", "--query", "3,0", "--layer", "2")
+    result = beit_here("attention", checkpoint, *photos, "-o", out, "--query", "1,2", "--query", "3,0", "--layer", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("x uniform") == 4 and f"wrote {out}" in result.stdout
     with Image.open(out) as image:
         assert image.size == (720, 500)  # 3 columns x 2 rows at 240 x 250 pixels
         assert np.asarray(image.convert("L")).std() > 20
 
-    bad = beit("attention", checkpoint, photos[0], "-o", out, "--query", "4,4")
+    bad = beit_here("attention", checkpoint, photos[0], "-o", out, "--query", "4,4")
     assert bad.returncode == 1 and "outside the 4x4 patch grid" in bad.stderr and "Traceback" not in bad.stderr
 
     # a fine-tuned checkpoint draws too (in-process: the command path is the same)
@@ -179,7 +179,7 @@ def test_attention_command_writes_the_picture(photos, tmp_path):
 
 def test_mask_command_writes_the_picture(photos, tmp_path):
     out = tmp_path / "masks.png"
-    result = beit("mask", photos[1], "-o", out, "--grid", "8", "--count", "20", "--samples", "3")
+    result = beit_here("mask", photos[1], "-o", out, "--grid", "8", "--count", "20", "--samples", "3")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("of 64 patches masked in") == 3
     with Image.open(out) as image:
@@ -195,7 +195,7 @@ def test_masks_grey_out_exactly_the_masked_patches(photos, tmp_path, random):
     keys = counter_key(3, 0, np.arange(4), 2)
     expected = random_masks(keys, (7, 7), 20) if random else block_masks(keys, (7, 7), 20, min_block=4)
     # and what SamplePlan itself gives those images (min_block 4 is its default for 7x7)
-    plan = SamplePlan(np.arange(4), 1, (7, 7), 4, seed=3, mask="random" if random else "block", mask_count=20)
+    plan = SamplePlan(np.arange(4), 1, (7, 7), Sampling(4, seed=3, mask="random" if random else "block", mask_count=20))
     images, _, planned = plan.at(0)
     for image, want in zip(images, planned, strict=True):
         np.testing.assert_array_equal(masks[image].reshape(-1), want)

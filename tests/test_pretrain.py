@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import COLOUR, GREY, beit, beit_torchrun, copy_photos, kill_when, save_jpeg
+from helpers import COLOUR, GREY, beit_here, beit_torchrun, copy_photos, kill_when, save_jpeg
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint
@@ -18,7 +18,7 @@ from beit.shared.dvae import DVAE, DVAEConfig, load_tokenizer, save_tokenizer
 from beit.shared.store import StoreError, TokenStore
 from beit.shared.views import draw_views
 from beit.train.model import BeitForMIM, ModelConfig
-from beit.train.pretrain.data import PretrainData, SamplePlan
+from beit.train.pretrain.data import PretrainData, SamplePlan, Sampling
 from beit.train.scaffold import truncate_metrics
 
 TINY = [
@@ -61,7 +61,7 @@ def write_store(root: Path) -> tuple[Path, Path]:
         input_size=32,
     )
     location = root / "store"
-    result = beit(
+    result = beit_here(
         "tokenize",
         source,
         location,
@@ -85,7 +85,7 @@ def store(tmp_path_factory):
 
 def test_stage2_pixels_retokenize_to_the_cached_grids_and_failed_images_are_never_sampled(store):
     location, tokenizer_path = store
-    data = PretrainData(str(location), batch_size=4, seed=3, twin=True)
+    data = PretrainData(str(location), Sampling(4, seed=3), twin=True)
     tokenizer = load_tokenizer(tokenizer_path)
     failed = set(np.flatnonzero(data.store.status() == 2))
     assert len(failed) == 1
@@ -102,7 +102,7 @@ def test_stage2_pixels_retokenize_to_the_cached_grids_and_failed_images_are_neve
 
 def test_online_targets_draw_a_fresh_view_every_epoch_the_first_v_being_the_cached_ones(store):
     location, tokenizer_path = store
-    data = PretrainData(str(location), batch_size=4, seed=3, twin=True, fresh=True)
+    data = PretrainData(str(location), Sampling(4, seed=3), twin=True, fresh=True)
     tokenizer = load_tokenizer(tokenizer_path)
     cached = data.tokens.reshape(len(data.tokens), 10, -1)
     for epoch in (0, 7):  # view e in epoch e: stage 1's own draw, so the tokens are the cached ones
@@ -125,21 +125,21 @@ def test_online_targets_draw_a_fresh_view_every_epoch_the_first_v_being_the_cach
 
 def test_the_first_k_views_of_a_store_stand_for_a_store_of_k_views(store):
     location, _ = store
-    two = PretrainData(str(location), batch_size=4, seed=3, views=2)
+    two = PretrainData(str(location), Sampling(4, seed=3), views=2)
     assert {int(v) for e in range(6) for v in two.plan.views_of(np.arange(16), e)} == {0, 1}
     assert {int(two.plan.views_of([0], e)[0]) for e in (0, 1)} == {0, 1}  # both in the first two epochs
     with pytest.raises(StoreError, match="views = 11 is more than the 10 views"):
-        PretrainData(str(location), batch_size=4, seed=3, views=11)
+        PretrainData(str(location), Sampling(4, seed=3), views=11)
 
 
 def test_a_few_hundred_steps_lower_the_loss_and_beat_the_majority_token(store, tmp_path):
     location, _ = store
     run = tmp_path / "run"
-    result = beit("pretrain", location, "--out", run, *TINY, "--epochs", "150", "--set", "log_every=50")
+    result = beit_here("pretrain", location, "--out", run, *TINY, "--epochs", "150", "--set", "log_every=50")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics(run)
     assert rows[-1]["step"] == 300
-    tokens = PretrainData(str(location), batch_size=8, seed=0).tokens
+    tokens = PretrainData(str(location), Sampling(8, seed=0)).tokens
     majority = np.bincount(tokens.ravel()).max() / tokens.size
     # An untrained model predicts about uniformly: loss ln(128) = 4.85. 8 seeds (--seed 0-7) on AMD
     # EPYC (2026-11-30, tests/calibration/seeds.py pretrain), majority-token rate 0.32: last loss / ln(128) median
@@ -148,10 +148,10 @@ def test_a_few_hundred_steps_lower_the_loss_and_beat_the_majority_token(store, t
     assert rows[-1]["loss"] < 0.38 * np.log(128) and rows[-1]["loss"] < 0.75 * rows[0]["loss"]
     assert rows[-1]["mim_accuracy"] > majority + 0.07, (rows[-1], majority)
     picture = tmp_path / "curves.png"
-    result = beit("plot", run, "-o", picture)
+    result = beit_here("plot", run, "-o", picture)
     assert result.returncode == 0 and "loss, mim_accuracy, lr, grad_norm" in result.stdout, result.stderr
     assert Image.open(picture).size[0] > 600
-    result = beit("plot", tmp_path, "-o", picture)
+    result = beit_here("plot", tmp_path, "-o", picture)
     assert result.returncode == 1 and "has no metrics.jsonl" in result.stderr
 
 
@@ -159,7 +159,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(store, tmp_path):
     location, _ = store
     args = [*TINY, "--epochs", "12", "--set", "log_every=1", "--set", "checkpoint_every=8"]
     whole = tmp_path / "whole"
-    assert beit("pretrain", location, "--out", whole, *args).returncode == 0
+    assert beit_here("pretrain", location, "--out", whole, *args).returncode == 0
     cut = tmp_path / "cut"
     command = [sys.executable, "-m", "beit", "pretrain", str(location), "--out", str(cut), *map(str, args)]
 
@@ -169,7 +169,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(store, tmp_path):
     assert kill_when(command, past_the_first_checkpoint) == -signal.SIGKILL  # killed mid-run, not finished
     assert 8 <= json.loads((cut / "checkpoint.json").read_text())["step"] < 24
     assert not list(cut.glob(".*.tmp"))  # no half-written checkpoint lies around
-    result = beit("pretrain", location, "--out", cut, *args)
+    result = beit_here("pretrain", location, "--out", cut, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = metrics(whole), metrics(cut)
     assert [r["step"] for r in second] == list(range(1, 25))
@@ -181,18 +181,22 @@ def test_accumulation_equals_one_batch_of_the_effective_size(store, tmp_path):
     # random masks (the same count in every image) and no drop path: two micro-batches of 4
     # average to exactly the loss and gradient of one batch of 8 holding the same views
     args = [*TINY, "--epochs", "3", "--mask", "random", "--set", "model.drop_path=0.0", "--set", "log_every=1"]
-    assert beit("pretrain", location, "--out", tmp_path / "b8", *args).returncode == 0
-    result = beit("pretrain", location, "--out", tmp_path / "b4x2", *args, "--batch-size", 4, "--set", "accumulation=2")
+    assert beit_here("pretrain", location, "--out", tmp_path / "b8", *args).returncode == 0
+    result = beit_here(
+        "pretrain", location, "--out", tmp_path / "b4x2", *args, "--batch-size", 4, "--set", "accumulation=2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     whole, accumulated = metrics(tmp_path / "b8"), metrics(tmp_path / "b4x2")
     assert [r["step"] for r in accumulated] == [r["step"] for r in whole] == list(range(1, 7))
     assert [r["loss"] for r in accumulated] == pytest.approx([r["loss"] for r in whole], rel=1e-4)
     assert load_checkpoint(tmp_path / "b4x2" / "checkpoint.pt")[1]["effective_batch"] == 8
     # 4 batches an epoch in 3s: 3 epochs are 12 batches, 4 optimizer steps, not 3 (9 batches)
-    result = beit("pretrain", location, "--out", tmp_path / "b4x3", *args, "--batch-size", 4, "--set", "accumulation=3")
+    result = beit_here(
+        "pretrain", location, "--out", tmp_path / "b4x3", *args, "--batch-size", 4, "--set", "accumulation=3"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(r["step"], r["epoch"]) for r in metrics(tmp_path / "b4x3")][-1] == (4, 3.0)
-    result = beit("pretrain", location, "--out", tmp_path / "x", *args, "--epochs", 1, "--set", "accumulation=4")
+    result = beit_here("pretrain", location, "--out", tmp_path / "x", *args, "--epochs", 1, "--set", "accumulation=4")
     assert result.returncode == 1 and "--epochs 1 is less than one optimizer step" in result.stderr
 
 
@@ -231,7 +235,7 @@ def test_a_plan_re_cut_mid_epoch_for_another_world_size_repeats_and_skips_no_ima
     begun as 3 x 3 and finished as 1 x 5) visits each image of its order once, up to the tail
     that fills no global batch, which every epoch leaves for the next one's fresh order."""
     done = np.arange(100, 137)  # 37 images
-    first = [SamplePlan(done, 2, (4, 4), 4, seed=3, rank=r, world=2) for r in range(2)]
+    first = [SamplePlan(done, 2, (4, 4), Sampling(4, seed=3, rank=r, world=2)) for r in range(2)]
     seen = [i for step in range(2) for plan in first for i in plan.at(step)[0]]
     epoch, position = first[0].position(2)
     assert (epoch, position) == (0, 16)
@@ -247,7 +251,7 @@ def test_a_plan_re_cut_mid_epoch_for_another_world_size_repeats_and_skips_no_ima
     seen += [i for step in range(third.steps_until(2)) for i in third.at(step)[0]]
     assert len(seen) == len(set(seen)) == 18 + 15 and seen == list(first[0].epoch_order(1)[:33])
     # a plan from the start is the plan it always was: global step s takes [s * B * W, (s + 1) * B * W)
-    plain = SamplePlan(done, 2, (4, 4), 4, seed=3, rank=1, world=2)
+    plain = SamplePlan(done, 2, (4, 4), Sampling(4, seed=3, rank=1, world=2))
     assert plain.position(9) == (2, 8) and list(plain.at(9)[0]) == list(plain.epoch_order(2)[12:16])
 
 
@@ -268,7 +272,7 @@ def test_pretraining_resumes_on_another_world_size_where_the_data_stopped(store,
     k = killed["step"]  # 16 images, 2 x 4 a step: 2 steps an epoch, 12 in all
     assert k in (3, 6, 9) and killed["data_position"]["global_batch"] == 8
     epoch, position = divmod(k, 2)[0], divmod(k, 2)[1] * 8
-    result = beit("pretrain", location, "--out", cut, *args)  # one process, 4 images a step
+    result = beit_here("pretrain", location, "--out", cut, *args)  # one process, 4 images a step
     assert result.returncode == 0, result.stderr[-3000:]
     expected = f"(the checkpoint's run: 2 x 4 x 1): the data goes on at image {position} of epoch {epoch}"
     assert f"resuming on 1 ranks x 4 images x 1 accumulated {expected}" in result.stdout
@@ -293,10 +297,10 @@ def test_source_root_reads_the_same_images_elsewhere_and_refuses_others(store, t
     moved = tmp_path / "elsewhere"
     shutil.copytree(TokenStore.open(location).source_root, moved)
     args = [*TINY, "--epochs", "1", "--source-root", moved]
-    result = beit("pretrain", location, "--out", tmp_path / "run", *args)
+    result = beit_here("pretrain", location, "--out", tmp_path / "run", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     (moved / "coffee.jpg").write_bytes((moved / "coffee.jpg").read_bytes() + b"\0")  # another file of that name
-    result = beit("pretrain", location, "--out", tmp_path / "other", *args)
+    result = beit_here("pretrain", location, "--out", tmp_path / "other", *args)
     assert result.returncode == 1
     assert f"--source-root {moved} does not hold the images {location} was made from" in result.stderr
 
@@ -312,7 +316,7 @@ def test_source_root_reads_the_same_images_elsewhere_and_refuses_others(store, t
 def test_every_ablation_runs_and_its_loss_falls(store, tmp_path, flag, most):
     location, _ = store
     run = tmp_path / "run"
-    result = beit("pretrain", location, "--out", run, *TINY, *flag, "--epochs", "25", "--set", "log_every=10")
+    result = beit_here("pretrain", location, "--out", run, *TINY, *flag, "--epochs", "25", "--set", "log_every=10")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics(run)
     assert rows[-1]["loss"] < most * rows[0]["loss"], rows
@@ -320,20 +324,20 @@ def test_every_ablation_runs_and_its_loss_falls(store, tmp_path, flag, most):
 
 def test_mismatches_are_refused(store, tmp_path):
     location, _ = store
-    result = beit("pretrain", location, "--out", tmp_path / "a", *TINY, "--set", "model.vocab_size=8192")
+    result = beit_here("pretrain", location, "--out", tmp_path / "a", *TINY, "--set", "model.vocab_size=8192")
     assert result.returncode == 1 and "does not match" in result.stderr and "vocabulary 128" in result.stderr
-    result = beit("pretrain", location, "--out", tmp_path / "a", *TINY, "--set", "model.image_size=224")
+    result = beit_here("pretrain", location, "--out", tmp_path / "a", *TINY, "--set", "model.image_size=224")
     assert result.returncode == 1 and "token grid (4, 4)" in result.stderr
     run = tmp_path / "b"
-    assert beit("pretrain", location, "--out", run, *TINY, "--epochs", "1").returncode == 0
-    result = beit("pretrain", location, "--out", run, *TINY, "--epochs", "1", "--seed", "5")
+    assert beit_here("pretrain", location, "--out", run, *TINY, "--epochs", "1").returncode == 0
+    result = beit_here("pretrain", location, "--out", run, *TINY, "--epochs", "1", "--seed", "5")
     assert result.returncode == 1 and "is from another run" in result.stderr and "--no-resume" in result.stderr
     incomplete = tmp_path / "incomplete"
     subprocess.run(["cp", "-r", str(location), str(incomplete)], check=True)
     import zarr
 
     zarr.open_group(str(incomplete), mode="r+").update_attributes({"complete": False})
-    result = beit("pretrain", incomplete, "--out", tmp_path / "c", *TINY)
+    result = beit_here("pretrain", incomplete, "--out", tmp_path / "c", *TINY)
     assert result.returncode == 1 and "is incomplete" in result.stderr
 
 

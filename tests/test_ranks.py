@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import COLOUR, beit, copy_photos, free_port, run_together, save_jpeg
+from helpers import COLOUR, beit_here, copy_photos, free_port, run_together, save_jpeg
 
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer
 from beit.shared.store import TokenStore
@@ -73,7 +73,7 @@ def test_every_rank_tokenizes_rank_0s_listing_under_its_own_mount(mounts, tmp_pa
         extra.unlink()
     assert [r.returncode for r in results] == [0, 0], results[1].stderr[-2000:]
     one = tmp_path / "one"
-    assert beit("tokenize", first / "train", one, "--tokenizer", tokenizer, *TOKENIZE).returncode == 0
+    assert beit_here("tokenize", first / "train", one, "--tokenizer", tokenizer, *TOKENIZE).returncode == 0
     made, alone = TokenStore.open(store), TokenStore.open(one)
     assert made.keys() == alone.keys() and "a/zzz-extra.jpg" not in made.keys()
     assert np.array_equal(made.tokens(), alone.tokens()) and np.array_equal(made.status(), alone.status())

@@ -11,13 +11,12 @@ import functools
 import json
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import COLOUR, GREY, copy_photos, kill_when, save_jpeg, tiny_tokenizer
+from helpers import COLOUR, GREY, beit_here, copy_photos, kill_when, save_jpeg, tiny_tokenizer
 
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.store import DONE, TokenStore
@@ -25,12 +24,6 @@ from beit.shared.store import DONE, TokenStore
 CHUNK = 4
 # A 64 px patch view (4x4 patches of 16) and a 32 px tokenizer view (4x4 tokens of 8), 4 images a chunk.
 SMALL = ["--views", "2", "--set", "view.image_size=64", "--set", f"chunk_images={CHUNK}", "--batch-size", "2"]
-
-
-def run(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "beit", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +49,7 @@ def reference(photos, tmp_path_factory):
     source.mkdir()
     for path in files[: CHUNK + 1]:
         shutil.copy(path, source / path.name)
-    result = run("tokenize", source, root / "store", "--tokenizer", tokenizer, *SMALL)
+    result = beit_here("tokenize", source, root / "store", "--tokenizer", tokenizer, *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     group = zarr.open_group(str(root / "store"), mode="r")
     return {"store": root / "store", **{name: group[name][:] for name in ("tokens", "views", "keys", "status")}}
@@ -109,7 +102,7 @@ def test_tokenize_killed_at_each_moment_resumes_to_the_uninterrupted_store(photo
             assert code == -signal.SIGKILL and not attrs().get("complete")
     if not attrs().get("complete"):
         kill_when(command, marking_complete, timeout=120)
-    result = subprocess.run([*map(str, command)], capture_output=True, text=True, timeout=300)
+    result = beit_here(*command[3:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "made differently" not in result.stderr
     opened = TokenStore.open(store)
@@ -119,7 +112,7 @@ def test_tokenize_killed_at_each_moment_resumes_to_the_uninterrupted_store(photo
         assert np.array_equal(group[name][:], reference[name][:images]), name
     assert np.all(group["status"][:] == DONE)
     if images < CHUNK:  # such a store was refused as "made differently": it now reports itself complete
-        again = subprocess.run([*map(str, command)], capture_output=True, text=True, timeout=300)
+        again = beit_here(*command[3:])
         assert again.returncode == 0 and "already complete" in again.stdout, again.stderr[-3000:]
 
 
@@ -142,7 +135,7 @@ def _killed_while_saving_its_first_checkpoint(command: list, out: Path, checkpoi
     assert (out / "config.toml").exists()
     if (out / checkpoint).exists():
         load_checkpoint(out / checkpoint)  # whole: it loads
-    result = subprocess.run([*map(str, command)], capture_output=True, text=True, timeout=300)
+    result = beit_here(*command[3:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert not any(out.glob(".*.tmp"))  # the killed write's temporary file is cleared, not left for good
 
@@ -181,21 +174,30 @@ def test_tokenizer_train_killed_in_its_first_seconds_runs_again_to_the_end(photo
     out = tmp_path / "tok.safetensors"
     command = [sys.executable, "-m", "beit", "tokenizer", "train", files[0].parent, "-o", out, "--steps", "4"]
     command += ["--input-size", "32", "--vocab-size", "64", "--batch-size", "4", "--set", "checkpoint_every=1"]
-    command += ["--set", "group_count=3", "--set", "n_hid=16", "--set", "n_init=16", "--set", "held_out=0"]
+    command += [
+        "--set",
+        "model.group_count=3",
+        "--set",
+        "model.n_hid=16",
+        "--set",
+        "model.n_init=16",
+        "--set",
+        "held_out=0",
+    ]
 
     def saving_the_first_checkpoint() -> bool:
-        return any(tmp_path.glob(".tok.ckpt.pt.*.tmp"))
+        return any(tmp_path.glob("tok.run/.checkpoint.pt.*.tmp"))
 
     assert kill_when(command, saving_the_first_checkpoint, timeout=120) == -signal.SIGKILL
     assert not out.exists()  # killed before the end
     # killed while the first checkpoint was being written: its temporary file is left and no
     # checkpoint (the usual case), or, when the kill lands just after the rename (a busy machine),
     # a whole checkpoint of step 1; never a torn one
-    checkpoint = out.with_suffix(".ckpt.pt")
+    checkpoint = out.with_suffix(".run") / "checkpoint.pt"
     if checkpoint.exists():
         assert load_checkpoint(checkpoint)[1]["step"] == 1
-    result = subprocess.run([*map(str, command)], capture_output=True, text=True, timeout=300)
+    result = beit_here(*command[3:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(out.with_suffix(".json").read_text())["report"]["steps"] == 4
-    assert not out.with_suffix(".ckpt.pt").exists()
-    assert not any(tmp_path.glob(".*.tmp"))
+    assert not checkpoint.exists()
+    assert not any(tmp_path.glob("**/.*.tmp"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import COLOUR, GREY, beit, copy_photos, free_port, kill_when, save_jpeg, tiny_tokenizer
+from helpers import COLOUR, GREY, beit, beit_here, copy_photos, free_port, kill_when, save_jpeg, tiny_tokenizer
 
 from beit.shared.store import DONE, FAILED, TokenStore
 
@@ -99,23 +99,23 @@ def test_an_s3_source_and_store_tokenize_verify_and_pretrain_with_a_resume(serve
         f"photos/train/{p.relative_to(local).as_posix()}" for p in local.rglob("*.jpg")
     )
     server.mkdir("stores")
-    result = beit("tokenize", "s3://photos/train", "s3://stores/run1", "--tokenizer", tokenizer, *SMALL)
+    result = beit_here("tokenize", "s3://photos/train", "s3://stores/run1", "--tokenizer", tokenizer, *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tokenized 12 of 12 images" in result.stdout
     assert server.exists("stores/run1/zarr.json") and server.exists("stores/run1.metrics.json")
     # the same images from the local folder: the same keys, labels and tokens
-    assert beit("tokenize", local, tmp_path / "local", "--tokenizer", tokenizer, *SMALL).returncode == 0
+    assert beit_here("tokenize", local, tmp_path / "local", "--tokenizer", tokenizer, *SMALL).returncode == 0
     remote, here = TokenStore.open("s3://stores/run1"), TokenStore.open(tmp_path / "local")
     assert remote.keys() == here.keys() and remote.source_root == "s3://photos/train"
     assert remote.source_fingerprint == here.source_fingerprint  # the listing's sizes are the files' sizes
     for name in ("tokens", "view_params", "labels", "image_sizes"):
         assert np.array_equal(getattr(remote, name)(), getattr(here, name)()), name
-    verify = beit("store", "verify", "s3://stores/run1", "--sample", "6")
+    verify = beit_here("store", "verify", "s3://stores/run1", "--sample", "6")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "100.00% of tokens" in verify.stdout
 
     whole = tmp_path / "whole"
-    result = beit("pretrain", "s3://stores/run1", "--out", whole, *PRETRAIN)
+    result = beit_here("pretrain", "s3://stores/run1", "--out", whole, *PRETRAIN)
     assert result.returncode == 0, result.stderr[-3000:]
     cut = tmp_path / "cut"
     command = [sys.executable, "-m", "beit", "pretrain", "s3://stores/run1", "--out", cut, *PRETRAIN]
@@ -125,14 +125,14 @@ def test_an_s3_source_and_store_tokenize_verify_and_pretrain_with_a_resume(serve
 
     assert kill_when(command, past_the_first_checkpoint) == -signal.SIGKILL
     assert json.loads((cut / "checkpoint.json").read_text())["step"] < 18  # 12 images, 4 a step: 3 a epoch
-    result = beit("pretrain", "s3://stores/run1", "--out", cut, *PRETRAIN)
+    result = beit_here("pretrain", "s3://stores/run1", "--out", cut, *PRETRAIN)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in metrics(cut)] == list(range(1, 19))
     assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole)]
     # fine-tuning from the store at its URL reads the images from the bucket too
     tiny = ["--model", "tiny", "--set", "model.image_size=64", "--set", "model.width=64", "--set", "model.heads=2"]
     tiny += ["--set", "model.depth=2", "--batch-size", "4", "--epochs", "1", "--set", "warmup_epochs=0"]
-    result = beit("finetune", "s3://stores/run1", "--init", "none", "--out", tmp_path / "ft", *tiny)
+    result = beit_here("finetune", "s3://stores/run1", "--init", "none", "--out", tmp_path / "ft", *tiny)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fine-tuned 2 steps" in result.stdout  # 12 images less a tenth held out (one per class): 10, 4 a step
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import beit, beit_torchrun, kill_when
+from helpers import beit_here, beit_torchrun, kill_when
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint, save_checkpoint
@@ -33,7 +33,7 @@ def metrics(run):
 def data(tmp_path_factory):
     """24 training and 8 validation scenes, and a pre-trained (randomly initialised) ViT."""
     root = tmp_path_factory.mktemp("seg")
-    result = beit("data", "fashion-scenes", root / "scenes", "--train", 24, "--val", 8)
+    result = beit_here("data", "fashion-scenes", root / "scenes", "--train", 24, "--val", 8)
     assert result.returncode == 0, result.stderr[-3000:]
     torch.manual_seed(0)
     pretrained = root / "pt.pt"
@@ -45,7 +45,7 @@ def test_trains_evaluates_predicts_and_resumes_after_sigkill(data, tmp_path):
     scenes, pretrained = data
     args = [*ARGS, "--iters", "12", "--set", "eval_every=6", "--set", "checkpoint_every=3"]
     whole = tmp_path / "whole"
-    result = beit("segment", "train", scenes, "--init", pretrained, "--out", whole, *args)
+    result = beit_here("segment", "train", scenes, "--init", pretrained, "--out", whole, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val mIoU" in result.stdout and "fpn1" in result.stdout  # new heads noted
     rows = metrics(whole)
@@ -64,19 +64,19 @@ def test_trains_evaluates_predicts_and_resumes_after_sigkill(data, tmp_path):
         return json.loads((cut / "checkpoint.json").read_text())["step"] >= 3
 
     assert kill_when(command, past_a_checkpoint) == -signal.SIGKILL
-    result = beit("segment", "train", scenes, "--init", pretrained, "--out", cut, *args)
+    result = beit_here("segment", "train", scenes, "--init", pretrained, "--out", cut, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = [r["loss"] for r in metrics(cut) if "loss" in r]
     assert resumed == pytest.approx(losses, rel=1e-5)  # the same crops, drop path and dropout draws
 
     picture = tmp_path / "compare.png"
     options = ["--per-class", "--flip", "--scales", "0.75,1.0", "--picture", picture]
-    result = beit("segment", "evaluate", whole / "best.pt", scenes, *options)
+    result = beit_here("segment", "evaluate", whole / "best.pt", scenes, *options)
     assert result.returncode == 0, result.stderr[-3000:]
     assert Image.open(picture).height == 6 * (160 + 4)  # six images beside their ground truth and prediction
     assert result.stdout.startswith("mIoU ") and "background" in result.stdout and "ankle-boot" in result.stdout
     images = sorted((scenes / "images" / "validation").glob("*.png"))[:2]
-    result = beit("segment", "predict", whole / "best.pt", *images, "-o", tmp_path / "masks", "--overlay")
+    result = beit_here("segment", "predict", whole / "best.pt", *images, "-o", tmp_path / "masks", "--overlay")
     assert result.returncode == 0, result.stderr[-3000:]
     for image in images:
         mask = Image.open(tmp_path / "masks" / image.name)
@@ -99,16 +99,16 @@ def test_intermediate_fine_tuning_end_to_end_takes_the_released_pt2ft_values(dat
     and layer decay 0.9 apply unless set (the crop, 640 by default, is set here)."""
     scenes, pretrained = data
     images = tmp_path / "fmnist"
-    assert beit("data", "fashion-mnist", images, "--size", 32, "--train", 40, "--val", 20).returncode == 0
+    assert beit_here("data", "fashion-mnist", images, "--size", 32, "--train", 40, "--val", 20).returncode == 0
     model = [*ARGS[4:10], "--set", "model.image_size=32"]  # the segmenter's ViT at 32 px
-    result = beit(
+    result = beit_here(
         "finetune", images, "--init", pretrained, "--out", tmp_path / "ft", "--model", "tiny", *model,
         "--epochs", 1, "--batch-size", 8, "--set", "randaugment=false", "--set", "warmup_epochs=0",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     classifier = tmp_path / "ft" / "best.pt"
     run = tmp_path / "pt2ft"
-    result = beit("segment", "train", scenes, "--init", classifier, "--out", run, *ARGS, "--iters", "2")
+    result = beit_here("segment", "train", scenes, "--init", classifier, "--out", run, *ARGS, "--iters", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "finetuned recipe, lr 3e-05" in result.stdout
     assert "dropped fc_norm.weight, fc_norm.bias, head.weight, head.bias" in result.stdout  # the classifier's head
@@ -116,7 +116,9 @@ def test_intermediate_fine_tuning_end_to_end_takes_the_released_pt2ft_values(dat
     meta = load_checkpoint(run / "checkpoint.pt")[1]
     assert meta["layer_decay"] == 0.9 and meta["effective_lr"] == 3e-5
     explicit = tmp_path / "explicit"
-    result = beit("segment", "train", scenes, "--init", classifier, "--out", explicit, *ARGS, "--iters", 1, "--lr", 1)
+    result = beit_here(
+        "segment", "train", scenes, "--init", classifier, "--out", explicit, *ARGS, "--iters", 1, "--lr", 1
+    )
     assert result.returncode == 0 and load_checkpoint(explicit / "checkpoint.pt")[1]["effective_lr"] == 1.0
 
 
@@ -146,12 +148,12 @@ def test_bad_input_is_one_clear_error(data, tmp_path):
 
     shutil.copytree(scenes, bad)
     Image.open(mask).resize((10, 10)).save(bad / "annotations" / "training" / mask.name)
-    result = beit("segment", "train", bad, "--init", "none", "--out", tmp_path / "r1", *ARGS, "--iters", "1")
+    result = beit_here("segment", "train", bad, "--init", "none", "--out", tmp_path / "r1", *ARGS, "--iters", "1")
     assert result.returncode == 1 and mask.name in result.stderr and "a mask must label every pixel" in result.stderr
     # a checkpoint of another model size
     other = tmp_path / "other.pt"
     save_checkpoint(
         other, {"model": BeitForMIM(ModelConfig(**{**MODEL, "width": 64})).state_dict()}, {"kind": "pretrain"}
     )
-    result = beit("segment", "train", scenes, "--init", other, "--out", tmp_path / "r2", *ARGS, "--iters", "1")
+    result = beit_here("segment", "train", scenes, "--init", other, "--out", tmp_path / "r2", *ARGS, "--iters", "1")
     assert result.returncode == 1 and "error:" in result.stderr and len(result.stderr.strip().splitlines()) == 1

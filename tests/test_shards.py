@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import COLOUR, GREY, beit, copy_photos, save_jpeg, tiny_tokenizer
+from helpers import COLOUR, GREY, beit_here, copy_photos, save_jpeg, tiny_tokenizer
 
 from beit.shared.store import DONE, FAILED, TokenStore
 
@@ -48,9 +48,9 @@ def data(tmp_path_factory):
 def test_shards_and_a_folder_of_the_same_images_make_the_same_store(data, tmp_path):
     root, folder, tokenizer = data
     shards = f"{root}/shards-{{000000..000002}}.tar"
-    result = beit("tokenize", shards, tmp_path / "from-shards", "--tokenizer", tokenizer, *SMALL)
+    result = beit_here("tokenize", shards, tmp_path / "from-shards", "--tokenizer", tokenizer, *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert beit("tokenize", folder, tmp_path / "from-folder", "--tokenizer", tokenizer, *SMALL).returncode == 0
+    assert beit_here("tokenize", folder, tmp_path / "from-folder", "--tokenizer", tokenizer, *SMALL).returncode == 0
     a, b = TokenStore.open(tmp_path / "from-shards"), TokenStore.open(tmp_path / "from-folder")
     assert a.keys()[:2] == ["shards-000000.tar/astronaut.jpg", "shards-000000.tar/brick.jpg"]
     assert [k.split("/")[1] for k in a.keys()] == b.keys()
@@ -59,9 +59,9 @@ def test_shards_and_a_folder_of_the_same_images_make_the_same_store(data, tmp_pa
     assert list(a.labels()) == [int(k.split("/")[1] < "d") for k in a.keys()]  # from the .cls members
     assert a.source_record["kind"] == "shards" and a.items([1])[0].size == (folder / "brick.jpg").stat().st_size
     for store in ("from-shards", "from-folder"):  # pre-training reads either (the shards by ranged reads)
-        result = beit("pretrain", tmp_path / store, "--out", tmp_path / f"run-{store}", *PRETRAIN)
+        result = beit_here("pretrain", tmp_path / store, "--out", tmp_path / f"run-{store}", *PRETRAIN)
         assert result.returncode == 0, result.stderr[-3000:]
-    verify = beit("store", "verify", tmp_path / "from-shards", "--sample", "6")
+    verify = beit_here("store", "verify", tmp_path / "from-shards", "--sample", "6")
     assert verify.returncode == 0 and "100.00% of tokens" in verify.stdout, verify.stdout + verify.stderr
 
 
@@ -73,7 +73,7 @@ def test_a_sample_without_an_image_is_recorded_and_bad_shards_are_one_sentence(d
         add(tar, "one.cls", b"1")
         add(tar, "two.cls", b"0")  # a sample with a class and no image
         add(tar, "three.jpg", b"")  # an empty image
-    result = beit("tokenize", odd, tmp_path / "store", "--tokenizer", tokenizer, *SMALL)
+    result = beit_here("tokenize", odd, tmp_path / "store", "--tokenizer", tokenizer, *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     store = TokenStore.open(tmp_path / "store")
     assert store.keys() == ["odd.tar/one.jpg", "odd.tar/two", "odd.tar/three.jpg"]
@@ -83,10 +83,10 @@ def test_a_sample_without_an_image_is_recorded_and_bad_shards_are_one_sentence(d
         "odd.tar/three.jpg": "empty file",
     }
     missing = f"{root}/shards-{{000000..000003}}.tar"  # one shard more than there are
-    result = beit("tokenize", missing, tmp_path / "x", "--tokenizer", tokenizer, *SMALL)
+    result = beit_here("tokenize", missing, tmp_path / "x", "--tokenizer", tokenizer, *SMALL)
     assert result.returncode == 1 and f"{root}/shards-000003.tar does not exist" in result.stderr
     broken = tmp_path / "broken.tar"
     broken.write_bytes(Path(root / "shards-000000.tar").read_bytes()[:700])  # cut inside a member
-    result = beit("tokenize", broken, tmp_path / "y", "--tokenizer", tokenizer, *SMALL)
+    result = beit_here("tokenize", broken, tmp_path / "y", "--tokenizer", tokenizer, *SMALL)
     assert result.returncode == 1 and f"{broken} is not a readable tar file" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

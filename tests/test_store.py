@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import STAGE1_SMALL, arrays, assert_same_store, beit
+from helpers import STAGE1_SMALL, arrays, assert_same_store, beit_here
 from PIL import Image
 
 from beit.shared.store import DONE, StoreError, TokenStore
@@ -67,10 +67,10 @@ def test_the_store_says_what_it_is(data, reference):
 
 def test_info_and_verify(reference, data, tmp_path):
     store, _ = reference
-    result = beit("store", "info", store)
+    result = beit_here("store", "info", store)
     assert result.returncode == 0, result.stderr
     assert "12 done, 0 failed" in result.stdout and "grid 4x4, vocab 128" in result.stdout
-    result = beit("store", "verify", store, "--sample", "6")
+    result = beit_here("store", "verify", store, "--sample", "6")
     assert result.returncode == 0, result.stderr
     assert "18 views of 6 images" in result.stdout and "100.00% of tokens" in result.stdout
 
@@ -79,21 +79,21 @@ def test_info_and_verify(reference, data, tmp_path):
     subprocess.run(["cp", "-r", str(store), str(tampered)], check=True)
     group = zarr.open_group(str(tampered), mode="r+")
     group["tokens"][:] = (group["tokens"][:] + 1) % 128
-    result = beit("store", "verify", tampered, "--sample", "4", "--tokenizer", data[1])
+    result = beit_here("store", "verify", tampered, "--sample", "4", "--tokenizer", data[1])
     assert result.returncode == 4 and "0.00% of tokens" in result.stdout
 
 
 def test_rerun_is_a_no_op_and_a_different_run_is_refused(data, reference, tmp_path):
     source, tokenizer = data
     store, _ = reference
-    result = beit("tokenize", source, store, "--tokenizer", tokenizer, *SMALL)
+    result = beit_here("tokenize", source, store, "--tokenizer", tokenizer, *SMALL)
     assert result.returncode == 0 and "already complete" in result.stdout and "nothing to do" in result.stdout
-    result = beit("tokenize", source, store, "--tokenizer", tokenizer, *SMALL, "--seed", "1")
+    result = beit_here("tokenize", source, store, "--tokenizer", tokenizer, *SMALL, "--seed", "1")
     assert result.returncode == 1
     assert "store.views.seed: the store has 0, this run has 1" in result.stderr and "--overwrite" in result.stderr
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(store), str(copy)], check=True)
-    result = beit("tokenize", source, copy, "--tokenizer", tokenizer, *SMALL, "--seed", "1", "--overwrite")
+    result = beit_here("tokenize", source, copy, "--tokenizer", tokenizer, *SMALL, "--seed", "1", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert TokenStore.open(copy).attrs["views"]["seed"] == 1
     assert not np.array_equal(arrays(copy)["views"], arrays(store)["views"])
@@ -102,11 +102,11 @@ def test_rerun_is_a_no_op_and_a_different_run_is_refused(data, reference, tmp_pa
 def test_a_store_at_an_fsspec_url(data, reference, tmp_path):
     source, tokenizer = data
     url = f"file://{tmp_path}/remote/store"
-    result = beit("tokenize", source, url, "--tokenizer", tokenizer, *SMALL)
+    result = beit_here("tokenize", source, url, "--tokenizer", tokenizer, *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_store(tmp_path / "remote" / "store", reference[0])
     assert (tmp_path / "remote" / "store.metrics.json").exists()
-    result = beit("store", "verify", url, "--sample", "3")
+    result = beit_here("store", "verify", url, "--sample", "3")
     assert result.returncode == 0 and "100.00% of tokens" in result.stdout
 
 
@@ -139,7 +139,7 @@ def test_the_store_answers_for_its_layout_and_gives_each_image_by_one_rule(data,
     source = tmp_path / "source"
     shutil.copytree(data[0], source)
     for name, extra in (("embedded", ["--embed-images"]), ("plain", [])):
-        result = beit("tokenize", source, tmp_path / name, "--tokenizer", data[1], *SMALL, *extra)
+        result = beit_here("tokenize", source, tmp_path / name, "--tokenizer", data[1], *SMALL, *extra)
         assert result.returncode == 0, result.stderr[-3000:]
     original = (source / a["keys"][2]).read_bytes()
     (source / a["keys"][2]).write_bytes((source / a["keys"][9]).read_bytes())  # the source changes

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import STAGE1_SMALL, arrays, assert_same_store, beit, beit_torchrun, copy_photos, kill_when
+from helpers import STAGE1_SMALL, arrays, assert_same_store, beit_here, beit_torchrun, copy_photos, kill_when
 from PIL import Image
 
 from beit.shared.store import DONE, FAILED, TokenStore
@@ -34,7 +34,7 @@ def test_resume_after_sigkill_at_several_points_equals_an_uninterrupted_run(data
     for kill_after in (0, 2, 4):  # during start-up / creation, then after 2 and 4 of 6 chunks
         kill_when(command, functools.partial(reached, kill_after), timeout=120)
     assert not TokenStore.open(store, require_complete=False).attrs.get("complete")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = beit_here(*command[3:])  # the run to the end, in this process
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_store(store, reference[0])
 
@@ -75,7 +75,7 @@ def test_odd_and_bad_images(data, tmp_path):
     listing.write_text("".join(f"odd/{p.name}\n" for p in sorted(folder.iterdir())) + "odd/missing.jpg\n")
 
     store = tmp_path / "store"
-    result = beit("tokenize", listing, store, "--tokenizer", tokenizer, *SMALL, "--embed-images", "--strict")
+    result = beit_here("tokenize", listing, store, "--tokenizer", tokenizer, *SMALL, "--embed-images", "--strict")
     assert result.returncode == 3, result.stderr[-3000:]  # --strict: failures make it exit non-zero
     assert "tokenized 8 of 12 images" in result.stdout and "4 failed" in result.stdout
     a = arrays(store)
@@ -113,20 +113,20 @@ def test_odd_and_bad_images(data, tmp_path):
     # embedded images make the store self-contained: verify reads them, not the files
     for path in folder.iterdir():
         path.unlink()
-    result = beit("store", "verify", store, "--sample", "8")
+    result = beit_here("store", "verify", store, "--sample", "8")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "from embedded images" in result.stdout and "100.00% of tokens" in result.stdout
 
 
 def test_bad_arguments_are_one_clear_error(data, tmp_path):
     source, tokenizer = data
-    result = beit("tokenize", source, tmp_path / "s", "--tokenizer", tokenizer, "--set", "view.image_size=96")
+    result = beit_here("tokenize", source, tmp_path / "s", "--tokenizer", tokenizer, "--set", "view.image_size=96")
     assert result.returncode == 1 and "does not match the patch grid" in result.stderr
-    result = beit("tokenize", tmp_path / "nowhere", tmp_path / "s", "--tokenizer", tokenizer)
+    result = beit_here("tokenize", tmp_path / "nowhere", tmp_path / "s", "--tokenizer", tokenizer)
     assert result.returncode == 1 and "neither a folder of images nor a .txt file" in result.stderr
-    result = beit("tokenize", source, tmp_path / "s", "--tokenizer", tmp_path / "none.safetensors")
+    result = beit_here("tokenize", source, tmp_path / "s", "--tokenizer", tmp_path / "none.safetensors")
     assert result.returncode == 1 and "does not exist" in result.stderr
-    result = beit("store", "info", tmp_path / "not-a-store")
+    result = beit_here("store", "info", tmp_path / "not-a-store")
     assert result.returncode == 1 and "not a token store" in result.stderr
 
 
@@ -214,12 +214,12 @@ def test_every_entry_named_like_an_image_is_listed_done_or_failed_with_its_reaso
     for key, status, error in zip(a["keys"], a["status"], a["errors"], strict=True):
         assert (status, error) == ((DONE, "") if key in done else (FAILED, reasons[key])), key
 
-    listing = beit("store", "info", store)  # the first 10 failures, and how to see them all
+    listing = beit_here("store", "info", store)  # the first 10 failures, and how to see them all
     assert listing.returncode == 0, listing.stderr
     assert f"{len(done)} done, {len(reasons)} failed, 0 pending" in listing.stdout
     shown = [line for line in listing.stdout.splitlines() if line.startswith("failed ")]
     assert len(shown) == 11 and f"and {len(reasons) - 10} more: add --failures" in shown[-1]
-    listing = beit("store", "info", store, "--failures")
+    listing = beit_here("store", "info", store, "--failures")
     assert listing.returncode == 0, listing.stderr
     for key, reason in reasons.items():
         assert f"failed     {key}: {reason}\n" in listing.stdout

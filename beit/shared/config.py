@@ -89,12 +89,21 @@ def _convert(key: str, value: Any, kind: Any) -> Any:
     raise ConfigError(f"config key {key}: expected {kind.__name__}, got {type(value).__name__} {value!r}.")
 
 
+def _has_field(kind: Any, name: str) -> bool:
+    """Whether `kind` is a config dataclass with a field `name` (a key given one level too high)."""
+    return dataclasses.is_dataclass(kind) and name in {f.name for f in dataclasses.fields(kind)}
+
+
 def _build(cls: type[T], table: dict[str, Any], prefix: str = "") -> T:
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(table) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}: known keys here are {', '.join(sorted(names))}.")
+        key = unknown[0]
+        inner = [f"{prefix}{f.name}.{key}" for f in dataclasses.fields(cls) if _has_field(hints[f.name], key)]
+        if inner:
+            raise ConfigError(f"unknown config key {prefix}{key}: it is {inner[0]} (set that key instead).")
+        raise ConfigError(f"unknown config key {prefix}{key}: known keys here are {', '.join(sorted(names))}.")
     values = {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, value in table.items():

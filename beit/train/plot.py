@@ -10,6 +10,8 @@ PANELS = [
     ("mim_accuracy", "masked-token accuracy"),
     ("lr", "learning rate"),
     ("grad_norm", "gradient norm"),
+    ("psnr", "reconstruction PSNR (dB)"),
+    ("perplexity", "code perplexity"),
     ("images_per_s", "images/s"),
     ("data_wait", "data-wait fraction"),
 ]

@@ -4,7 +4,7 @@
 # each call's four files under $OUT/call1 and $OUT/call3.
 #   OUT=bench/results/gpu bash bench/gpu/own_machine.sh
 # Then the quality experiment's GPU size, which needs the official Fashion-MNIST idx files:
-#   python3 bench/quality/quality.py --size gpu --source FASHION_MNIST_DIR --work runs/quality-gpu --jobs 2
+#   python3 bench/quality/quality.py --preset gpu --source FASHION_MNIST_DIR --work runs/quality-gpu --jobs 2
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 base=${OUT:-bench/results/gpu}

@@ -1,32 +1,43 @@
-"""The quality experiment: the BEiT paper's comparisons at small scale, on Fashion-MNIST.
+"""The quality experiments: the BEiT paper's comparisons at small scale, on Fashion-MNIST, one
+entry point with presets.
 
-    python bench/quality/quality.py --size cpu [--work runs/quality-cpu] [--source DIR] [--jobs 2]
-    python bench/quality/quality.py --size gpu [--work runs/quality-gpu] [--jobs 2]
+    python bench/quality/quality.py --preset cpu [--work runs/quality-cpu] [--source DIR] [--jobs 2]
+    python bench/quality/quality.py --preset gpu [--work runs/quality-gpu] [--jobs 1]
+    python bench/quality/quality.py --preset quick                      # about 25 minutes, shipped subset
+    python bench/quality/quality.py --preset views --reuse runs/quality-cpu
+    python bench/quality/quality.py --preset longer --reuse runs/quality-cpu
 
-One dVAE tokenizer and one store of V = 10 views per image serve every pre-training run:
+A preset (PRESETS) names the data, the tokenizer, the views per image, one pre-training budget,
+the pre-training arms (name -> extra `beit pretrain` arguments), one fine-tuning budget, and which
+fine-tunings run: every arm on the `main` label count, and BEiT (the first arm) and scratch on
+each of `labels`. The arms of `cpu` and `gpu`:
   - BEiT (visual-token targets, blockwise masks, all 10 cached views)
   - the same with only the first 1 or 4 cached views (`--set views=K`: the views are drawn per
     (seed, image, view), so the first K are exactly a V = K store's)
-  - pixel regression of the masked patches (`--targets pixels`), the paper's ablation
+  - pixel regression of the masked patches (`--targets pixels`)
   - random instead of blockwise masks (`--mask random`)
   - online tokenization (`--targets online`): the dVAE runs on every step, as the reference code does
-Every pre-training run has the same budget (epochs, batch, lr). Then each is fine-tuned with the
-same budget (a fixed number of steps; layer-wise lr decay only for pre-trained weights) on 10% of
-the pre-training images' labels, and BEiT and a from-scratch model on 1%, 10% and 100% of them;
-top-1 on the validation images (the last epoch's, not the best).
+`quick` is BEiT against scratch on 10% of the shipped subset's labels; `views` asks whether V
+matters once each view repeats many times (2,000 images, 30 epochs: V = 10 against V = 1);
+`longer` gives the `cpu` arms four times the pre-training. Every pre-training run of a preset has
+the same budget (epochs, batch, lr), every fine-tuning the same number of steps (layer-wise lr
+decay only for pre-trained weights); top-1 on the validation images (the last evaluation's).
 
 --source: the official Fashion-MNIST idx files (default /usr/share/datasets/fashion-mnist when it is
-there: 60,000 train, 10,000 test); without them the shipped 8,000 / 2,000 subset is used. Runs
-resume: re-running the same command skips what is done and continues a run cut off (each
-`beit` run resumes from its last checkpoint), so the GPU size can go in several calls of
-`timeout 570 python bench/quality/quality.py --size gpu`. --pretrain-epochs and --finetune-steps change
-the budget of every run alike (use a new --work for another budget). Results: WORK/results.json and a
-Markdown table on stdout. Independent runs go --jobs at a time, the cores split between them.
+there: 60,000 train, 10,000 test); without them the shipped 8,000 / 2,000 subset is used. --reuse
+DIR takes the data, labelled sets, tokenizer and store from an earlier run's folder (made there
+when missing). Runs resume: re-running the same command skips what is done and continues a run
+cut off (each `beit` run resumes from its last checkpoint), so the GPU preset can go in several
+calls of `timeout 570 python bench/quality/quality.py --preset gpu`. --pretrain-epochs and
+--finetune-steps change the budget of every run alike (use a new --work for another budget).
+Results: WORK/results.json and a Markdown table on stdout. Independent runs go --jobs at a time,
+the cores split between them.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shlex
@@ -39,39 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 FULL = Path("/usr/share/datasets/fashion-mnist")
 
-SIZES = {
-    # 2 CPU cores: about 45 minutes. A 4-layer width-128 ViT on 28 px images (7x7 patches of 4).
-    "cpu": dict(
-        image=28,
-        images=10_000,
-        val=10_000,
-        model=dict(width=128, depth=4, heads=4),
-        tokenizer=dict(steps=400, batch=64, n_hid=32, vocab=512),
-        views=10,
-        tokenize_batch=64,
-        pretrain=dict(epochs=6, batch=64, lr=3e-3, warmup=1),
-        finetune=dict(steps=300, batch=64, lr=2e-3, layer_decay=0.75),
-        fractions=(0.01, 0.1, 1.0),
-    ),
-    # one GPU: ViT-S widths on all 60,000 training images. Counted (torch's FLOP counter): 6.56
-    # GFLOP per pre-training sample and 6.51 per fine-tuning sample (50 tokens of width 384, 12
-    # layers); 6 runs x 30 epochs x 60,000 and 10 x 1,500 steps x 256 make 9.6e16 FLOP, 8 minutes
-    # at 20% of an H100's bf16 peak. It fits one session's device time in two 10-minute calls.
-    "gpu": dict(
-        image=28,
-        images=60_000,
-        val=10_000,
-        model=dict(width=384, depth=12, heads=6),
-        tokenizer=dict(steps=5000, batch=256, n_hid=64, vocab=1024),
-        views=10,
-        tokenize_batch=256,
-        pretrain=dict(epochs=30, batch=256, lr=1.5e-3, warmup=3),
-        finetune=dict(steps=1500, batch=256, lr=2e-3, layer_decay=0.75),
-        fractions=(0.01, 0.1, 1.0),
-    ),
-}
-
-PRETRAIN_RUNS = {  # name -> extra `beit pretrain` arguments
+ARMS = {  # name -> extra `beit pretrain` arguments
     "beit-v10": "",
     "beit-v4": "--set views=4",
     "beit-v1": "--set views=1",
@@ -80,129 +59,234 @@ PRETRAIN_RUNS = {  # name -> extra `beit pretrain` arguments
     "online": "--targets online",
 }
 
+CPU = dict(
+    # 2 CPU cores: about 45 minutes. A 4-layer width-128 ViT on 28 px images (7x7 patches of 4).
+    image=28,
+    images=10_000,  # pre-training images with --source (the shipped subset has 8,000)
+    val=10_000,
+    model=dict(width=128, depth=4, heads=4),
+    tokenizer=dict(steps=400, batch=64, n_hid=32, vocab=512, warmup=50),
+    views=10,
+    tokenize_batch=64,
+    pretrain=dict(epochs=6, batch=64, lr=3e-3, warmup=1),
+    arms=ARMS,
+    finetune=dict(steps=300, batch=64, lr=2e-3, layer_decay=0.75),
+    labels=(0.01, 0.1, 1.0),  # fractions of the pre-training images' count: BEiT and scratch on each
+    main=0.1,  # every arm fine-tuned on this fraction
+)
+
+PRESETS = {
+    "cpu": CPU,
+    # one GPU: ViT-S widths on all 60,000 training images. Counted (torch's FLOP counter): 6.56
+    # GFLOP per pre-training sample and 6.51 per fine-tuning sample (50 tokens of width 384, 12
+    # layers); 6 runs x 30 epochs x 60,000 and 10 x 1,500 steps x 256 make 9.6e16 FLOP, 8 minutes
+    # at 20% of an H100's bf16 peak. It fits one session's device time in two 10-minute calls.
+    "gpu": {
+        **CPU,
+        "images": 60_000,
+        "model": dict(width=384, depth=12, heads=6),
+        "tokenizer": dict(steps=5000, batch=256, n_hid=64, vocab=1024, warmup=50),
+        "tokenize_batch": 256,
+        "pretrain": dict(epochs=30, batch=256, lr=1.5e-3, warmup=3),
+        "finetune": dict(steps=1500, batch=256, lr=2e-3, layer_decay=0.75),
+    },
+    # BEiT against scratch with 10% of the labels, quickly: 32 px, 4 views, 12 epochs.
+    "quick": {
+        **CPU,
+        "image": 32,
+        "images": 8000,
+        "tokenizer": dict(steps=600, batch=64, n_hid=32, vocab=512, warmup=50),
+        "views": 4,
+        "pretrain": dict(epochs=12, batch=64, lr=1.5e-3, warmup=1),
+        "arms": {"beit-v4": ""},
+        "finetune": dict(steps=375, batch=64, lr=2e-3, layer_decay=0.75),
+        "labels": (0.1,),
+    },
+    # Does V matter once each view repeats many times? 2,000 images, 30 epochs (930 steps, the cpu
+    # preset's budget): all 10 cached views (each seen 3 times) against the first only (seen 30
+    # times); fine-tuned on the cpu preset's 1,000 labelled images.
+    "views": {
+        **CPU,
+        "images": 2000,
+        "pretrain": dict(epochs=30, batch=64, lr=3e-3, warmup=3),
+        "arms": {"beit-v10": "", "beit-v1": "--set views=1"},
+        "labels": (),
+        "main": 0.5,  # of 2,000: the 1,000 labelled images
+    },
+    # Do the differences grow with longer pre-training? The cpu preset with 4x the epochs for
+    # visual tokens, pixel regression and online tokenization (at 24 epochs each cached view
+    # repeats 2.4 times; online targets come from a fresh view every time).
+    "longer": {
+        **CPU,
+        "pretrain": dict(epochs=24, batch=64, lr=3e-3, warmup=2),
+        "arms": {"beit-v10": "", "pixels": "--targets pixels", "online": "--targets online"},
+        "labels": (),
+    },
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--preset", "--size", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--work", type=Path)
+    parser.add_argument("--reuse", type=Path, help="an earlier run's folder: its data, labels, tokenizer, store")
     parser.add_argument("--source", type=Path, default=FULL if FULL.is_dir() else None)
     parser.add_argument("--jobs", type=int, default=2 if not _cuda() else 1)
-    parser.add_argument("--pretrain-epochs", type=int, help="instead of the size's (every pre-training run)")
-    parser.add_argument("--finetune-steps", type=int, help="instead of the size's (every fine-tuning run)")
+    parser.add_argument("--pretrain-epochs", type=int, help="instead of the preset's (every pre-training run)")
+    parser.add_argument("--finetune-steps", type=int, help="instead of the preset's (every fine-tuning run)")
     args = parser.parse_args()
-    size = SIZES[args.size]
+    size = copy.deepcopy(PRESETS[args.preset])
     if args.pretrain_epochs:
         size["pretrain"]["epochs"] = args.pretrain_epochs
     if args.finetune_steps:
         size["finetune"]["steps"] = args.finetune_steps
-    work = (args.work or ROOT / "runs" / f"quality-{args.size}").resolve()
+    work = (args.work or ROOT / "runs" / f"quality-{args.preset}").resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 2) // args.jobs)
-    times: dict[str, float] = {}
+    runner = Runner(work, args.jobs)
+    n_images = min(size["images"], 8000) if not args.source else size["images"]
+    n_val = size["val"] if args.source else 2000
+    print(f"quality ({args.preset}): {n_images} pre-training images, {n_val} validation images, work {work}")
+    shared = args.reuse.resolve() if args.reuse else work
+    data, store = prepare_pretraining(runner, size, args.source, work, shared, n_images, n_val)
+    fractions = labelled_sets(runner, size, args.source, shared, n_images, n_val)
+    arms = size["arms"]
+    first = next(iter(arms))
+    jobs = [pretrain_job(size, work, store, name, extra) for name, extra in arms.items()]
+    jobs += [finetune_job(size, work, f"scratch-{_pct(fr)}", "none", fractions[fr]) for fr in size["labels"]]
+    runner.pool(jobs)
+    jobs = [finetune_job(size, work, f"{name}-{_pct(size['main'])}", _checkpoint(work, name), fractions[size["main"]])
+            for name in arms]  # fmt: skip
+    jobs += [
+        finetune_job(size, work, f"{first}-{_pct(fr)}", _checkpoint(work, first), fractions[fr])
+        for fr in size["labels"]
+        if fr != size["main"]
+    ]
+    runner.pool(jobs)
+    report(work, shared, store, args, size, runner.times)
 
-    def beit(name: str, line: str, parallel: bool = False) -> str:
-        """Run `beit LINE` (paths in it shlex-quoted), its stderr in logs/NAME.log; its stdout back."""
+
+class Runner:
+    """Runs `beit` command lines, alone or --jobs at a time, each one's stderr in WORK/logs/NAME.log."""
+
+    def __init__(self, work: Path, jobs: int):
+        self.work, self.jobs = work, jobs
+        self.threads = max(1, (os.cpu_count() or 2) // jobs)
+        self.times: dict[str, float] = {}
+
+    def beit(self, name: str, line: str, parallel: bool = False) -> str:
+        """Run `beit LINE` (paths in it shlex-quoted); its stdout back."""
         env = dict(os.environ)
-        if parallel and args.jobs > 1:
-            env["OMP_NUM_THREADS"] = str(threads)
-            line += f" --set threads={threads}"
+        if parallel and self.jobs > 1:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+            line += f" --set threads={self.threads}"
         command = [sys.executable, "-m", "beit", *shlex.split(line)]
-        log = work / "logs" / f"{name}.log"
+        log = self.work / "logs" / f"{name}.log"
         start = time.perf_counter()
         with open(log, "w") as handle:
             handle.write(shlex.join(command) + "\n")
             handle.flush()
             done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=handle, text=True)
-        times[name] = time.perf_counter() - start
+        self.times[name] = time.perf_counter() - start
         if done.returncode:
             raise SystemExit(f"{name} failed (exit {done.returncode}): see {log}")
         last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-        print(f"  {name}: {times[name]:.0f} s  {last}")
+        print(f"  {name}: {self.times[name]:.0f} s  {last}")
         return done.stdout
 
-    def pool(jobs: list[tuple[str, str]]) -> None:
-        with ThreadPoolExecutor(args.jobs) as executor:
-            for future in [executor.submit(beit, name, line, True) for name, line in jobs]:
+    def pool(self, jobs: list[tuple[str, str]]) -> None:
+        with ThreadPoolExecutor(self.jobs) as executor:
+            for future in [executor.submit(self.beit, name, line, True) for name, line in jobs]:
                 future.result()
 
+
+q = shlex.quote
+
+
+def prepare_pretraining(runner: Runner, size: dict, source, work: Path, shared: Path, n_images: int, n_val: int):
+    """(data folder, store) of the pre-training images: the shared folder's when it holds as many
+    images as this preset pre-trains on, else this run's own; the tokenizer always the shared one."""
     s = size["image"]
-    q = shlex.quote
-    source = f"--source {q(str(args.source))}" if args.source else ""
-    n_images = size["images"] if args.source else 8000
-    n_val = size["val"] if args.source else 2000
-    print(f"quality ({args.size}): {n_images} pre-training images, {n_val} validation images, work {work}")
-
-    # the pre-training images, and class-balanced labelled sets of each fraction's size
-    data = work / "data"
-    if not (data / "train").is_dir():
-        beit("data", f"data fashion-mnist {q(str(data))} --size {s} {source} --train {n_images} --val {n_val}")
-    fractions = {}
-    for fraction in size["fractions"]:
-        count = round(n_images * fraction)
-        folder = work / f"labels-{count}"
-        if not (folder / "train").is_dir():
-            line = f"data fashion-mnist {q(str(folder))} --size {s} {source} --train {count} --val {n_val} --seed 1"
-            beit(f"labels-{count}", line)
-        fractions[fraction] = folder
-
     t = size["tokenizer"]
-    tokenizer = work / "tokenizer.safetensors"
+    tokenizer = shared / "tokenizer.safetensors"
+    shared_data = shared / "data"
+    if not (shared_data / "train").is_dir():
+        line = f"data fashion-mnist {q(str(shared_data))} --size {s} {_source(source)} --train {n_images} --val {n_val}"
+        runner.beit("data", line)
     if not tokenizer.is_file():
-        beit(
+        runner.beit(
             "tokenizer",
-            f"tokenizer train {q(str(data / 'train'))} -o {q(str(tokenizer))} --steps {t['steps']} --input-size {s} "
-            f"--vocab-size {t['vocab']} --batch-size {t['batch']} --set group_count=3 --set n_hid={t['n_hid']} "
-            f"--set n_init={t['n_hid']} --set warmup_steps=50 --set held_out=0.05 --set min_crop_area=0.5",
+            f"tokenizer train {q(str(shared_data / 'train'))} -o {q(str(tokenizer))} --steps {t['steps']} "
+            f"--input-size {s} --vocab-size {t['vocab']} --batch-size {t['batch']} --set model.group_count=3 "
+            f"--set model.n_hid={t['n_hid']} --set model.n_init={t['n_hid']} --set warmup_steps={t['warmup']} "
+            "--set held_out=0.05 --set min_crop_area=0.5",
         )
-    store = work / "store"
-    beit(
+    own = sum(1 for _ in (shared_data / "train").rglob("*.png")) != n_images
+    data = work / "data" if own else shared_data
+    if own and not (data / "train").is_dir():
+        line = f"data fashion-mnist {q(str(data))} --size {s} {_source(source)} --train {n_images} --val {n_val}"
+        runner.beit("data", line)
+    store = (work if own else shared) / "store"
+    runner.beit(
         "tokenize",
         f"tokenize {q(str(data / 'train'))} {q(str(store))} --tokenizer {q(str(tokenizer))} --views {size['views']} "
         f"--set view.image_size={s} --set patch_size=4 --set view.scale=[0.5,1.0] "
         f"--batch-size {size['tokenize_batch']} --set chunk_images=500",
     )
+    return data, store
 
-    m, p, f = size["model"], size["pretrain"], size["finetune"]
-    model = (
-        f"--model tiny --set model.image_size={s} --set model.patch_size=4 --set model.width={m['width']} "
+
+def labelled_sets(runner: Runner, size: dict, source, shared: Path, n_images: int, n_val: int) -> dict:
+    """{fraction: folder} of class-balanced labelled sets, one per fraction of the pre-training
+    images' count (drawn with seed 1, apart from the pre-training images' draw)."""
+    fractions = {}
+    for fraction in sorted({*size["labels"], size["main"]}):
+        count = round(n_images * fraction)
+        folder = shared / f"labels-{count}"
+        if not (folder / "train").is_dir():
+            line = f"data fashion-mnist {q(str(folder))} --size {size['image']} {_source(source)} --train {count} "
+            runner.beit(f"labels-{count}", line + f"--val {n_val} --seed 1")
+        fractions[fraction] = folder
+    return fractions
+
+
+def _model(size: dict) -> str:
+    m = size["model"]
+    return (
+        f"--model tiny --set model.image_size={size['image']} --set model.patch_size=4 --set model.width={m['width']} "
         f"--set model.heads={m['heads']} --set model.depth={m['depth']}"
     )
 
-    def pretrain(name: str, extra: str) -> tuple[str, str]:
-        return f"pretrain-{name}", (
-            f"pretrain {q(str(store))} --out {q(str(work / f'pretrain-{name}'))} {model} --epochs {p['epochs']} "
-            f"--batch-size {p['batch']} --lr {p['lr']} --warmup-epochs {p['warmup']} --set log_every=50 "
-            f"--set model.drop_path=0.0 {extra}"
-        )
 
-    def finetune(name: str, init: str, labels: Path) -> tuple[str, str]:
-        count = sum(1 for _ in (labels / "train").rglob("*.png"))
-        epochs = max(1, round(f["steps"] / max(1, count // f["batch"])))  # the same number of steps for all
-        # layer-wise lr decay only where there are pre-trained layers to keep; from scratch it only
-        # slows the lower layers down
-        decay = 1.0 if init == "none" else f["layer_decay"]
-        return name, (
-            f"finetune {q(str(labels))} --init {q(init)} --out {q(str(work / name))} {model} --epochs {epochs} "
-            f"--batch-size {f['batch']} --lr {f['lr']} --layer-decay {decay} "
-            f"--set warmup_epochs={max(epochs / 10, 0.1):g} --set randaugment=false --set mixup=0 --set cutmix=0 "
-            f"--set erasing=0 --set model.drop_path=0.1 --set eval_every={epochs}"
-        )
+def pretrain_job(size: dict, work: Path, store: Path, name: str, extra: str) -> tuple[str, str]:
+    p = size["pretrain"]
+    return f"pretrain-{name}", (
+        f"pretrain {q(str(store))} --out {q(str(work / f'pretrain-{name}'))} {_model(size)} --epochs {p['epochs']} "
+        f"--batch-size {p['batch']} --lr {p['lr']} --warmup-epochs {p['warmup']} --set log_every=50 "
+        f"--set model.drop_path=0.0 {extra}"
+    )
 
-    def checkpoint(name: str) -> str:
-        return str(work / f"pretrain-{name}" / "checkpoint.pt")
 
-    # pre-training runs, and beside them the from-scratch fine-tunings (which need none)
-    jobs = [pretrain(name, extra) for name, extra in PRETRAIN_RUNS.items()]
-    jobs += [finetune(f"scratch-{_pct(fr)}", "none", folder) for fr, folder in fractions.items()]
-    pool(jobs)
-    jobs = [finetune(f"{name}-10pc", checkpoint(name), fractions[0.1]) for name in PRETRAIN_RUNS]
-    jobs += [
-        finetune(f"beit-v10-{_pct(fr)}", checkpoint("beit-v10"), folder)
-        for fr, folder in fractions.items()
-        if fr != 0.1
-    ]
-    pool(jobs)
-    report(work, args, size, times, fractions)
+def finetune_job(size: dict, work: Path, name: str, init: str, labels: Path) -> tuple[str, str]:
+    f = size["finetune"]
+    count = sum(1 for _ in (labels / "train").rglob("*.png"))
+    epochs = max(1, round(f["steps"] / max(1, count // f["batch"])))  # the same number of steps for all
+    # layer-wise lr decay only where there are pre-trained layers to keep; from scratch it only
+    # slows the lower layers down
+    decay = 1.0 if init == "none" else f["layer_decay"]
+    return name, (
+        f"finetune {q(str(labels))} --init {q(init)} --out {q(str(work / name))} {_model(size)} --epochs {epochs} "
+        f"--batch-size {f['batch']} --lr {f['lr']} --layer-decay {decay} "
+        f"--set warmup_epochs={max(epochs / 10, 0.1):g} --set randaugment=false --set mixup=0 --set cutmix=0 "
+        f"--set erasing=0 --set model.drop_path=0.1 --set eval_every={epochs}"
+    )
+
+
+def _checkpoint(work: Path, name: str) -> str:
+    return str(work / f"pretrain-{name}" / "checkpoint.pt")
+
+
+def _source(source) -> str:
+    return f"--source {q(str(source))}" if source else ""
 
 
 def _pct(fraction: float) -> str:
@@ -222,15 +306,17 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def report(work: Path, args, size: dict, times: dict, fractions: dict) -> None:
+def report(work: Path, shared: Path, store: Path, args, size: dict, times: dict) -> None:
     def top1(run: str) -> float:
         return [r for r in _rows(work / run / "metrics.jsonl") if "eval_top1" in r][-1]["eval_top1"] * 100
 
-    tokenizer = json.loads((work / "tokenizer.json").read_text())
+    tokenizer = json.loads((shared / "tokenizer.json").read_text())
     held = tokenizer["report"]["held_out"]
-    stage1 = json.loads((work / "store.metrics.json").read_text())
+    stage1 = json.loads(store.with_name(store.name + ".metrics.json").read_text())
+    arms, main = size["arms"], _pct(size["main"])
+    first = next(iter(arms))
     results = {
-        "size": args.size,
+        "preset": args.preset,
         "source": str(args.source) if args.source else "shipped subset",
         "settings": size,
         "tokenizer": {"psnr": held["psnr"], "codes_used": held["codes_used"], "vocab": tokenizer["vocab_size"]},
@@ -239,38 +325,38 @@ def report(work: Path, args, size: dict, times: dict, fractions: dict) -> None:
         "finetune": {},
         "seconds": times,
     }
-    for name in PRETRAIN_RUNS:
+    for name in arms:
         rows = _rows(work / f"pretrain-{name}" / "metrics.jsonl")
-        last = rows[-1]
         results["pretrain"][name] = {
-            "steps": last["step"],
-            "loss": last["loss"],
-            "mim_accuracy": last.get("mim_accuracy"),
+            "steps": rows[-1]["step"],
+            "loss": rows[-1]["loss"],
+            "mim_accuracy": rows[-1].get("mim_accuracy"),
             "images_per_s": sorted(r["images_per_s"] for r in rows)[len(rows) // 2],
         }
-    for fr in fractions:
-        pct = _pct(fr)
-        results["finetune"][f"scratch-{pct}"] = top1(f"scratch-{pct}")
-        results["finetune"][f"beit-v10-{pct}"] = top1(f"beit-v10-{pct}")
-    for name in PRETRAIN_RUNS:
-        results["finetune"][f"{name}-10pc"] = top1(f"{name}-10pc")
+    for fr in size["labels"]:
+        for name in (f"scratch-{_pct(fr)}", f"{first}-{_pct(fr)}"):
+            results["finetune"][name] = top1(name)
+    for name in arms:
+        results["finetune"][f"{name}-{main}"] = top1(f"{name}-{main}")
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     ft = results["finetune"]
     print(f"\ntokenizer: held-out PSNR {held['psnr']:.1f} dB, {held['codes_used']}/{tokenizer['vocab_size']} codes; "
           f"stage 1: {stage1['views_per_s']:.0f} views/s")  # fmt: skip
-    print("\n| labels | BEiT (V = 10) | scratch | difference |\n| --- | --- | --- | --- |")
-    for fr in fractions:
-        pct = _pct(fr)
-        b, sc = ft[f"beit-v10-{pct}"], ft[f"scratch-{pct}"]
-        print(f"| {fr * 100:g}% | {b:.1f} | {sc:.1f} | {b - sc:+.1f} |")
-    print("\n| pre-training (then 10% labels) | top-1 | masked-token acc. | pre-train img/s (median) |")
+    if size["labels"]:
+        print(f"\n| labels | BEiT ({first}) | scratch | difference |\n| --- | --- | --- | --- |")
+        for fr in size["labels"]:
+            b, sc = ft[f"{first}-{_pct(fr)}"], ft[f"scratch-{_pct(fr)}"]
+            print(f"| {fr * 100:g}% | {b:.1f} | {sc:.1f} | {b - sc:+.1f} |")
+    header = "| top-1 | masked-token acc. | pre-train img/s (median) |"
+    print(f"\n| pre-training (then {size['main'] * 100:g}% labels) {header}")
     print("| --- | --- | --- | --- |")
-    for name in PRETRAIN_RUNS:
+    for name in arms:
         pt = results["pretrain"][name]
         acc = f"{pt['mim_accuracy'] * 100:.1f}%" if pt["mim_accuracy"] is not None else "-"
-        print(f"| {name} | {ft[f'{name}-10pc']:.1f} | {acc} | {pt['images_per_s']:.0f} |")
-    print(f"| scratch | {ft['scratch-10pc']:.1f} | - | - |")
+        print(f"| {name} | {ft[f'{name}-{main}']:.1f} | {acc} | {pt['images_per_s']:.0f} |")
+    if f"scratch-{main}" in ft:
+        print(f"| scratch | {ft[f'scratch-{main}']:.1f} | - | - |")
     print(f"\nresults in {work / 'results.json'}; jobs {args.jobs} at a time")
 
 

@@ -97,8 +97,8 @@ if [ -n "$pretrained" ]; then
 else
   run data beit data fashion-mnist "$out/data" --size "$size"
   run tokenizer beit tokenizer train "$out/data/train" -o "$out/tokenizer.safetensors" --no-resume \
-    --steps 400 --input-size "$size" --vocab-size 512 --batch-size 64 --set group_count=3 \
-    --set n_hid=32 --set n_init=32 --set warmup_steps=100 --set held_out=0.05 --set min_crop_area=0.5
+    --steps 400 --input-size "$size" --vocab-size 512 --batch-size 64 --set model.group_count=3 \
+    --set model.n_hid=32 --set model.n_init=32 --set warmup_steps=100 --set held_out=0.05 --set min_crop_area=0.5
   run tokenize beit tokenize "$out/data/train" "$out/store" --tokenizer "$out/tokenizer.safetensors" \
     --views 4 --set view.image_size="$size" --set patch_size=4 --set view.scale=[0.5,1.0] --batch-size 64 \
     --set chunk_images=500

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from beit.train.pretrain.data import SamplePlan
+from beit.train.pretrain.data import SamplePlan, Sampling
 from beit.train.pretrain.masking import block_mask, random_mask
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     done = np.arange(args.images)
     for kind in ("block", "random"):
-        plan = SamplePlan(done, 10, (14, 14), args.batch, seed=0, mask=kind)
+        plan = SamplePlan(done, 10, (14, 14), Sampling(args.batch, seed=0, mask=kind))
         plan.at(0)  # draws the first epoch's order
         now = median_ms(plan.at, args.steps)
         if kind == "block":

@@ -37,7 +37,7 @@ from beit.shared.decode import dali_threads  # noqa: E402
 from beit.shared.dvae import DVAE, DVAEConfig, save_tokenizer  # noqa: E402
 from beit.tokenize.stage1 import TokenizeConfig, tokenize  # noqa: E402
 from beit.train.model import ModelConfig  # noqa: E402
-from beit.train.pretrain.data import PretrainData  # noqa: E402
+from beit.train.pretrain.data import PretrainData, Sampling  # noqa: E402
 from beit.train.pretrain.trainer import PretrainConfig, pretrain  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def main() -> None:
     peak = matmul_peak(torch.device("cuda")) if cuda else None
     print(f"device: {device}; batch {batch}; {steps} timed steps after {steps} warm-up steps; released-size dVAE")
 
-    data = PretrainData(str(store), batch, seed=0, twin=False, threads=threads, device_id=0 if cuda else None)
+    data = PretrainData(str(store), Sampling(batch, seed=0), twin=False, threads=threads, device_id=0 if cuda else None)
     for step in range(2):
         data.batch(step)
     start = time.perf_counter()

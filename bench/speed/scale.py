@@ -71,7 +71,7 @@ def build(out: Path, n: int, views: int, grid: int, batch: int, ranks: int, step
     """The synthetic store at out/store and its list file at out/source/list.txt."""
     from beit.shared.store import DONE, TokenStore
     from beit.shared.views import JITTER_PLACEMENT, PARAMS, ViewConfig, draw_views
-    from beit.train.pretrain.data import SamplePlan
+    from beit.train.pretrain.data import SamplePlan, Sampling
 
     source = out / "source"
     source.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def build(out: Path, n: int, views: int, grid: int, batch: int, ranks: int, step
     done = np.arange(n)
     needed = set(range(16))
     for rank in range(ranks):
-        plan = SamplePlan(done, views, (grid, grid), batch, 0, rank, ranks)
+        plan = SamplePlan(done, views, (grid, grid), Sampling(batch, 0, rank, ranks))
         for step in range(steps + 4):
             needed.update(int(i) for i in plan.at(step)[0])
     photos = real_photos(out / "photos")
@@ -138,11 +138,11 @@ def real_photos(folder: Path) -> list[Path]:
 def stage2_worker(store: str, batch: int, steps: int, cache: str, out: str) -> None:
     """One rank of stage 2's start-up (RANK and WORLD_SIZE from the environment)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    from beit.train.pretrain.data import PretrainData
+    from beit.train.pretrain.data import PretrainData, Sampling
 
     imported = time.perf_counter()
     before = memory()
-    data = PretrainData(store, batch, 0, rank, world, threads=1, data_cache=cache)
+    data = PretrainData(store, Sampling(batch, 0, rank, world), threads=1, data_cache=cache)
     built = time.perf_counter()
     stream = data.stream(0)
     for _ in range(steps):

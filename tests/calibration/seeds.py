@@ -73,11 +73,11 @@ def pretrain(args) -> None:
     import test_pretrain
     from helpers import beit
 
-    from beit.train.pretrain.data import PretrainData
+    from beit.train.pretrain.data import PretrainData, Sampling
 
     with tempfile.TemporaryDirectory() as tmp:
         location, _ = test_pretrain.write_store(Path(tmp))
-        tokens = PretrainData(str(location), batch_size=8, seed=0).tokens
+        tokens = PretrainData(str(location), Sampling(8, seed=0)).tokens
         majority = np.bincount(tokens.ravel()).max() / tokens.size
         print(f"majority-token rate {majority:.4f}")
         print("seed  accuracy  accuracy-majority  last-loss/ln128  last/first-loss")
@@ -142,7 +142,7 @@ def tokenizer_test_settings() -> tuple[list[str], int]:
     import test_dvae_train
 
     small, overrides = list(test_dvae_train.SMALL), []
-    flags = {"--input-size": "input_size", "--vocab-size": "vocab_size", "--batch-size": "batch_size"}
+    flags = {"--input-size": "input_size", "--vocab-size": "model.vocab_size", "--batch-size": "batch_size"}
     while small:
         flag, value = small.pop(0), small.pop(0)
         overrides.append(value if flag == "--set" else f"{flags[flag]}={value}")
@@ -235,7 +235,14 @@ def demo_tokenizer(args) -> None:
     if not (work / "data" / "train").is_dir():
         subprocess.run([*python, "data", "fashion-mnist", work / "data", "--size", "28"], check=True, cwd=ROOT)
     demo = ["--steps", "400", "--input-size", "28", "--vocab-size", "512", "--batch-size", "64"]
-    for setting in ("group_count=3", "n_hid=32", "n_init=32", "warmup_steps=100", "held_out=0.05", "min_crop_area=0.5"):
+    for setting in (
+        "model.group_count=3",
+        "model.n_hid=32",
+        "model.n_init=32",
+        "warmup_steps=100",
+        "held_out=0.05",
+        "min_crop_area=0.5",
+    ):
         demo += ["--set", setting]
     gaps = []
     print("seed  psnr  baseline  gap  codes")

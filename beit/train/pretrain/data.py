@@ -25,7 +25,7 @@ batches while the model trains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,22 @@ class Batch:
     twin: torch.Tensor | None = None  # [B, 3, s, s] in [0, 1], the tokenizer-size view
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a run draws batches from a store: `batch_size` images per rank and step for `world`
+    ranks (this one `rank`), orders, views and masks from `seed`; masks of kind `mask` ("block":
+    BEiT's blockwise masks, "random": uniformly chosen patches) of `mask_count` patches in blocks of
+    at least `min_block` (0 for either: BEiT's 75 and 16 of a 14x14 grid, scaled to the grid)."""
+
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    mask: str = "block"
+    mask_count: int = 0
+    min_block: int = 0
+
+
 class SamplePlan:
     """Which images, views and masks global micro-batch `step` gives this rank: a pure function of
     (seed, epoch, step). `done` are the store indices that may be sampled. `origin` = (epoch,
@@ -57,29 +73,21 @@ class SamplePlan:
     size or batch continues the epoch in progress from where the last one stopped; (0, 0) for a
     run from the start)."""
 
-    def __init__(
-        self,
-        done: np.ndarray,
-        views: int,
-        grid: tuple[int, int],
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world: int = 1,
-        mask: str = "block",
-        mask_count: int = 0,
-        min_block: int = 0,
-        origin: tuple[int, int] = (0, 0),
-    ):
+    def __init__(self, done: np.ndarray, views: int, grid: tuple[int, int], sampling: Sampling,
+                 origin: tuple[int, int] = (0, 0)):  # fmt: skip
         self.done = np.asarray(done, dtype=np.int32)  # store indices (< 2**31): 4 bytes an image, per rank
-        self.views, self.grid = views, grid
-        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.views, self.grid, self.sampling = views, grid, sampling
+        self.batch_size, self.seed, self.rank, self.world = (
+            sampling.batch_size,
+            sampling.seed,
+            sampling.rank,
+            sampling.world,
+        )
         patches = grid[0] * grid[1]
         # 0: BEiT's 75 patches and 16-patch minimum blocks of a 14x14 grid, scaled to this grid
-        self.mask_kind, self.mask_arg = mask, (mask_count, min_block)
-        self.mask_count = mask_count or max(1, round(75 * patches / 196))
-        self.min_block = min_block or max(1, round(16 * patches / 196))
-        self.global_batch = batch_size * world
+        self.mask_count = sampling.mask_count or max(1, round(75 * patches / 196))
+        self.min_block = sampling.min_block or max(1, round(16 * patches / 196))
+        self.global_batch = self.batch_size * self.world
         self.steps_per_epoch = len(done) // self.global_batch
         self.origin = (int(origin[0]), int(origin[1]))
         self.first_steps = (len(done) - self.origin[1]) // self.global_batch  # what is left of the origin's epoch
@@ -87,11 +95,8 @@ class SamplePlan:
 
     def resharded(self, batch_size: int, rank: int, world: int, origin: tuple[int, int]) -> SamplePlan:
         """The same samples cut into batches of `batch_size` for `world` ranks, from `origin`."""
-        mask_count, min_block = self.mask_arg
-        return SamplePlan(
-            self.done, self.views, self.grid, batch_size, self.seed, rank, world, self.mask_kind, mask_count,
-            min_block, origin,
-        )  # fmt: skip
+        sampling = replace(self.sampling, batch_size=batch_size, rank=rank, world=world)
+        return SamplePlan(self.done, self.views, self.grid, sampling, origin)
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, position in that epoch's order) where global micro-batch `step` starts. An
@@ -129,7 +134,7 @@ class SamplePlan:
         start += self.rank * self.batch_size
         images = self.epoch_order(epoch)[start : start + self.batch_size].astype(np.int64)
         keys = counter_key(self.seed, epoch, images, 2)
-        if self.mask_kind == "random":
+        if self.sampling.mask == "random":
             masks = random_masks(keys, self.grid, self.mask_count)
         else:
             masks = block_masks(keys, self.grid, self.mask_count, min_block=self.min_block)
@@ -137,16 +142,13 @@ class SamplePlan:
 
 
 class PretrainData:
+    """This rank's pre-training batches (`batch(step)`, `stream(start)`) from the store at `location`,
+    drawn as `sampling` says; see the module's text for `twin`, `fresh`, `views` and the rest."""
+
     def __init__(
         self,
         location: str,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world: int = 1,
-        mask: str = "block",
-        mask_count: int = 0,
-        min_block: int = 0,
+        sampling: Sampling,
         twin: bool = False,
         threads: int = 0,
         device_id: int | None = None,
@@ -171,12 +173,12 @@ class PretrainData:
         self.params = copy.views
         done = np.flatnonzero(copy.status == DONE)
         views = views or self.store.views_per_image
-        self.plan = SamplePlan(done, views, self.grid, batch_size, seed, rank, world, mask, mask_count, min_block)
+        self.plan = SamplePlan(done, views, self.grid, sampling)
         self.steps_per_epoch = self.plan.steps_per_epoch
         if self.steps_per_epoch == 0:
             raise StoreError(
                 f"{location} has {len(done)} tokenized images, fewer than one global batch "
-                f"({batch_size} x {world} ranks): lower --batch-size."
+                f"({sampling.batch_size} x {sampling.world} ranks): lower --batch-size."
             )
         self.image_size = self.store.image_size
         self.tokenizer_size = self.store.tokenizer_size
@@ -189,7 +191,10 @@ class PretrainData:
         self.pin = device_id is not None
         twin_render = (self.tokenizer_size, "tokenizer") if twin else None
         self.renders = ImageBatches(
-            render_builder(1, self.image_size, "patches", threads, twin=twin_render), batch_size, device_id, seed
+            render_builder(1, self.image_size, "patches", threads, twin=twin_render),
+            sampling.batch_size,
+            device_id,
+            sampling.seed,
         )
 
     # ---------------------------------------------------------------- batches

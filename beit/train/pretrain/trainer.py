@@ -36,7 +36,7 @@ from beit.shared.dvae import Precision, encoder_sha256, load_tokenizer
 from beit.shared.store import StoreError
 from beit.shared.views import imagenet_stats
 from beit.train.model import BeitForMIM, ModelConfig, mim_loss
-from beit.train.pretrain.data import Batch, PretrainData
+from beit.train.pretrain.data import Batch, PretrainData, Sampling
 from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr
 
 
@@ -312,14 +312,10 @@ def build_data(store: str, cfg: PretrainConfig, run: Run) -> PretrainData:
     """This rank's pre-training data from the store (with twin views and fresh ones per epoch for
     online targets)."""
     online = cfg.targets == "online"
+    sampling = Sampling(cfg.batch_size, cfg.seed, run.dist.rank, run.dist.world, cfg.mask, cfg.mask_count)
     return PretrainData(
         store,
-        cfg.batch_size,
-        cfg.seed,
-        run.dist.rank,
-        run.dist.world,
-        cfg.mask,
-        cfg.mask_count,
+        sampling,
         twin=online,
         fresh=online,
         threads=cfg.threads,

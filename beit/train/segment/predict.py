@@ -122,10 +122,10 @@ def predict_files(
     for path in images:
         try:
             with Image.open(path) as image:
-                rgb = np.asarray(image.convert("RGB"))
+                rgb = np.array(image.convert("RGB"))  # a writable copy: torch takes it as is
         except (OSError, ValueError) as error:
             raise ValueError(f"{path} cannot be read as an image ({error}): pass JPEG or PNG files.") from None
-        pixels = eval_view(torch.from_numpy(np.ascontiguousarray(rgb)).to(torch_device), tuple(meta["scale"]))
+        pixels = eval_view(torch.from_numpy(rgb).to(torch_device), tuple(meta["scale"]))
         classes, crop = model.cfg.num_classes, model.cfg.image_size
         scores = predict_logits(model, pixels, classes, mode=mode, crop=crop, stride=meta["stride"])
         scores = torch.nn.functional.interpolate(scores, size=rgb.shape[:2], mode="bilinear", align_corners=False)

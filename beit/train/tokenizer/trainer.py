@@ -16,8 +16,11 @@ Loss per step, with q = softmax(encoder logits) over the codebook at each grid p
 - `usage_weight` x KL(mean of q over the batch || uniform), which pushes the batch-average
   code usage toward uniform; both weights warm up linearly over `warmup_steps`.
 
-Checkpoints (`OUT.ckpt.pt`) are written atomically every `checkpoint_every` steps; running the
-same command again resumes from the last one. At the end the tokenizer is written to OUT with
+The run stands on the trainers' scaffold (`beit.train.scaffold.Run`) in the folder `OUT.run/`:
+config.toml, metrics.jsonl, the learning-rate schedule every trainer uses (`lr_at`: linear
+warm-up over `warmup_steps`, cosine to `min_lr`), and `checkpoint.pt` written atomically every
+`checkpoint_every` steps with the random state; running the same command again resumes from it
+(refused when the images or a setting that changes the result differ). At the end the tokenizer is written to OUT with
 a JSON sidecar holding its codebook use (perplexity and dead codes) and PSNR on held-out crops
 against the PSNR of each crop's own mean colour. The held-out images (`held_out`) and their
 `eval_batches` batches of crops are drawn from `split_seed`, not from `seed`, so that runs with
@@ -27,8 +30,7 @@ different seeds are compared on the same crops.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -36,12 +38,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from beit.shared.checkpoint import load_checkpoint, save_checkpoint
+from beit.shared.config import to_dict
 from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder
-from beit.shared.dist import choose_device, dali_device_id
+from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, dali_device_id
 from beit.shared.dvae import DVAE, DVAEConfig, check_grid, map_pixels, save_tokenizer, unmap_pixels
 from beit.shared.images import list_images
-from beit.shared.progress import progress_bar
+from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, lr_at, set_lr
+
+
+def _trainer_model() -> DVAEConfig:
+    """The architecture a self-trained tokenizer starts from: smaller than DALL-E's, cosine logits."""
+    return DVAEConfig(n_hid=64, blocks_per_group=1, group_count=4, vocab_size=1024, n_init=64, cosine_logits=True)
 
 
 @dataclass
@@ -51,18 +58,15 @@ class DVAETrainConfig:
         **dict.fromkeys(("steps", "batch_size", "log_every", "checkpoint_every"), 1),
         "threads": 0,
     }
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = RUN_SETTINGS
 
     input_size: int = 64
-    n_hid: int = 64
-    blocks_per_group: int = 1
-    group_count: int = 4
-    vocab_size: int = 1024
-    n_init: int = 64
-    cosine_logits: bool = True
+    model: DVAEConfig = field(default_factory=_trainer_model)  # the architecture: model.n_hid, model.vocab_size, ...
     loss: Literal["logit-laplace", "l1", "mse"] = "logit-laplace"
     steps: int = 2000
     batch_size: int = 64
     lr: float = 2e-3
+    min_lr: float = 2e-5  # the cosine schedule's end (1% of lr)
     weight_decay: float = 0.0
     temperature_start: float = 1.0
     # DALL-E anneals to 1/16 over 150k+ steps. In a run of a few hundred steps that puts the last
@@ -72,7 +76,7 @@ class DVAETrainConfig:
     temperature_end: float = 0.5
     kl_weight: float = 0.0
     usage_weight: float = 0.3
-    warmup_steps: int = 200
+    warmup_steps: int = 200  # of the learning rate and of the KL and usage weights
     min_crop_area: float = 0.08
     held_out: float = 0.1
     split_seed: int = 0  # which images are held out, and their evaluation crops: apart from `seed`
@@ -82,10 +86,7 @@ class DVAETrainConfig:
     seed: int = 0
     threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     device: str = "auto"
-
-    def model_config(self) -> DVAEConfig:
-        """The architecture: DVAEConfig's fields, which this config repeats at the trainer's defaults."""
-        return DVAEConfig(**{f.name: getattr(self, f.name) for f in fields(DVAEConfig)})
+    dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
 
 
 def temperature_at(step: int, cfg: DVAETrainConfig) -> float:
@@ -96,14 +97,6 @@ def temperature_at(step: int, cfg: DVAETrainConfig) -> float:
 
 def warmup_at(step: int, cfg: DVAETrainConfig) -> float:
     return min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-
-
-def tokenizer_lr_at(step: int, cfg: DVAETrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 1% of lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def reconstruction_loss(stats: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -223,24 +216,6 @@ def held_out_quality(model: DVAE, stream: CropStream, batches: int) -> dict:
     }
 
 
-def resume_training(checkpoint: Path, model: DVAE, optimizer, cfg: DVAETrainConfig, images: Path) -> int:
-    """The model and optimizer from the run's checkpoint; the step it reached. Refuses one written
-    for other images or another config."""
-    try:
-        state, meta = load_checkpoint(checkpoint)
-    except ValueError as error:
-        raise ValueError(f"{error} Pass --no-resume to start over.") from None
-    if meta.get("config") != asdict(cfg) or meta.get("images") != str(images):
-        raise ValueError(
-            f"{checkpoint} was written for other images or another config: rerun with the same "
-            "IMAGES and settings, or pass --no-resume to start over."
-        )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    print(f"resuming from {checkpoint} at step {meta['step']}", flush=True)
-    return meta["step"]
-
-
 def dvae_loss(model: DVAE, pixels: torch.Tensor, step: int, cfg: DVAETrainConfig) -> tuple:
     """The training loss at `step` (reconstruction through Gumbel-softmax codes, plus the warmed-up
     KL and codebook-usage terms), the encoder's logits and the decoder's statistics."""
@@ -250,7 +225,7 @@ def dvae_loss(model: DVAE, pixels: torch.Tensor, step: int, cfg: DVAETrainConfig
     stats = model.decoder(soft)
     recon = reconstruction_loss(stats, target, cfg.loss)
     log_q = logits.log_softmax(1)
-    log_k = math.log(cfg.vocab_size)
+    log_k = math.log(cfg.model.vocab_size)
     kl = (log_q.exp() * log_q).sum(1).mean() + log_k
     usage = log_q.exp().mean(dim=(0, 2, 3))
     usage_kl = (usage * usage.clamp(min=1e-12).log()).sum() + log_k
@@ -258,12 +233,14 @@ def dvae_loss(model: DVAE, pixels: torch.Tensor, step: int, cfg: DVAETrainConfig
     return recon + warm * (cfg.kl_weight * kl + cfg.usage_weight * usage_kl), logits, stats
 
 
-def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = True, progress: bool = True) -> dict:
-    """Train a dVAE on `images` and write it to `out`; returns the final report."""
-    out = Path(out)
-    device = choose_device(cfg.device)
-    model_cfg = cfg.model_config()
-    check_grid(cfg.input_size, model_cfg)
+def run_folder(out: Path) -> Path:
+    """The training run's folder beside the tokenizer file: OUT.run/ (config.toml, metrics.jsonl,
+    checkpoint.pt while training)."""
+    return Path(out).with_suffix(".run")
+
+
+def prepare_split(images: Path, cfg: DVAETrainConfig) -> tuple[list[Path], list[Path]]:
+    """(training images, held-out images) of `images`; refuses a split that leaves none to train on."""
     files = list_images(images)
     # The split and the evaluation crops do not follow the training seed: runs that differ only in
     # their seed are measured on the same crops (with a seed-chosen split, 3 held-out photos swung
@@ -273,64 +250,90 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
         raise ValueError(
             f"held_out={cfg.held_out} leaves none of the {len(files)} images of {images} for training: lower held_out."
         )
+    return train_files, held_files
+
+
+class TrainingStats:
+    """What a metrics row shows besides the loss: the last batch's reconstruction PSNR (soft codes)
+    and the perplexity of the codes chosen since the last row."""
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.counts = torch.zeros(vocab_size, dtype=torch.long, device=device)
+
+    def add(self, logits: torch.Tensor) -> None:
+        self.counts += torch.bincount(logits.argmax(1).flatten(), minlength=len(self.counts))
+
+    def row(self, stats: torch.Tensor, pixels: torch.Tensor) -> dict:
+        with torch.no_grad():
+            error = F.mse_loss(unmap_pixels(torch.sigmoid(stats[:, :3])), pixels).item()
+        perplexity, _ = codebook_use(self.counts.cpu())
+        self.counts.zero_()
+        return {"psnr": 10 * math.log10(1 / max(error, 1e-10)), "perplexity": perplexity}
+
+
+def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = True, progress: bool = True) -> dict:
+    """Train a dVAE on `images` and write it to `out`; returns the final report. The run (config,
+    metrics, checkpoints, resume) is the scaffold's, in `run_folder(out)`."""
+    out = Path(out)
+    check_grid(cfg.input_size, cfg.model)
+    train_files, held_files = prepare_split(images, cfg)
+    run = Run(run_folder(out), cfg, "dvae-train", progress)
+    if run.dist.world > 1:
+        raise ValueError("beit tokenizer train runs as one process: start it without torchrun.")
     torch.manual_seed(cfg.seed)
-    model = DVAE(model_cfg).to(device, memory_format=torch.channels_last).train()  # faster convs, CPU and GPU
+    model = DVAE(cfg.model).to(run.device, memory_format=torch.channels_last).train()  # faster convs
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run.identity(images=str(images))
+    meta = run.resume(resume, model, optimizer, cfg.steps)
+    step = meta["step"] if meta else 0
+    run.start(step)
+    stream = CropStream(train_files, cfg, cfg.seed, run.device, start_batch=step)
 
-    checkpoint = out.with_suffix(".ckpt.pt")
-    step = resume_training(checkpoint, model, optimizer, cfg, images) if resume and checkpoint.exists() else 0
-    stream = CropStream(train_files, cfg, cfg.seed, device, start_batch=step)
-
-    bar = progress_bar(total=cfg.steps, initial=step, disable=not progress, desc="dvae", unit="step")
-    start, seen = time.perf_counter(), 0
-    counts = torch.zeros(cfg.vocab_size, dtype=torch.long, device=device)
+    bar, meter = run.bar(cfg.steps, step), LossMeter(run.device, step)
+    stats = TrainingStats(cfg.model.vocab_size, run.device)
     while step < cfg.steps:
         pixels = stream.next().contiguous(memory_format=torch.channels_last)
-        for entry in optimizer.param_groups:
-            entry["lr"] = tokenizer_lr_at(step, cfg)
-        loss, logits, stats = dvae_loss(model, pixels, step, cfg)
+        set_lr(optimizer, lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps))
+        loss, logits, decoded = dvae_loss(model, pixels, step, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
-        seen += pixels.shape[0]
-        counts += torch.bincount(logits.argmax(1).flatten(), minlength=cfg.vocab_size)
+        meter.add(loss, pixels.shape[0])
+        stats.add(logits)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            with torch.no_grad():
-                error = F.mse_loss(unmap_pixels(torch.sigmoid(stats[:, :3])), pixels).item()
-            perplexity, _ = codebook_use(counts.cpu())
-            counts.zero_()
-            bar.set_postfix(
-                loss=f"{loss.item():.3f}",
-                psnr=f"{10 * math.log10(1 / max(error, 1e-10)):.1f}",
-                ppl=f"{perplexity:.0f}",
-                img_s=f"{seen / (time.perf_counter() - start):.0f}",
-            )
+            row = meter.row(step, optimizer, 1, **stats.row(decoded, pixels))
+            run.log(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", psnr=f"{row['psnr']:.1f}", ppl=f"{row['perplexity']:.0f}")
         bar.update(1)
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_checkpoint(
-                checkpoint,
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                {"kind": "dvae-train", "step": step, "config": asdict(cfg), "images": str(images)},
-            )
+            run.save(run.checkpoint, model, optimizer, run.dist.rng_states(run.device), {"step": step})
     bar.close()
+    report = finish(model, run, out, stream, held_files, images, cfg)
+    run.close()
+    return report
 
+
+def finish(model: DVAE, run: Run, out: Path, stream: CropStream, held_files: list[Path], images: Path, cfg) -> dict:
+    """Measure the model on the held-out crops (logged as the run's last row), write the tokenizer
+    to the file beside the run folder and drop the run's checkpoint; the report."""
     report = {
-        "steps": step,
-        "train_images": len(train_files),
+        "steps": cfg.steps,
+        "train_images": len(stream.files),
         "held_out_images": len(held_files),
         "failed_images": {str(k): v for k, v in stream.batches.failed.items()},
     }
     if held_files:
         # random crops of the held-out images, as the model saw in training, from a fixed seed
-        held_stream = CropStream(held_files, cfg, cfg.split_seed + 12345, device)
+        held_stream = CropStream(held_files, cfg, cfg.split_seed + 12345, run.device)
         report["held_out"] = held_out_quality(model, held_stream, cfg.eval_batches)
+        run.log({"step": cfg.steps, **{f"eval_{k}": v for k, v in report["held_out"].items()}})
     info = save_tokenizer(
         model.cpu(),
         out,
         input_size=cfg.input_size,
-        extra={"trained_on": str(images), "train_config": asdict(cfg), "report": report},
+        extra={"trained_on": str(images), "train_config": to_dict(cfg), "report": report},
     )
-    checkpoint.unlink(missing_ok=True)
-    checkpoint.with_suffix(".json").unlink(missing_ok=True)
+    run.checkpoint.unlink(missing_ok=True)
+    run.checkpoint.with_suffix(".json").unlink(missing_ok=True)
     return {**report, "sha256": info["sha256"]}
