@@ -129,13 +129,13 @@ def test_resume_after_sigkill_continues(data, tmp_path):
     assert kill_when(command, past_a_checkpoint_within_an_epoch) == -signal.SIGKILL  # killed mid-run, not finished
     resumed_from = json.loads((run / "checkpoint.json").read_text())["step"]
     assert 0 < resumed_from < 18
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = beit_here(*command[3:])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_top1" in r]
     assert [r["step"] for r in rows if "eval_top1" not in r] == list(range(1, 19))  # no step twice, none missing
     assert [r["step"] for r in evals] == [3, 6, 9, 12, 15, 18]
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)  # a finished run: reports it
+    again = beit_here(*command[3:])  # a finished run: reports it
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"fine-tuned 18 steps; val top-1 {evals[-1]['eval_top1'] * 100:.2f}%" in again.stdout
 
