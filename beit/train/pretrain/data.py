@@ -77,12 +77,6 @@ class SamplePlan:
                  origin: tuple[int, int] = (0, 0)):  # fmt: skip
         self.done = np.asarray(done, dtype=np.int32)  # store indices (< 2**31): 4 bytes an image, per rank
         self.views, self.grid, self.sampling = views, grid, sampling
-        self.batch_size, self.seed, self.rank, self.world = (
-            sampling.batch_size,
-            sampling.seed,
-            sampling.rank,
-            sampling.world,
-        )
         patches = grid[0] * grid[1]
         # 0: BEiT's 75 patches and 16-patch minimum blocks of a 14x14 grid, scaled to this grid
         self.mask_count = sampling.mask_count or max(1, round(75 * patches / 196))
@@ -92,6 +86,22 @@ class SamplePlan:
         self.origin = (int(origin[0]), int(origin[1]))
         self.first_steps = (len(done) - self.origin[1]) // self.global_batch  # what is left of the origin's epoch
         self._order: tuple[int, np.ndarray] = (-1, done)
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampling.batch_size
+
+    @property
+    def seed(self) -> int:
+        return self.sampling.seed
+
+    @property
+    def rank(self) -> int:
+        return self.sampling.rank
+
+    @property
+    def world(self) -> int:
+        return self.sampling.world
 
     def resharded(self, batch_size: int, rank: int, world: int, origin: tuple[int, int]) -> SamplePlan:
         """The same samples cut into batches of `batch_size` for `world` ranks, from `origin`."""

@@ -20,9 +20,9 @@ The run stands on the trainers' scaffold (`beit.train.scaffold.Run`) in the fold
 config.toml, metrics.jsonl, the learning-rate schedule every trainer uses (`lr_at`: linear
 warm-up over `warmup_steps`, cosine to `min_lr`), and `checkpoint.pt` written atomically every
 `checkpoint_every` steps with the random state; running the same command again resumes from it
-(refused when the images or a setting that changes the result differ). At the end the tokenizer is written to OUT with
-a JSON sidecar holding its codebook use (perplexity and dead codes) and PSNR on held-out crops
-against the PSNR of each crop's own mean colour. The held-out images (`held_out`) and their
+(refused when the images or a setting that changes the result differ). At the end the tokenizer
+is written to OUT with a JSON sidecar holding its codebook use (perplexity and dead codes) and
+PSNR on held-out crops against the PSNR of each crop's own mean colour. The held-out images (`held_out`) and their
 `eval_batches` batches of crops are drawn from `split_seed`, not from `seed`, so that runs with
 different seeds are compared on the same crops.
 """
