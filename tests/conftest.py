@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import COLOUR, GREY, STAGE1_SMALL, beit, copy_photos, save_jpeg, tiny_tokenizer
+from helpers import COLOUR, GREY, STAGE1_SMALL, beit_here, copy_photos, save_jpeg, tiny_tokenizer
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,6 +33,6 @@ def data(tmp_path_factory):
 def reference(data, tmp_path_factory):
     source, tokenizer = data
     store = tmp_path_factory.mktemp("ref") / "store"
-    result = beit("tokenize", source, store, "--tokenizer", tokenizer, *STAGE1_SMALL)
+    result = beit_here("tokenize", source, store, "--tokenizer", tokenizer, *STAGE1_SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     return store, result.stdout

@@ -27,7 +27,7 @@ SMALL = [
     "--set",
     "held_out=0.2",
 ]
-STEPS = 300
+STEPS = 200
 
 
 def write_photos(source, folder):
@@ -63,13 +63,13 @@ def test_a_trained_tokenizer_beats_the_mean_colour_and_uses_its_codebook(trained
     report = json.loads(out.with_suffix(".json").read_text())["report"]
     held = report["held_out"]
     # PSNR minus that of each crop's mean colour, on the same 512 crops of the 13 held-out tiles:
-    # 8 seeds on AMD EPYC, 2 threads (2026-12-02, the trainer on the run scaffold's lr schedule,
-    # tests/calibration/seeds.py tokenizer): min 4.85, median 5.13, max 5.26 dB (baseline 15.15 dB);
-    # threshold = min - 1.05 dB. (2026-11-30, its own schedule: min 4.82, median 5.00; before issue 11:
-    # 3 held-out photos picked by the seed, gap 0.1 to 6.1 dB over 5 seeds.)
-    assert held["psnr"] >= held["baseline_psnr"] + 3.8, held
-    # the same runs: min 236, median 240 codes of 256; threshold = min - 30%
-    assert held["codes_used"] >= 163, held
+    # 8 seeds on AMD EPYC, 2 threads (2026-12-02, 200 steps, tests/calibration/seeds.py tokenizer
+    # --steps 200): min 3.23, median 3.90, max 4.18 dB (baseline 15.15 dB); threshold = min - 1.03 dB.
+    # (300 steps: min 4.85, median 5.13, max 5.26; before issue 11: 3 held-out photos picked by the
+    # seed, gap 0.1 to 6.1 dB over 5 seeds.)
+    assert held["psnr"] >= held["baseline_psnr"] + 2.2, held
+    # the same runs: min 186, median 220 codes of 256; threshold = min - 30%
+    assert held["codes_used"] >= 130, held
     assert report["held_out_images"] == 13 and report["train_images"] == 51
     assert "PSNR" in stdout and "codes used" in stdout
     run = out.with_suffix(".run")  # the run folder every trainer keeps

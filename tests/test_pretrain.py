@@ -200,33 +200,44 @@ def test_accumulation_equals_one_batch_of_the_effective_size(store, tmp_path):
     assert result.returncode == 1 and "--epochs 1 is less than one optimizer step" in result.stderr
 
 
-def test_two_processes_with_torchrun_resume_after_sigkill_with_the_same_losses(store, tmp_path):
+# 16 images, 2 ranks x 4 a step: 2 steps an epoch, 12 in all
+TWO_RANKS = [*TINY, "--batch-size", 4, "--epochs", 6, "--set", "log_every=1", "--set", "checkpoint_every=3"]
+
+
+@pytest.fixture(scope="module")
+def killed_two_ranks(store, tmp_path_factory) -> Path:
+    """Two ranks under torchrun, SIGKILLed past their first checkpoint (step 3, 6 or 9): the run
+    folder that both resume tests copy, one resuming on two ranks, the other on one."""
+    cut = tmp_path_factory.mktemp("two-ranks") / "cut"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", "pretrain"]
+    command += [store[0], "--out", cut, *TWO_RANKS]
+
+    def past_the_first_checkpoint() -> bool:
+        return json.loads((cut / "checkpoint.json").read_text())["step"] >= 3
+
+    assert kill_when(command, past_the_first_checkpoint) == -signal.SIGKILL
+    return cut
+
+
+def test_two_processes_with_torchrun_resume_after_sigkill_with_the_same_losses(store, killed_two_ranks, tmp_path):
     location, _ = store
-    # 16 images, 4 per rank: 2 steps an epoch. Drop path draws differ per rank, so a resume must
-    # give each rank its own random state back for rank 0's losses to repeat.
-    args = [*TINY, "--batch-size", 4, "--epochs", 8, "--set", "log_every=1", "--set", "checkpoint_every=4"]
+    # Drop path draws differ per rank, so a resume must give each rank its own random state back
+    # for rank 0's losses to repeat.
     whole = tmp_path / "whole"
-    result = beit_torchrun(2, "pretrain", location, "--out", whole, *args)
+    result = beit_torchrun(2, "pretrain", location, "--out", whole, *TWO_RANKS)
     assert result.returncode == 0, result.stderr[-3000:]
     state, meta = load_checkpoint(whole / "checkpoint.pt")
     assert meta["world_size"] == 2 and meta["effective_batch"] == 8 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     BeitForMIM(ModelConfig(**meta["model"])).load_state_dict(state["model"])
 
-    cut = tmp_path / "cut"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", "pretrain"]
-    command += [location, "--out", cut, *args]
-
-    def past_the_first_checkpoint() -> bool:
-        return json.loads((cut / "checkpoint.json").read_text())["step"] >= 4
-
-    assert kill_when(command, past_the_first_checkpoint) == -signal.SIGKILL
-    assert 4 <= json.loads((cut / "checkpoint.json").read_text())["step"] < 16
+    cut = shutil.copytree(killed_two_ranks, tmp_path / "cut")
+    assert json.loads((cut / "checkpoint.json").read_text())["step"] in (3, 6, 9)
     # resumed with another checkpoint interval, which a resume may change
-    result = beit_torchrun(2, "pretrain", location, "--out", cut, *args, "--set", "checkpoint_every=1000")
+    result = beit_torchrun(2, "pretrain", location, "--out", cut, *TWO_RANKS, "--set", "checkpoint_every=1000")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("resuming from") == 1 and " at step 16 " not in result.stdout
-    assert [r["step"] for r in metrics(cut)] == list(range(1, 17))
+    assert result.stdout.count("resuming from") == 1 and " at step 12 " not in result.stdout
+    assert [r["step"] for r in metrics(cut)] == list(range(1, 13))
     assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole)]
 
 
@@ -255,19 +266,12 @@ def test_a_plan_re_cut_mid_epoch_for_another_world_size_repeats_and_skips_no_ima
     assert plain.position(9) == (2, 8) and list(plain.at(9)[0]) == list(plain.epoch_order(2)[12:16])
 
 
-def test_pretraining_resumes_on_another_world_size_where_the_data_stopped(store, tmp_path):
+def test_pretraining_resumes_on_another_world_size_where_the_data_stopped(store, killed_two_ranks, tmp_path):
     """Two ranks killed past a checkpoint, resumed by one process: it continues the epoch in
     progress from the image the two had reached, at its own batch, to the same last epoch."""
     location, _ = store
-    args = [*TINY, "--batch-size", 4, "--epochs", 6, "--set", "log_every=1", "--set", "checkpoint_every=3"]
-    cut = tmp_path / "cut"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", "pretrain"]
-    command += [location, "--out", cut, *args]
-
-    def past_the_first_checkpoint() -> bool:
-        return json.loads((cut / "checkpoint.json").read_text())["step"] >= 3
-
-    assert kill_when(command, past_the_first_checkpoint) == -signal.SIGKILL
+    args = TWO_RANKS
+    cut = shutil.copytree(killed_two_ranks, tmp_path / "cut")
     killed = json.loads((cut / "checkpoint.json").read_text())
     k = killed["step"]  # 16 images, 2 x 4 a step: 2 steps an epoch, 12 in all
     assert k in (3, 6, 9) and killed["data_position"]["global_batch"] == 8

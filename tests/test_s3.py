@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import COLOUR, GREY, beit, beit_here, copy_photos, free_port, kill_when, save_jpeg, tiny_tokenizer
+from helpers import COLOUR, GREY, beit_here, copy_photos, free_port, kill_when, save_jpeg, tiny_tokenizer
 
 from beit.shared.store import DONE, FAILED, TokenStore
 
@@ -143,18 +143,18 @@ def test_a_list_at_a_url_with_urls_in_it_and_bad_input(server, photos, tmp_path)
     keys = keys[:2] + keys[-2:]  # two of each class
     lines = [f"s3://photos/train/{k} {k.split('/')[0]}" for k in keys] + ["s3://photos/train/colour/gone.jpg colour"]
     server.pipe("photos/lists/some.txt", ("\n".join(lines) + "\n").encode())
-    result = beit("tokenize", "s3://photos/lists/some.txt", tmp_path / "listed", "--tokenizer", tokenizer, *SMALL)
+    result = beit_here("tokenize", "s3://photos/lists/some.txt", tmp_path / "listed", "--tokenizer", tokenizer, *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     store = TokenStore.open(tmp_path / "listed")
     assert list(store.status()) == [DONE] * 4 + [FAILED] and store.class_names == ["colour", "grey"]
     assert store.failures() == [("s3://photos/train/colour/gone.jpg", "unreadable: no such object")]
     # a bucket that does not exist: one sentence, nothing written
-    result = beit("tokenize", "s3://no-such-bucket/train", tmp_path / "x", "--tokenizer", tokenizer, *SMALL)
+    result = beit_here("tokenize", "s3://no-such-bucket/train", tmp_path / "x", "--tokenizer", tokenizer, *SMALL)
     assert result.returncode == 1 and "s3://no-such-bucket/train does not exist: check the URL" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()
     # a list line that is not a path to an image
     server.pipe("photos/lists/bad.txt", b"s3://photos/train/colour/astronaut.jpg\nn01440764\n")
-    result = beit("tokenize", "s3://photos/lists/bad.txt", tmp_path / "y", "--tokenizer", tokenizer, *SMALL)
+    result = beit_here("tokenize", "s3://photos/lists/bad.txt", tmp_path / "y", "--tokenizer", tokenizer, *SMALL)
     assert (
         result.returncode == 1 and "s3://photos/lists/bad.txt:2: 'n01440764' is not a path to an image" in result.stderr
     )
@@ -190,9 +190,11 @@ def test_tar_shards_in_a_bucket_are_read_by_ranged_reads(server, photos, tmp_pat
                 tar.add(path, arcname=path.relative_to(local).as_posix())
         server.put(str(tmp_path / f"shards-{s:06d}.tar"), f"photos/shards/shards-{s:06d}.tar")
     pattern = "shards-{000000..000001}.tar"
-    result = beit("tokenize", f"s3://photos/shards/{pattern}", tmp_path / "remote", "--tokenizer", tokenizer, *SMALL)
+    remote = f"s3://photos/shards/{pattern}"
+    result = beit_here("tokenize", remote, tmp_path / "remote", "--tokenizer", tokenizer, *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert beit("tokenize", tmp_path / pattern, tmp_path / "here", "--tokenizer", tokenizer, *SMALL).returncode == 0
+    result = beit_here("tokenize", tmp_path / pattern, tmp_path / "here", "--tokenizer", tokenizer, *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
     remote, here = TokenStore.open(tmp_path / "remote"), TokenStore.open(tmp_path / "here")
     assert remote.source_root == "s3://photos/shards" and remote.keys() == here.keys()
     assert remote.keys()[0] == f"shards-000000.tar/{files[0].relative_to(local).as_posix()}"
