@@ -12,6 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import beit_here
 
 from beit.shared.checkpoint import CheckpointError
 from beit.shared.dalle import convert_dall_e
@@ -59,26 +60,17 @@ def save(module, path, legacy=True):
 
 
 def convert(tmp_path):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "beit",
-            "tokenizer",
-            "convert",
-            tmp_path / "encoder.pkl",
-            tmp_path / "decoder.pkl",
-            "-o",
-            tmp_path / "tok.safetensors",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    files = (tmp_path / "encoder.pkl", tmp_path / "decoder.pkl")
+    return beit_here("tokenizer", "convert", *files, "-o", tmp_path / "tok.safetensors")
 
 
-@pytest.mark.parametrize("legacy", [True, False], ids=["legacy-format", "zip-format"])
-@pytest.mark.parametrize("size", ["small", "released"])
+# OpenAI's files are in PyTorch's legacy format: the released size in that format, and both
+# formats at a small size (the format is read the same way whatever the size)
+@pytest.mark.parametrize(
+    ("legacy", "size"),
+    [(True, "released"), (True, "small"), (False, "small")],
+    ids=["released-legacy-format", "small-legacy-format", "small-zip-format"],
+)
 def test_converted_tokenizer_matches_the_dall_e_package(tmp_path, legacy, size):
     from dall_e import map_pixels, unmap_pixels
 
@@ -92,12 +84,15 @@ def test_converted_tokenizer_matches_the_dall_e_package(tmp_path, legacy, size):
     if size == "released":
         assert "encoder 53.8M parameters, decoder 43.8M" in result.stdout
     model = load_tokenizer(tmp_path / "tok.safetensors")
-    pixels = torch.rand(1 if size == "released" else 2, 3, 64, 64)
+    # its own generator: the draw does not depend on what the conversion drew from torch's global one
+    pixels = torch.rand(1 if size == "released" else 2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = encoder(map_pixels(pixels))
         tokens = model.tokenize(pixels)
         assert torch.equal(tokens, logits.argmax(1))
-        assert len(tokens.unique()) > 5  # a real comparison, not of one constant token
+        # a real comparison, not of one constant token: 6 distinct tokens in each case (AMD EPYC,
+        # 2026-12-02); random weights make a few codes win everywhere, so ask for 3
+        assert len(tokens.unique()) >= 3
         one_hot = torch.nn.functional.one_hot(tokens, vocab).permute(0, 3, 1, 2).float()
         theirs = unmap_pixels(torch.sigmoid(decoder(one_hot)[:, :3]))
         assert (model.reconstruct(tokens) - theirs).abs().max().item() < 1e-4
