@@ -1,7 +1,8 @@
 """The package's import rules (ARCHITECTURE.md), read from every import in beit/, function-level ones
 included: `shared/` imports only `shared/`; `tokenize/` (stage 1) imports `shared/` and itself,
 never `train/`; a task folder under `train/` imports `shared/`, `train/`'s own modules (the run
-scaffold, the model, plots) and itself, never another task; `train/`'s own modules import no task."""
+scaffold, the model, plots) and itself, never another task; `train/`'s own modules import no task;
+the entry points (`cli.py`, `api.py`, `__init__.py`) import anything."""
 
 import ast
 from pathlib import Path
@@ -28,7 +29,8 @@ def beit_imports(path: Path) -> set[str]:
 def allowed(module: str, imported: str) -> bool:
     own = module.split(".")
     target = imported.split(".")
-    if len(target) == 1 or own[1] in ("cli", "__main__") or target[1] == "shared":  # `from beit import __version__`
+    # the two entry points (the command line and the Python API) may import anything
+    if len(target) == 1 or own[1] in ("cli", "__main__", "api", "__init__") or target[1] == "shared":
         return True
     if own[1] == "shared":
         return False

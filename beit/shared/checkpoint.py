@@ -108,14 +108,31 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             f"{path} is not a beit checkpoint (no '{FORMAT}' marker): pass a file written by "
             "`beit pretrain` or `beit finetune`, or import foreign weights with --init."
         )
+    return _opened(data, path)
+
+
+def _opened(data: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if data.get("version") != VERSION:
         raise CheckpointError(
             f"{path} is beit checkpoint version {data.get('version')}, this beit reads version "
             f"{VERSION}: use the beit release that wrote it."
         )
+    data = dict(data)
     meta = json.loads(data.pop("meta"))
     data.pop("format"), data.pop("version")
     return data, meta
+
+
+def read_any(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A file of any layout this project reads, read once: (state dicts, meta) for this project's
+    checkpoints, (the model's state dict, None) for foreign weights (`read_state_dict`)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        data = _torch_load(path)
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            return _opened(data, path)
+        return _state_dict_in(data, path), None
+    return read_state_dict(path), None
 
 
 # ---------------------------------------------------------------- reading foreign files
@@ -160,7 +177,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(path)
         except SafetensorError as error:
             raise CheckpointError(f"{path} is not a safetensors file ({_first_line(error)}).") from None
-    data = _torch_load(path)
+    return _state_dict_in(_torch_load(path), path)
+
+
+def _state_dict_in(data: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(data, dict) and data.get("format") == FORMAT:
         data = data["model"]
     for key in ("model", "module", "state_dict"):

@@ -180,6 +180,10 @@ class DVAE(nn.Module):
         finally:
             torch.backends.cudnn.allow_tf32 = previous
 
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`tokenize`: [B, 3, H, W] pixels in [0, 1] -> [B, H/8, W/8] token ids (int64)."""
+        return self.tokenize(pixels)
+
     @torch.no_grad()
     def reconstruct(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, h, w] token ids -> [B, 3, 8h, 8w] pixels in [0, 1]."""

@@ -339,3 +339,33 @@ class BeitClassifier(BeitBackbone):
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
         return self.cfg.depth + 1
+
+
+def config_from_state_dict(state: dict[str, torch.Tensor]) -> ModelConfig:
+    """The `ModelConfig` a BEiT state dict (this project's, unilm's or timm's key names) was made
+    with, read from its shapes: width (cls token), depth (blocks), patch size (patch embed), heads
+    and patch grid (a relative position table: (2g - 1)^2 + 3 rows, one column per head), MLP
+    ratio, vocabulary (lm_head) and classes (head). Raises ValueError naming what is missing."""
+    from beit.shared.checkpoint import SHARED_TABLE, table_grid
+
+    needed = ("cls_token", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+    missing = [key for key in needed if key not in state]
+    table = state.get(SHARED_TABLE, state.get("blocks.0.attn.relative_position_bias_table"))
+    if missing or table is None:
+        what = ", ".join(missing) or "a relative position bias table"
+        raise ValueError(f"the weights have no {what}: they are not a BEiT with relative positions.")
+    width = state["cls_token"].shape[-1]
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    grid = table_grid(table.shape[0])
+    depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))
+    return ModelConfig(
+        preset="custom",
+        image_size=grid[0] * patch,
+        patch_size=patch,
+        width=width,
+        depth=depth,
+        heads=table.shape[1],
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / width,
+        vocab_size=state["lm_head.weight"].shape[0] if "lm_head.weight" in state else 8192,
+        num_classes=state["head.weight"].shape[0] if "head.weight" in state else 1000,
+    )

@@ -143,12 +143,31 @@ class SamplePlan:
         epoch, start = self.position(step)
         start += self.rank * self.batch_size
         images = self.epoch_order(epoch)[start : start + self.batch_size].astype(np.int64)
-        keys = counter_key(self.seed, epoch, images, 2)
+        return images, self.views_of(images, epoch), self.masks_of(images, epoch)
+
+    def masks_of(self, images: np.ndarray, epoch: int) -> np.ndarray:
+        """bool [len(images), gh * gw] (True = masked): each image's mask in `epoch`, keyed by
+        (seed, epoch, image), whatever batch, rank or data loader worker draws it."""
+        keys = counter_key(self.seed, epoch, np.asarray(images, dtype=np.int64), 2)
         if self.sampling.mask == "random":
             masks = random_masks(keys, self.grid, self.mask_count)
         else:
             masks = block_masks(keys, self.grid, self.mask_count, min_block=self.min_block)
-        return images, self.views_of(images, epoch), masks.reshape(len(images), -1)
+        return masks.reshape(len(images), -1)
+
+
+def refuse_unreadable(store: TokenStore, items: list, images: np.ndarray, kept: list[int]) -> None:
+    """Stop with one sentence when an image the store tokenized (`images`, read as `items`) could
+    not be read now (`kept` are those that were)."""
+    if len(kept) == len(images):
+        return
+    lost = [j for j in range(len(images)) if j not in kept]
+    bad = [str(items[j]) for j in lost if isinstance(items[j], Path)]
+    bad = bad or store.keys(np.sort(np.asarray(images)[lost]))
+    raise StoreError(
+        f"could not read {', '.join(bad[:3])} although the store tokenized it: the source changed "
+        "since tokenization; restore it, or tokenize again with --embed-images."
+    )
 
 
 class PretrainData:
@@ -232,13 +251,7 @@ class PretrainData:
             tokens = self.tokens[images, views].reshape(len(images), -1)
         feeds = {"view0": list(params)}
         outputs, kept = self.renders.run(items, feeds)
-        if len(kept) != len(images):
-            bad = [str(items[j]) for j in range(len(images)) if j not in kept and isinstance(items[j], Path)]
-            bad = bad or self.store.keys(np.sort([images[j] for j in range(len(images)) if j not in kept]))
-            raise StoreError(
-                f"could not read {', '.join(bad[:3])} although the store tokenized it: the source changed "
-                "since tokenization; restore it, or tokenize again with --embed-images."
-            )
+        refuse_unreadable(self.store, items, images, kept)
         positions, valid = masked_positions(mask, self.plan.mask_count)
         pin = self.pin  # a GPU trainer copies these without blocking only from page-locked memory
         return Batch(

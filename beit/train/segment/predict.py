@@ -26,13 +26,18 @@ from beit.train.segment.model import BeitSegmenter
 def load_segmenter(path: Path) -> tuple[BeitSegmenter, dict]:
     """The segmenter of a `beit segment train` checkpoint, in eval mode, and its meta."""
     state, meta = load_checkpoint(path)
+    return segmenter_from(state, meta, path), meta
+
+
+def segmenter_from(state: dict, meta: dict, path: Path) -> BeitSegmenter:
+    """The segmenter in the (state, meta) of the checkpoint at `path` (`load_checkpoint`), in eval mode."""
     if meta.get("kind") != "segment":
         raise CheckpointError(f"{path} is a {meta.get('kind')} checkpoint: pass one written by `beit segment train`.")
     model = BeitSegmenter(
         ModelConfig(**meta["model"]), meta["head"], meta["channels"], meta["aux_channels"], tuple(meta["out_indices"])
     )
     load_weights(model, state["model"], source=str(path))
-    return model.eval(), meta
+    return model.eval()
 
 
 def evaluate_segmenter_checkpoint(
