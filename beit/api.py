@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from beit.shared.checkpoint import CheckpointError, adapt_state_dict, load_weights, read_any
+from beit.shared import hf_format
+from beit.shared.checkpoint import CheckpointError, adapt_state_dict, load_weights, read_any, read_state_dict
 from beit.shared.decode import ImageBatches
 from beit.shared.dvae import DVAE, encoder_sha256
 from beit.shared.dvae import load_tokenizer as _load_tokenizer
@@ -28,6 +29,7 @@ from beit.shared.store import DONE, TokenStore
 from beit.shared.views import PARAMS, render_builder
 from beit.train.model import BeitClassifier, BeitForMIM, ModelConfig, config_from_state_dict
 from beit.train.pretrain.dataset import MaskedImageDataset
+from beit.train.segment.model import BeitSegmenter
 from beit.train.segment.predict import segmenter_from
 
 __all__ = [
@@ -180,11 +182,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
       `BeitClassifier` (forward(pixels) -> logits [B, classes]; `.features(pixels)` -> [B, D]);
       `beit segment train` -> `BeitSegmenter` (forward(pixels) -> logits [B, classes, H/4, W/4]);
     - unilm's and timm's BEiT weights (.pth, .bin or .safetensors): the architecture read from the
-      tensors' shapes; with an `lm_head` (pre-training) a `BeitForMIM`, else a `BeitClassifier`.
+      tensors' shapes; with an `lm_head` (pre-training) a `BeitForMIM`, else a `BeitClassifier`;
+    - a Hugging Face model folder (config.json with model.safetensors or pytorch_model.bin, as the
+      hub serves the released checkpoints, or as `beit export --format hf` writes them): the
+      architecture from its config (`BeitForMaskedImageModeling` -> `BeitForMIM`,
+      `BeitForImageClassification` -> `BeitClassifier`, `BeitForSemanticSegmentation` ->
+      `BeitSegmenter` computing what transformers computes).
     """
     path = Path(path)
+    if hf_format.is_hf_folder(path):
+        return _hf_model(path).to(device).eval()
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder: pass a checkpoint file.")
+        raise CheckpointError(
+            f"{path} is a folder without a config.json: pass a checkpoint file or a Hugging Face folder."
+        )
     state, meta = read_any(path)
     if meta is not None:
         kind = meta.get("kind")
@@ -207,3 +218,30 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     weights, _ = adapt_state_dict(state, model)
     load_weights(model, weights, source=str(path))
     return model.to(device).eval()
+
+
+def _hf_model(folder: Path) -> nn.Module:
+    """The model of a Hugging Face folder (see `load_model`)."""
+    config = hf_format.read_config(folder)
+    kind = hf_format.kind_of(config)
+    cfg = ModelConfig(**hf_format.model_fields(config))
+    state = read_state_dict(folder)
+    if kind == "segment":
+        seg = config.get("beit_segmenter") or {
+            "head": "upernet",
+            "channels": 0,  # transformers' UperNet has as many channels as the model's width
+            "aux_channels": config.get("auxiliary_channels", 256),
+            "out_indices": [i - 2 for i in config["out_indices"]],  # it takes hidden_states[i - 1]
+        }
+        model = BeitSegmenter(cfg, seg["head"], seg["channels"], seg["aux_channels"], tuple(seg["out_indices"]))
+        depth = model.cfg.depth  # an exported folder's extra identity block is not part of the model
+        state = {k: v for k, v in state.items() if not (k.startswith("blocks.") and int(k.split(".")[1]) >= depth)}
+    elif kind in ("pretrain", "finetune"):
+        model = (BeitForMIM if kind == "pretrain" else BeitClassifier)(cfg)
+    else:
+        raise CheckpointError(
+            f"{folder} is a BeitModel (a backbone without a head): pass it as --init to a command, "
+            "which adds the head it trains."
+        )
+    load_weights(model, state, source=str(folder))
+    return model

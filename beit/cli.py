@@ -414,16 +414,26 @@ def evaluate_command(
 
 @app.command("export")
 def export_command(
-    checkpoint: Annotated[Path, typer.Argument(help="a beit checkpoint (fine-tuned classifier)")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="file to write")],
-    format: Annotated[str, typer.Option(help="timm (torch.save state dict) | safetensors")] = "timm",
+    checkpoint: Annotated[Path, typer.Argument(help="a beit checkpoint")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="file (timm, safetensors) or folder (hf) to write")],
+    format: Annotated[
+        str, typer.Option(help="timm (torch.save state dict) | safetensors | hf (a Hugging Face model folder)")
+    ] = "timm",
 ) -> None:
-    """Write a classifier's weights in timm's BEiT key layout (loadable by timm's beit_* models)."""
-    from beit.shared.checkpoint import export_classifier
-
+    """Write a model for other libraries: a classifier's weights in timm's key layout (timm's
+    beit_* models load them), or any pre-training, fine-tuning or segmentation checkpoint as a
+    Hugging Face folder (transformers' from_pretrained loads it)."""
     try:
+        if format == "hf":
+            from beit.train.hf_export import export_hf
+
+            config = export_hf(checkpoint, out)
+            typer.echo(f"wrote {out}: {config['architectures'][0]} (config.json, model.safetensors)")
+            return
+        from beit.shared.checkpoint import export_classifier
+
         weights, meta = export_classifier(checkpoint, out, format)
-    except ValueError as error:  # CheckpointError is a ValueError
+    except ValueError as error:  # CheckpointError, HFFormatError are ValueErrors
         _fail(error)
     typer.echo(
         f"wrote {out}: {len(weights)} tensors in timm's layout ({meta['model'].get('preset')}, "

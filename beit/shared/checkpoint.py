@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from beit.shared import hf_format
 from beit.shared.safe_pickle import unsafe_globals
 
 FORMAT = "beit-checkpoint"
@@ -127,7 +128,7 @@ def read_any(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A file of any layout this project reads, read once: (state dicts, meta) for this project's
     checkpoints, (the model's state dict, None) for foreign weights (`read_state_dict`)."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix != ".safetensors" and not path.is_dir():
         data = _torch_load(path)
         if isinstance(data, dict) and data.get("format") == FORMAT:
             return _opened(data, path)
@@ -164,9 +165,23 @@ def _first_line(error: BaseException) -> str:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The model weights in a checkpoint file of any supported layout, never running its code.
-    Unwraps this project's checkpoints and `model` / `module` / `state_dict` containers."""
+    """The model weights in a checkpoint file of any supported layout, or in a Hugging Face model
+    folder (`hf_format`), in this project's names, never running its code. Unwraps this
+    project's checkpoints and `model` / `module` / `state_dict` containers."""
     path = Path(path)
+    if hf_format.is_hf_folder(path):  # a Hugging Face model folder: its weights in this project's names
+        hf_format.read_config(path)
+        state = {}
+        for file in hf_format.weight_files(path):
+            state.update(read_state_dict(file))
+        try:
+            return hf_format.from_hub_names(state)
+        except hf_format.HFFormatError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a folder without a config.json: pass a checkpoint file or a Hugging Face folder."
+        )
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -431,7 +446,7 @@ def export_classifier(checkpoint: Path, out: Path, format: str = "timm") -> tupl
     """Write a fine-tuned checkpoint's classifier in timm's layout to `out`: a `torch.save`d
     state dict ("timm") or a safetensors file. Returns (the weights, the checkpoint's meta)."""
     if format not in ("timm", "safetensors"):
-        raise ValueError(f"--format {format} is not one of timm, safetensors.")
+        raise ValueError(f"--format {format} is not one of timm, safetensors, hf.")
     state, meta = load_checkpoint(checkpoint)
     if meta.get("kind") != "finetune":
         raise ValueError(f"{checkpoint} is a {meta.get('kind')} checkpoint: export a fine-tuned classifier.")
