@@ -63,11 +63,46 @@ def _config(ctx: typer.Context, cls: type, renames: dict[str, str] | None = None
     return load_config(cls, ctx.params.get("config"), [*(ctx.params.get("set_") or []), *explicit])
 
 
+def _explicit(ctx: typer.Context, renames: dict[str, str] | None = None) -> set[str]:
+    """The dotted config keys the user set: in the --config file, with --set, or by an option given."""
+    from click.core import ParameterSource
+
+    from beit.shared.config import flatten
+
+    keys = set()
+    if ctx.params.get("config") is not None:
+        import tomllib
+
+        keys |= set(flatten(tomllib.loads(Path(ctx.params["config"]).read_text())))
+    keys |= {item.split("=", 1)[0].strip() for item in ctx.params.get("set_") or []}
+    renames = {"model": "model.preset", **(renames or {})}
+    for name in ctx.params:
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            keys.add(renames.get(name, name))
+    return keys
+
+
+def _architecture_from_init(ctx: typer.Context, cfg, init: str, renames: dict[str, str] | None = None) -> None:
+    """Build the model `init` holds (its architecture: the config's ARCHITECTURE_FROM_INIT keys)
+    unless the user set those settings; say which of theirs differ from the checkpoint's."""
+    if init in ("", "none"):
+        return
+    from beit.train.model import take_architecture
+
+    keys = getattr(type(cfg), "ARCHITECTURE_FROM_INIT", ())
+    cfg.model, notes = take_architecture(cfg.model, init, _explicit(ctx, renames), keys)
+    for note in notes:
+        typer.echo(f"init: {note}")
+
+
 def _run(ctx: typer.Context, cls: type, stage, *args, renames: dict[str, str] | None = None, **kwargs):
     """(config, stage(*args, config, **kwargs)): a bad config, store, checkpoint or input (every
-    one a ValueError) is one line on stderr and exit status 1."""
+    one a ValueError) is one line on stderr and exit status 1. A config with an `init` checkpoint
+    builds that checkpoint's model (`_architecture_from_init`)."""
     try:
         cfg = _config(ctx, cls, renames)
+        if hasattr(cfg, "init") and hasattr(type(cfg), "ARCHITECTURE_FROM_INIT"):
+            _architecture_from_init(ctx, cfg, cfg.init, renames)
         return cfg, stage(*args, cfg, **kwargs)
     except ValueError as error:
         _fail(error)
@@ -458,6 +493,7 @@ def probe_command(
 
     try:
         cfg = _config(ctx, ProbeConfig)
+        _architecture_from_init(ctx, cfg, init)
         model_cfg = cfg.model.resolved()
         layers = None if all_layers else [layer or model_cfg.depth]
         result = probe(data, init, model_cfg, layers, batch_size=batch_size, epochs=epochs, device=cfg.device)

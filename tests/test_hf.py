@@ -133,10 +133,15 @@ def test_a_folder_as_the_hub_serves_it_is_one_init_away(tmp_path, pixels):
                 from PIL import Image
 
                 Image.new("RGB", (40, 40), tuple(v + 5 * i for v in colour)).save(folder / f"{i}.png")
-    tiny = ["--model", "tiny", "--set", "model.image_size=32", "--set", "model.patch_size=8", "--set", "model.width=64"]
-    tiny += ["--set", "model.heads=2", "--set", "model.depth=2", "--batch-size", "4", "--epochs", "1"]
-    result = beit_here("finetune", data, "--init", tmp_path / "hub", "--out", tmp_path / "ft", *tiny)
+    # no model settings: the folder's config.json fixes the model (2 blocks of 64, patch 8, 32 px)
+    args = ["--batch-size", "4", "--epochs", "1", "--set", "warmup_epochs=0"]
+    result = beit_here("finetune", data, "--init", tmp_path / "hub", "--out", tmp_path / "ft", *args)
     assert result.returncode == 0, result.stderr[-3000:]
+    config = (tmp_path / "ft" / "config.toml").read_text()
+    assert all(
+        f"{key} = {value}" in config
+        for key, value in (("width", 64), ("depth", 2), ("patch_size", 8), ("image_size", 32))
+    )
 
 
 def test_a_segmenter_exports_with_the_same_logits_and_reads_back(tmp_path, pixels):

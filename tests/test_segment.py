@@ -157,3 +157,20 @@ def test_bad_input_is_one_clear_error(data, tmp_path):
     )
     result = beit_here("segment", "train", scenes, "--init", other, "--out", tmp_path / "r2", *ARGS, "--iters", "1")
     assert result.returncode == 1 and "error:" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_brings_its_architecture(data, tmp_path):
+    """No model settings given: the segmenter is the checkpoint's model (here 4 blocks of width 48
+    with 2 heads, read from its tensors), not the default preset; a setting given that differs is
+    named before the weights refuse to fit."""
+    scenes, pretrained = data
+    args = ["--crop", "64", "--batch-size", "4", "--iters", "2", "--set", "aux_channels=16"]
+    args += ["--set", "scale=[112,64]", "--set", "warmup_iters=1", "--set", "eval_every=100"]
+    result = beit_here("segment", "train", scenes, "--init", pretrained, "--out", tmp_path / "a", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = (tmp_path / "a" / "config.toml").read_text()
+    assert all(line in config for line in ("width = 48", "depth = 4", "heads = 2", "patch_size = 16"))
+    result = beit_here("segment", "train", scenes, "--init", pretrained, "--out", tmp_path / "b", *args,
+                       "--set", "model.depth=3")  # fmt: skip
+    assert "model.depth 3 as asked, not the checkpoint's 4" in result.stdout
+    assert result.returncode == 1 and "does not fit the model" in result.stderr

@@ -146,6 +146,14 @@ def merge_overrides(table: dict[str, Any], overrides: typing.Iterable[str]) -> d
     return table
 
 
+def flatten(table: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of a nested table's values: {"model": {"width": 96}} -> ["model.width"]."""
+    keys = []
+    for key, value in table.items():
+        keys += flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
+
+
 def load_config(cls: type[T], path: Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
     """Build `cls` from a TOML file (optional) and `key=value` overrides, checking every key and type."""
     table: dict[str, Any] = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -369,3 +370,49 @@ def config_from_state_dict(state: dict[str, torch.Tensor]) -> ModelConfig:
         vocab_size=state["lm_head.weight"].shape[0] if "lm_head.weight" in state else 8192,
         num_classes=state["head.weight"].shape[0] if "head.weight" in state else 1000,
     )
+
+
+# The settings a model's weights fix (its architecture), as opposed to those a task or a run chooses.
+ARCHITECTURE = ("patch_size", "width", "depth", "heads", "mlp_ratio", "layer_norm_eps")
+
+
+def architecture_of(init: str | Path) -> tuple[ModelConfig, str]:
+    """The resolved `ModelConfig` of the model in `init` (this project's checkpoint, foreign
+    weights or a Hugging Face folder) and where it was read from ("its recorded config" or "its
+    tensors' shapes")."""
+    from beit.shared import hf_format
+    from beit.shared.checkpoint import read_any
+
+    path = Path(init)
+    if hf_format.is_hf_folder(path):
+        return ModelConfig(**hf_format.model_fields(hf_format.read_config(path))).resolved(), "its config.json"
+    state, meta = read_any(path)
+    if meta is not None and isinstance(meta.get("model"), dict):
+        return ModelConfig(**meta["model"]).resolved(), "its recorded config"
+    return config_from_state_dict(state if meta is None else state["model"]).resolved(), "its tensors' shapes"
+
+
+def take_architecture(
+    cfg: ModelConfig, init: str | Path, explicit: set[str], keys: tuple[str, ...] = ARCHITECTURE
+) -> tuple[ModelConfig, list[str]]:
+    """`cfg` with the `keys` of `init`'s model, except those the user set (`explicit`: dotted
+    config keys such as "model.width"; "model.preset" counts for width, depth and heads); notes
+    naming each explicit setting that differs from the checkpoint's."""
+    theirs, where = architecture_of(init)
+    asked = cfg.resolved() if cfg.preset in PRESETS or (cfg.width and cfg.depth and cfg.heads) else cfg
+    out = ModelConfig(**{**cfg.__dict__})
+    by_preset = {"width", "depth", "heads"} if "model.preset" in explicit else set()
+    taken, notes = False, []
+    for key in keys:
+        value = getattr(theirs, key)
+        if f"model.{key}" in explicit or key in by_preset:
+            if getattr(asked, key) != value:
+                notes.append(f"model.{key} {getattr(asked, key)} as asked, not the checkpoint's {value}")
+        else:
+            setattr(out, key, value)
+            taken = taken or key in ("width", "depth", "heads")
+    if taken:  # the checkpoint's size, whatever preset the config names
+        out.preset, out.layer_scale = theirs.preset if theirs.preset in PRESETS else "custom", theirs.layer_scale
+    if notes:
+        notes = [f"{init} holds another model than the one asked for ({where}): " + "; ".join(notes)]
+    return out, notes

@@ -33,12 +33,14 @@ from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.train.classify.data import ClassificationData, read_splits
 from beit.train.classify.evaluate import evaluate_classifier
-from beit.train.model import BeitClassifier, ModelConfig
+from beit.train.model import ARCHITECTURE, BeitClassifier, ModelConfig
 from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, StepEnd, layer_decay_groups, lr_at, set_lr
 
 
 @dataclass
 class FinetuneConfig:
+    # model settings an --init checkpoint fixes unless set
+    ARCHITECTURE_FROM_INIT: ClassVar[tuple[str, ...]] = ("image_size", *ARCHITECTURE)
     # keys a resumed run may change (they do not change what it computes)
     FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_SETTINGS, "eval_every", "source_root")
     # the lowest value of each key listed (load_config checks them)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +23,13 @@ import torch.nn.functional as F
 from beit.shared.checkpoint import load_pretrained
 from beit.shared.dist import choose_device, dali_device_id
 from beit.train.classify.data import ClassificationData, read_splits
-from beit.train.model import BeitClassifier, ModelConfig
+from beit.train.model import ARCHITECTURE, BeitClassifier, ModelConfig
 
 
 @dataclass
 class ProbeConfig:
+    # model settings an --init checkpoint fixes unless set
+    ARCHITECTURE_FROM_INIT: ClassVar[tuple[str, ...]] = ("image_size", *ARCHITECTURE)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="base"))
     device: str = "auto"
 

@@ -30,7 +30,7 @@ import torch
 from beit.shared.checkpoint import adapt_state_dict, load_weights, read_state_dict
 from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
-from beit.train.model import ModelConfig
+from beit.train.model import ARCHITECTURE, ModelConfig
 from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, StepEnd, layer_decay_groups, set_lr
 from beit.train.segment.data import SegmentationData
 from beit.train.segment.datasets import read_segmentation
@@ -48,6 +48,8 @@ RECIPES = {
 
 @dataclass
 class SegmentConfig:
+    # model settings an --init checkpoint fixes unless set (the crop, model.image_size, stays the task's)
+    ARCHITECTURE_FROM_INIT: ClassVar[tuple[str, ...]] = ARCHITECTURE
     # keys a resumed run may change (they do not change what it computes)
     FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (*RUN_SETTINGS, "eval_every")
     # the lowest value of each key listed (load_config checks them)
