@@ -452,18 +452,36 @@ def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="a beit checkpoint")],
     out: Annotated[Path, typer.Option("--out", "-o", help="file (timm, safetensors) or folder (hf) to write")],
     format: Annotated[
-        str, typer.Option(help="timm (torch.save state dict) | safetensors | hf (a Hugging Face model folder)")
+        str,
+        typer.Option(help="timm (torch.save state dict) | safetensors | hf (a Hugging Face model folder) | onnx"),
     ] = "timm",
 ) -> None:
     """Write a model for other libraries: a classifier's weights in timm's key layout (timm's
-    beit_* models load them), or any pre-training, fine-tuning or segmentation checkpoint as a
-    Hugging Face folder (transformers' from_pretrained loads it)."""
+    beit_* models load them), any pre-training, fine-tuning or segmentation checkpoint as a
+    Hugging Face folder (transformers' from_pretrained loads it), or a classifier or segmenter as
+    an ONNX model (dynamic batch)."""
     try:
         if format == "hf":
             from beit.train.hf_export import export_hf
 
             config = export_hf(checkpoint, out)
             typer.echo(f"wrote {out}: {config['architectures'][0]} (config.json, model.safetensors)")
+            return
+        if format == "onnx":
+            from beit.api import BeitForMIM, load_model
+            from beit.train.onnx_export import export_onnx
+
+            model = load_model(checkpoint)
+            if isinstance(model, BeitForMIM):
+                raise ValueError(
+                    f"{checkpoint} is a pre-training checkpoint: export a classifier or a segmenter to ONNX."
+                )
+            info = export_onnx(model, out)
+            size = info["input_size"]
+            typer.echo(
+                f"wrote {out}: {type(model).__name__}, pixel_values [batch, 3, {size}, {size}] -> logits "
+                f"[batch, {', '.join(map(str, info['outputs']))}] (opset {info['opset']})"
+            )
             return
         from beit.shared.checkpoint import export_classifier
 

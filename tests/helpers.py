@@ -194,3 +194,27 @@ def assert_same_store(a: Path, b: Path) -> None:
     first, second = arrays(a), arrays(b)
     for name in first:
         assert np.array_equal(first[name], second[name]), name
+
+
+def randomised(model):
+    """`model` in eval mode with weights of order 1 everywhere (layer scales, heads, norms,
+    batch-norm statistics), so that logits compared are not dominated by an init's zeros and
+    0.001 scales."""
+    import torch
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gamma" in name or name.endswith(("norm1.weight", "norm2.weight")):
+                p.uniform_(0.5, 1.5)
+            elif p.ndim == 1:
+                p.uniform_(-0.2, 0.2)
+            elif "relative_position_bias_table" in name:
+                p.normal_(std=0.5)
+            else:
+                p.normal_(std=0.3 / max(1, p[0].numel()) ** 0.5)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.eval()

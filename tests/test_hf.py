@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import beit_here
+from helpers import beit_here, randomised
 
 import beit
 from beit.shared.checkpoint import save_checkpoint
@@ -21,27 +21,6 @@ CFG = dict(preset="custom", width=64, depth=4, heads=2, image_size=64, patch_siz
 NAMES = ["cat", "dog", "eel"]
 
 
-def _randomised(model: torch.nn.Module) -> torch.nn.Module:
-    """Weights of order 1 everywhere (layer scales, heads, norms, batch-norm statistics), so that
-    logits compared are not dominated by an init's zeros and 0.001 scales."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gamma" in name or name.endswith(("norm1.weight", "norm2.weight")):
-                p.uniform_(0.5, 1.5)
-            elif p.ndim == 1:
-                p.uniform_(-0.2, 0.2)
-            elif "relative_position_bias_table" in name:
-                p.normal_(std=0.5)
-            else:
-                p.normal_(std=0.3 / max(1, p[0].numel()) ** 0.5)
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 def _checkpoint(path, model, kind, **meta):
     save_checkpoint(path, {"model": model.state_dict()}, {"kind": kind, "model": to_dict(model.cfg), **meta})
     return path
@@ -53,7 +32,7 @@ def pixels():
 
 
 def test_a_pretrained_model_exports_as_beit_for_masked_image_modeling(tmp_path, pixels):
-    model = _randomised(BeitForMIM(ModelConfig(**CFG)))
+    model = randomised(BeitForMIM(ModelConfig(**CFG)))
     result = beit_here(
         "export", _checkpoint(tmp_path / "pt.pt", model, "pretrain"), "-o", tmp_path / "hf", "--format", "hf"
     )
@@ -73,7 +52,7 @@ def test_a_pretrained_model_exports_as_beit_for_masked_image_modeling(tmp_path, 
 
 
 def test_a_classifier_exports_with_its_labels_and_reads_back_in_both_weight_schemes(tmp_path, pixels):
-    model = _randomised(BeitClassifier(ModelConfig(**CFG, num_classes=3)))
+    model = randomised(BeitClassifier(ModelConfig(**CFG, num_classes=3)))
     checkpoint = _checkpoint(tmp_path / "ft.pt", model, "finetune", class_names=NAMES)
     assert beit_here("export", checkpoint, "-o", tmp_path / "hf", "--format", "hf").returncode == 0
     hf, info = transformers.BeitForImageClassification.from_pretrained(tmp_path / "hf", output_loading_info=True)
@@ -145,7 +124,7 @@ def test_a_folder_as_the_hub_serves_it_is_one_init_away(tmp_path, pixels):
 
 
 def test_a_segmenter_exports_with_the_same_logits_and_reads_back(tmp_path, pixels):
-    model = _randomised(BeitSegmenter(ModelConfig(**CFG, num_classes=3), aux_channels=16))
+    model = randomised(BeitSegmenter(ModelConfig(**CFG, num_classes=3), aux_channels=16))
     meta = dict(head="upernet", channels=0, aux_channels=16, out_indices=list(model.out_indices), class_names=NAMES)
     checkpoint = _checkpoint(tmp_path / "seg.pt", model, "segment", **meta)
     assert beit_here("export", checkpoint, "-o", tmp_path / "hf", "--format", "hf").returncode == 0

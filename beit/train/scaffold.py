@@ -27,12 +27,12 @@ from typing import Any
 import torch
 
 from beit.shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from beit.shared.config import differences, resume_fields, to_dict, to_toml
+from beit.shared.config import ConfigError, differences, resume_fields, to_dict, to_toml
 from beit.shared.dist import dali_device_id, init_dist
 from beit.shared.progress import progress_bar
 
 # Config keys of how a run runs, not what it computes: every trainer's resumed run may change them.
-RUN_SETTINGS = ("log_every", "checkpoint_every", "threads", "device", "dist_timeout_minutes")
+RUN_SETTINGS = ("log_every", "checkpoint_every", "threads", "device", "dist_timeout_minutes", "tensorboard")
 
 
 def lr_at(step: int, base: float, minimum: float, warmup: int, total: int) -> float:
@@ -180,6 +180,9 @@ class Run:
         self.out = Path(out)
         self.checkpoint = self.out / "checkpoint.pt"
         self.fields: dict[str, Any] = {}
+        self.board = None  # TensorBoard's writer, when the config asks for it (`start`)
+        if getattr(cfg, "tensorboard", False):
+            tensorboard_writer(None, 0)  # every rank refuses a missing package at once, before any work
 
     @property
     def main(self) -> bool:
@@ -243,6 +246,8 @@ class Run:
                 (self.out / "metrics.jsonl").write_text("")
             else:
                 truncate_metrics(self.out / "metrics.jsonl", step)
+            if getattr(self.cfg, "tensorboard", False):
+                self.board = tensorboard_writer(self.out / "tensorboard", step)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` under DistributedDataParallel when there are several ranks, else itself."""
@@ -257,10 +262,19 @@ class Run:
         )
 
     def log(self, row: dict) -> None:
-        """Append one row to metrics.jsonl (rank 0)."""
+        """Append one row to metrics.jsonl (rank 0), and its numbers to TensorBoard at its step."""
         if self.main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.board is not None:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.board.add_scalar(key, value, row["step"])
+
+    def picture(self, tag: str, image, step: int) -> None:
+        """An HWC uint8 picture to TensorBoard at `step` (rank 0; nothing without TensorBoard)."""
+        if self.main and self.board is not None:
+            self.board.add_image(tag, image, step, dataformats="HWC")
 
     def save(self, path: Path, model: torch.nn.Module, optimizer, rng: list[dict], meta: dict) -> None:
         """Write a checkpoint (rank 0): model and optimizer state, every rank's `rng`, and `meta`
@@ -270,4 +284,20 @@ class Run:
             save_checkpoint(path, state, {"kind": self.kind, **meta, **self.fields})
 
     def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
         self.dist.close()
+
+
+def tensorboard_writer(folder: Path | None, step: int):
+    """A TensorBoard writer appending to `folder`; a run resumed at `step` purges what an earlier
+    attempt wrote past that step (TensorBoard's purge_step), so no step shows twice. With
+    no folder, only checks that the package is there."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "tensorboard = true needs the tensorboard package: pip install 'beit[tensorboard]', or drop the setting."
+        ) from None
+    # the rows kept on resume are those of steps <= `step` (`truncate_metrics`): purge from step + 1
+    return None if folder is None else SummaryWriter(str(folder), purge_step=step + 1 if step else None)

@@ -277,3 +277,48 @@ def mask_picture(
     figure.suptitle(f"{kind} mask: count {count} of a {grid}x{grid} grid ({grid * grid} patches), seed {seed}")
     _save(figure, out, plt)
     return masks, panels, blocks
+
+
+# ---------------------------------------------------------------- predictions, during training
+
+
+@torch.no_grad()
+def mim_picture(model: BeitForMIM, pixels: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor,
+                tokenizer=None, count: int = 4, cell: int = 96) -> np.ndarray:  # fmt: skip
+    """uint8 [H, W, 3], one row per image (the first `count` of a batch: pixels [B, 3, S, S]
+    ImageNet-normalised, mask [B, N] bool, target tokens [B, N]): the view, the view with its
+    masked patches greyed, and the masked patches the model predicts right (green) or wrong (red);
+    with a `tokenizer` that has its decoder, also the tokenizer's reconstruction of the targets and
+    of the targets with the masked ones replaced by the model's predictions. Each panel `cell`
+    pixels square. The model is run in eval mode and put back as it was."""
+    from PIL import Image
+
+    was_training = model.training
+    model.eval()
+    pixels, mask, tokens = pixels[:count].float(), mask[:count], tokens[:count]
+    logits = model(pixels, mask)
+    model.train(was_training)
+    predicted = tokens.clone()
+    predicted[mask] = logits.argmax(-1)
+    gh, gw = model.cfg.grid
+    mean, std = imagenet_stats(pixels.device)
+    views = ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    right, mask_np = (predicted == tokens).view(-1, gh, gw).cpu().numpy(), mask.view(-1, gh, gw).cpu().numpy()
+    reconstructions = []
+    if tokenizer is not None and tokenizer.decoder is not None:
+        for grid in (tokens, predicted):
+            made = tokenizer.reconstruct(grid.view(-1, gh, gw).cpu()).clamp(0, 1)
+            reconstructions.append((made * 255).round().byte().permute(0, 2, 3, 1).numpy())
+
+    def panel(array: np.ndarray, resample=Image.BILINEAR) -> np.ndarray:
+        return np.asarray(Image.fromarray(array).resize((cell, cell), resample))
+
+    rows = []
+    for i in range(len(views)):
+        hits = np.full((gh, gw, 3), 128, dtype=np.uint8)  # unmasked: grey
+        hits[mask_np[i] & right[i]] = (40, 180, 60)
+        hits[mask_np[i] & ~right[i]] = (200, 40, 40)
+        panels = [panel(views[i]), panel(masked_view(views[i], mask_np[i])), panel(hits, Image.NEAREST)]
+        panels += [panel(made[i]) for made in reconstructions]
+        rows.append(np.pad(np.concatenate(panels, axis=1), ((0, 4), (0, 0), (0, 0)), constant_values=255))
+    return np.concatenate(rows, axis=0)

@@ -23,6 +23,7 @@ so on the CPU a resumed run's losses equal an uninterrupted run's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from beit.shared.store import StoreError
 from beit.shared.views import imagenet_stats
 from beit.train.model import BeitForMIM, ModelConfig, mim_loss
 from beit.train.pretrain.data import Batch, PretrainData, Sampling
+from beit.train.pretrain.pictures import mim_picture
 from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr
 
 
@@ -77,6 +79,7 @@ class PretrainConfig:
     source_root: str = ""  # the store's source files under another folder ("": where they were tokenized)
     device: str = "auto"
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 works alone
+    tensorboard: bool = False  # also write TensorBoard event files into the run folder's tensorboard/
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -301,11 +304,27 @@ def pretrain(
                 "store": store,
             }
             run.save(run.checkpoint, model, optimizer, rng, meta)
+            if run.board is not None and cfg.targets == "cached":
+                batch = meter.last
+                picture = mim_picture(model, batch.pixels, batch.mask, batch.tokens, picture_tokenizer(data.store))
+                run.picture("predictions (view, masked, right/wrong, targets, predicted)", picture, step)
             dist.barrier()
     bar.close()
     stream.close()
     run.close()
     return {"steps": step, "effective_lr": lr, "effective_batch": effective_batch, "checkpoint": str(run.checkpoint)}
+
+
+@functools.cache
+def _tokenizer_at(path: str):
+    return load_tokenizer(Path(path))
+
+
+def picture_tokenizer(store):
+    """The store's tokenizer, for pictures of reconstructions, when its file is still where the
+    store was made (else None: the pictures leave the reconstructions out)."""
+    path = store.tokenizer_path
+    return _tokenizer_at(str(path)) if path is not None and path.is_file() else None
 
 
 def build_data(store: str, cfg: PretrainConfig, run: Run) -> PretrainData:
@@ -350,6 +369,7 @@ class StepMeter:
         t0 = time.perf_counter()
         batch = next(stream)
         self.wait += time.perf_counter() - t0
+        self.last = batch  # for the pictures
         return batch
 
     def row(self, step: int, epoch: float, cfg: PretrainConfig, optimizer, grad_norm, world: int) -> dict:

@@ -165,7 +165,7 @@ class BeitSegmenter(BeitBackbone):
         """[B, 3, H, W] -> the `out_indices` blocks' patch tokens as maps [B, D, H/patch, W/patch]."""
         layers = self.encode(pixels, return_layers=True)
         gh, gw = pixels.shape[2] // self.cfg.patch_size, pixels.shape[3] // self.cfg.patch_size
-        return [layers[i][:, 1:].transpose(1, 2).reshape(len(pixels), -1, gh, gw) for i in self.out_indices]
+        return [layers[i][:, 1:].transpose(1, 2).reshape(pixels.shape[0], -1, gh, gw) for i in self.out_indices]
 
     def pyramid(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """[B, 3, H, W] -> four maps [B, D, H/4 .. H/32] (the neck's outputs; UperNet only)."""

@@ -78,6 +78,14 @@ def comparison_picture(examples: list, classes: int, ignore_index: int, out: Pat
     colours; ignored pixels black), each scaled to `height` pixels high."""
     from PIL import Image
 
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(comparison_rows(examples, classes, ignore_index, height)).save(out)
+
+
+def comparison_rows(examples: list, classes: int, ignore_index: int, height: int = 160) -> np.ndarray:
+    """`comparison_picture`'s picture as uint8 [H, W, 3]."""
+    from PIL import Image
+
     colours = palette(classes)
     colours[ignore_index] = 0
     mean, std = np.asarray(IMAGENET_MEAN) * 255, np.asarray(IMAGENET_STD) * 255
@@ -91,8 +99,7 @@ def comparison_picture(examples: list, classes: int, ignore_index: int, out: Pat
         rows.append(np.concatenate([np.asarray(p.resize((width, height), Image.NEAREST)) for p in panels], axis=1))
     widest = max(row.shape[1] for row in rows)
     rows = [np.pad(row, ((0, 4), (0, widest - row.shape[1]), (0, 0)), constant_values=255) for row in rows]
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
+    return np.concatenate(rows, axis=0)
 
 
 def palette(classes: int) -> np.ndarray:

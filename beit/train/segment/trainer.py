@@ -21,6 +21,7 @@ checkpoint.pt is the latest, and running the same command again resumes from it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -36,6 +37,7 @@ from beit.train.segment.data import SegmentationData
 from beit.train.segment.datasets import read_segmentation
 from beit.train.segment.inference import evaluate_segmenter
 from beit.train.segment.model import BeitSegmenter, segmentation_loss
+from beit.train.segment.predict import comparison_rows
 
 # The released values for a self-supervised checkpoint and for one fine-tuned on labels first
 # (pt2ft); from scratch the same, but without layer decay (nothing in the lower layers to keep).
@@ -90,6 +92,7 @@ class SegmentConfig:
     threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     device: str = "auto"
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 evaluates
+    tensorboard: bool = False  # also write TensorBoard event files into the run folder's tensorboard/
 
 
 def poly_lr_at(step: int, base: float, total: int, warmup: int, warmup_ratio: float, power: float, minimum: float):
@@ -184,6 +187,14 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
         }
         run.save(path, model, optimizer, rng, meta)
 
+    def evaluate(step: int) -> dict:
+        """The validation metrics; with TensorBoard, also a picture of predictions beside ground truth."""
+        result = evaluate_segmenter(model, val, cfg.eval_mode, stride, keep=4 if run.board is not None else 0)
+        if result.get("examples"):
+            rows = comparison_rows(result.pop("examples"), model.cfg.num_classes, cfg.ignore_index, height=96)
+            run.picture("predictions (image, ground truth, prediction)", rows, step)
+        return result
+
     while step < cfg.iters:
         set_lr(optimizer, poly_lr_at(step, lr, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.power, cfg.min_lr))
         pixels, labels = next(stream)
@@ -195,7 +206,7 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
         ending.log(step)
         evaluating = step % cfg.eval_every == 0 or step == cfg.iters
         saving = evaluating or step % cfg.checkpoint_every == 0
-        ending.checkpoint(step, evaluating, saving, lambda: evaluate_segmenter(model, val, cfg.eval_mode, stride), save)
+        ending.checkpoint(step, evaluating, saving, functools.partial(evaluate, step), save)
     bar.close()
     run.close()
     best, last = ending.best, ending.last

@@ -87,6 +87,7 @@ class DVAETrainConfig:
     threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     device: str = "auto"
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+    tensorboard: bool = False  # also write TensorBoard event files into the run folder's tensorboard/
 
 
 def temperature_at(step: int, cfg: DVAETrainConfig) -> float:
