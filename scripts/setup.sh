@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Creates the project's environment in .venv (or $VENV) and installs everything it needs.
-#   scripts/setup.sh          runtime only
+#   scripts/setup.sh          runtime (with NVIDIA DALI, the `dali` extra)
 #   scripts/setup.sh plot     runtime + matplotlib (the demo's pictures)
-#   scripts/setup.sh dev      runtime + matplotlib + test tools
+#   scripts/setup.sh dev      runtime + matplotlib + test tools (TensorBoard, ONNX, transformers, ...)
 # torch: a CUDA torch the system Python already has is kept (the venv sees system site-packages);
 # otherwise a machine with an NVIDIA GPU gets PyPI's CUDA build and a machine without one gets
 # torch==2.13.0+cpu, the CPU build, from its own disk or indexes when they hold it, else from
@@ -37,8 +37,8 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 case "$extra" in
-  dev | plot) target=".[$extra]" ;;
-  "") target="." ;;
+  dev | plot) target=".[dali,$extra]" ;;
+  "") target=".[dali]" ;;
   *) echo "setup: unknown extra '$extra' (use dev or plot)" >&2 && exit 2 ;;
 esac
 pip_install -e "$target"

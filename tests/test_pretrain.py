@@ -350,3 +350,17 @@ def test_a_metrics_row_cut_in_half_by_a_crash_is_dropped_on_resume(tmp_path):
     path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "loss": 3.0}\n{"step": 4, "lo')
     truncate_metrics(path, 2)
     assert path.read_text() == '{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n'
+
+
+def test_the_stores_grid_fixes_the_patch_size(data, tmp_path):
+    """A store of 32 px views with 4x4 tokens: pre-training takes patch size 8 from it, with no
+    model.patch_size given (the default preset's 16 would not divide into its grid)."""
+    source, tokenizer = data
+    store = tmp_path / "store"
+    small = ["--views", "2", "--set", "view.image_size=32", "--set", "patch_size=8", "--set", "chunk_images=4"]
+    assert beit_here("tokenize", source, store, "--tokenizer", tokenizer, *small).returncode == 0
+    tiny = ["--model", "tiny", "--set", "model.width=64", "--set", "model.heads=2", "--set", "model.depth=2"]
+    result = beit_here("pretrain", store, "--out", tmp_path / "run", *tiny, "--batch-size", "4", "--epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = load_checkpoint(tmp_path / "run" / "checkpoint.pt")[1]
+    assert (meta["model"]["patch_size"], meta["model"]["image_size"]) == (8, 32)

@@ -103,6 +103,20 @@ def dali_threads(setting: int = 0) -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+DALI_MISSING = (
+    "this needs NVIDIA DALI, which is not installed: pip install 'beit[dali]' (DALI for CUDA 13; "
+    "'beit[dali-cuda12]' for CUDA 12), or set up with `make setup`."
+)
+
+
+def require_dali() -> None:
+    """Refuse, in one sentence (a ValueError, as every bad input), a use of DALI where it is not installed."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        raise ValueError(DALI_MISSING) from None
+
+
 def pipeline_builder(graph: Callable, threads: int = 0, decoded: bool = True, gpu: bool = True, conditionals=False):
     """The one DALI pipeline factory: a `build(batch_size, device_id, seed)` for `ImageBatches`.
     Its pipeline reads each file's bytes from an external source named "encoded", decodes them
@@ -111,6 +125,7 @@ def pipeline_builder(graph: Callable, threads: int = 0, decoded: bool = True, gp
     `graph` may declare more per-sample inputs as named external sources; `threads` as in
     `dali_threads` (0: this rank's share of the cores). `gpu=False` keeps the
     whole pipeline on the CPU (for header peeks); `conditionals` allows `if` on DALI data."""
+    require_dali()
     from nvidia.dali import fn, pipeline_def, types
 
     def build(batch_size: int, device_id: int | None, seed: int):

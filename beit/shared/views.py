@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from beit.shared.counter import counter_key, counter_uniforms
-from beit.shared.decode import pipeline_builder
+from beit.shared.decode import pipeline_builder, require_dali
 
 PARAMS = ("x", "y", "w", "h", "flip", "brightness", "contrast", "saturation")
 JITTER_PLACEMENT = "after crop and resize, before flip; DALI color_twist (brightness, contrast about 128, saturation)"
@@ -118,6 +118,7 @@ def render(images, params, size: int, kind: str):
     """DALI graph fragment: decoded HWC uint8 `images` + a float32 [8] `params` node (CPU) ->
     float32 CHW [3, size, size]. kind 'tokenizer': Lanczos, values in [0, 1];
     kind 'patches': bicubic, normalised with the ImageNet mean and std."""
+    require_dali()
     from nvidia.dali import fn, types
 
     anchor = fn.cast(params[0:2], dtype=types.INT32)
@@ -136,6 +137,7 @@ def render(images, params, size: int, kind: str):
 
 def shape_builder(threads: int = 0):
     """Pipeline factory for `ImageBatches`: encoded bytes -> (height, width) after EXIF orientation."""
+    require_dali()
     from nvidia.dali import fn, types
 
     def graph(encoded, device_id):
@@ -149,6 +151,7 @@ def render_builder(views: int, size: int, kind: str, threads: int = 0, twin: tup
     from the parameter inputs "view0" .. "view{views-1}" (float32 [8] each) -> `views` outputs
     [3, size, size] float32 per image; with `twin` = (size, kind), each view is rendered a
     second time at that size too (outputs view0, twin0, view1, twin1, ...)."""
+    require_dali()
     from nvidia.dali import fn, types
 
     def graph(images, device_id):

@@ -27,7 +27,7 @@ import fsspec
 import numpy as np
 import torch
 
-from beit.shared.decode import ImageBatches, as_tensor
+from beit.shared.decode import ImageBatches, as_tensor, require_dali
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, dali_device_id, init_dist
 from beit.shared.dvae import Precision, check_grid, encoder_sha256, load_tokenizer
 from beit.shared.images import (
@@ -104,6 +104,7 @@ def tokenize(
     """Run stage 1; returns the summary (also written as JSON next to a local store). The steps:
     agree on the source's listing, load the tokenizer and check the grids, make or reopen the store,
     tokenize this rank's pending chunks, then (rank 0) mark the store complete."""
+    require_dali()  # before any work: every image goes through DALI
     entered = time.perf_counter()
     dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
     device = dist.device(cfg.device)

@@ -28,6 +28,7 @@ import torch
 
 from beit.shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from beit.shared.config import ConfigError, differences, resume_fields, to_dict, to_toml
+from beit.shared.decode import require_dali
 from beit.shared.dist import dali_device_id, init_dist
 from beit.shared.progress import progress_bar
 
@@ -173,6 +174,7 @@ class Run:
     `dist_timeout_minutes` and FREE_ON_RESUME are used)."""
 
     def __init__(self, out: Path, cfg: Any, kind: str, progress: bool = True):
+        require_dali()  # every trainer reads its images through DALI: refuse before any work
         self.cfg, self.kind, self.progress = cfg, kind, progress
         self.dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
         self.device = self.dist.device(cfg.device)

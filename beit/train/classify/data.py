@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from beit.shared.counter import counter_key
-from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder
+from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder, require_dali
 from beit.shared.images import Source, read_source
 from beit.shared.prefetch import prefetch
 from beit.shared.store import DONE, StoreItems, TokenStore
@@ -123,6 +123,7 @@ def relabel(source: Source, class_names: list[str]) -> None:
 def classification_builder(size: int, train: bool, randaugment: bool, threads: int):
     """Pipeline factory for `ImageBatches`: the training view (random resized crop, flip,
     RandAugment) or the evaluation view (resize, centre crop), normalised float CHW."""
+    require_dali()
     from nvidia.dali import fn, types
 
     def graph(images, device_id):

@@ -53,7 +53,10 @@ class PretrainConfig:
     }
 
     # image_size / vocab_size 0: take them from the store
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="base", image_size=0, vocab_size=0))
+    # 0s: the store's (image size, vocabulary, and the patch size its grid fixes)
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(preset="base", image_size=0, vocab_size=0, patch_size=0)
+    )
     epochs: int = 800
     batch_size: int = 64  # per rank
     accumulation: int = 1
@@ -202,11 +205,13 @@ def resume_origin(meta: dict, data: PretrainData, cfg: PretrainConfig, world: in
 
 
 def build_model_config(cfg: PretrainConfig, data: PretrainData, location: str) -> ModelConfig:
-    """The model's config, its image size and vocabulary taken from the store, checked against it."""
+    """The model's config, its image size, vocabulary and patch size taken from the store unless
+    set, checked against it."""
     model_cfg = ModelConfig(**to_dict(cfg.model))
     store_vocab = data.store.vocab_size
     model_cfg.image_size = model_cfg.image_size or data.image_size
     model_cfg.vocab_size = model_cfg.vocab_size or store_vocab
+    model_cfg.patch_size = model_cfg.patch_size or data.image_size // data.grid[0]  # the store's grid fixes it
     model_cfg = model_cfg.resolved()
     if model_cfg.grid != data.grid:
         raise StoreError(

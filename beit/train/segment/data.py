@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder
+from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder, require_dali
 from beit.shared.prefetch import ahead, prefetch
 from beit.train.segment.augment import eval_view, train_view
 from beit.train.segment.datasets import SegmentationSource
@@ -30,6 +30,7 @@ from beit.train.segment.datasets import SegmentationSource
 def decode_builder(threads: int = 0):
     """Pipeline factory for `ImageBatches`: decoded RGB HWC uint8, padded with zeros to the
     batch's largest height and width so that images of any size make one batch."""
+    require_dali()
     from nvidia.dali import fn
 
     return pipeline_builder(lambda images, device_id: fn.pad(images, axes=(0, 1), fill_value=0), threads)

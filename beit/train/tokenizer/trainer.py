@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from beit.shared.config import to_dict
-from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder
+from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder, require_dali
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, dali_device_id
 from beit.shared.dvae import DVAE, DVAEConfig, check_grid, map_pixels, save_tokenizer, unmap_pixels
 from beit.shared.images import list_images
@@ -127,6 +127,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def crop_builder(cfg: DVAETrainConfig):
     """A DALI pipeline factory for `ImageBatches`: decode ('mixed' on a GPU), random resized
     crop to input_size, random flip, [0, 1] CHW float."""
+    require_dali()
     from nvidia.dali import fn, types
 
     def graph(images, device_id):
