@@ -161,7 +161,9 @@ def pretrain_command(
     batch_size: Annotated[int | None, typer.Option(help="per rank (default 64)")] = None,
     lr: Annotated[float | None, typer.Option(help="effective learning rate")] = None,
     blr: Annotated[float | None, typer.Option(help="lr at an effective batch of 2048 (1.5e-3)")] = None,
-    warmup_epochs: Annotated[float | None, typer.Option(help="default 10")] = None,
+    warmup_epochs: Annotated[
+        float | None, typer.Option(help="default: the released share of the run (10 of 800 epochs)")
+    ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     targets: Annotated[
         str | None,

@@ -352,7 +352,7 @@ def test_a_metrics_row_cut_in_half_by_a_crash_is_dropped_on_resume(tmp_path):
     assert path.read_text() == '{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n'
 
 
-def test_the_stores_grid_fixes_the_patch_size(data, tmp_path):
+def test_the_stores_grid_fixes_the_patch_size_and_the_runs_length_the_warm_up(data, tmp_path):
     """A store of 32 px views with 4x4 tokens: pre-training takes patch size 8 from it, with no
     model.patch_size given (the default preset's 16 would not divide into its grid)."""
     source, tokenizer = data
@@ -364,3 +364,9 @@ def test_the_stores_grid_fixes_the_patch_size(data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     meta = load_checkpoint(tmp_path / "run" / "checkpoint.pt")[1]
     assert (meta["model"]["patch_size"], meta["model"]["image_size"]) == (8, 32)
+    # the warm-up left unset follows the run's length; one longer than the run is refused before any work
+    config = (tmp_path / "run" / "config.toml").read_text()
+    assert "warmup_epochs = 0.0125  # the released share of the run's 1 epochs (10 of 800)" in config
+    result = beit_here("pretrain", store, "--out", tmp_path / "r2", *tiny, "--epochs", "1", "--warmup-epochs", "2")
+    assert result.returncode == 1 and "warmup_epochs 2 is longer than the run (epochs 1)" in result.stderr
+    assert not (tmp_path / "r2" / "metrics.jsonl").exists()

@@ -21,7 +21,7 @@ MODEL = dict(preset="tiny", image_size=64, width=48, heads=2, depth=4, vocab_siz
 ARGS = [
     "--crop", "64", "--batch-size", "4",
     "--set", "model.width=48", "--set", "model.heads=2", "--set", "model.depth=4", "--set", "model.preset=tiny",
-    "--set", "aux_channels=16", "--set", "scale=[112,64]", "--set", "warmup_iters=4", "--set", "log_every=1",
+    "--set", "aux_channels=16", "--set", "scale=[112,64]", "--set", "warmup_iters=1", "--set", "log_every=1",
 ]  # fmt: skip
 
 
@@ -174,3 +174,27 @@ def test_a_checkpoint_brings_its_architecture(data, tmp_path):
                        "--set", "model.depth=3")  # fmt: skip
     assert "model.depth 3 as asked, not the checkpoint's 4" in result.stdout
     assert result.returncode == 1 and "does not fit the model" in result.stderr
+
+
+def test_settings_left_unset_follow_the_crop_and_the_runs_length(data, tmp_path):
+    """The resize scale follows the crop (4 x crop by crop: the released 2048 x 512 at 512) and the
+    warm-up the run's length (1,500 of 160,000 iterations), each recorded in config.toml with where
+    it came from; a warm-up longer than the run, or a scale that never reaches the crop, is one
+    sentence before any work."""
+    scenes, pretrained = data
+    args = ["--crop", "64", "--batch-size", "4", "--set", "aux_channels=16", "--set", "eval_every=100"]
+    result = beit_here("segment", "train", scenes, "--init", pretrained, "--out", tmp_path / "a", *args, "--iters", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = (tmp_path / "a" / "config.toml").read_text()
+    assert "scale = [256, 64]  # 4 x the crop by the crop 64 (the released 2048 x 512 at 512)" in config
+    assert "warmup_iters = 1  # the released share of the run's 2 iterations (1,500 of 160,000)" in config
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")[1]["scale"] == [256, 64]
+    for setting, sentence in (
+        ("warmup_iters=3", "warmup_iters 3 is longer than the run (iters 2): the learning rate would never leave"),
+        ("scale=[64,16]", "scale [64, 16] resizes images to at most 32 px on the shorter side (ratio_range up to 2.0)"),
+    ):
+        out = tmp_path / setting.split("=")[0]
+        result = beit_here("segment", "train", scenes, "--init", pretrained, "--out", out, *args, "--iters", 2,
+                           "--set", setting)  # fmt: skip
+        assert result.returncode == 1 and sentence in result.stderr, result.stderr
+        assert not (out / "metrics.jsonl").exists()

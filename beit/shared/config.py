@@ -202,15 +202,19 @@ def _toml_value(value: Any) -> str:
     raise ConfigError(f"cannot write {value!r} to TOML.")
 
 
-def to_toml(cfg: Any) -> str:
-    """TOML text that `load_config` reads back into an equal config (None is written "none")."""
+def to_toml(cfg: Any, comments: dict[str, str] | None = None) -> str:
+    """TOML text that `load_config` reads back into an equal config (None is written "none");
+    `comments` (dotted key -> text) go after their keys' values, e.g. where a value came from."""
     lines: list[str] = []
+    comments = comments or {}
 
     def table(data: dict[str, Any], name: str) -> None:
         scalars = {k: "none" if v is None else v for k, v in data.items() if not isinstance(v, dict)}
         if name and scalars:
             lines.append(f"\n[{name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        for k, v in scalars.items():
+            note = comments.get(f"{name}.{k}" if name else k)
+            lines.append(f"{k} = {_toml_value(v)}" + (f"  # {note}" if note else ""))
         for k, v in data.items():
             if isinstance(v, dict):
                 table(v, f"{name}.{k}" if name else k)

@@ -183,6 +183,7 @@ class Run:
         self.checkpoint = self.out / "checkpoint.pt"
         self.fields: dict[str, Any] = {}
         self.board = None  # TensorBoard's writer, when the config asks for it (`start`)
+        self.origins: dict[str, str] = {}  # dotted key -> where its value came from, for config.toml
         if getattr(cfg, "tensorboard", False):
             tensorboard_writer(None, 0)  # every rank refuses a missing package at once, before any work
 
@@ -243,7 +244,7 @@ class Run:
         past `step` (on resume)."""
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.toml").write_text(to_toml(self.cfg))
+            (self.out / "config.toml").write_text(to_toml(self.cfg, self.origins))
             if step == 0:
                 (self.out / "metrics.jsonl").write_text("")
             else:
@@ -282,6 +283,8 @@ class Run:
         """Write a checkpoint (rank 0): model and optimizer state, every rank's `rng`, and `meta`
         with the run's kind and identity."""
         if self.main:
+            if self.board is not None:  # the event files hold every row up to the checkpoint, whatever comes next
+                self.board.flush()
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
             save_checkpoint(path, state, {"kind": self.kind, **meta, **self.fields})
 
@@ -303,3 +306,20 @@ def tensorboard_writer(folder: Path | None, step: int):
         ) from None
     # the rows kept on resume are those of steps <= `step` (`truncate_metrics`): purge from step + 1
     return None if folder is None else SummaryWriter(str(folder), purge_step=step + 1 if step else None)
+
+
+def warmup_epochs_of(cfg: Any, released: tuple[int, int]) -> dict[str, str]:
+    """Fill `cfg.warmup_epochs` when left -1 with the released share of the run (`released` =
+    (warm-up epochs, epochs) of the released recipe), or refuse in one sentence a warm-up longer
+    than the run; returns where a filled value came from (for config.toml)."""
+    if cfg.warmup_epochs < 0:
+        cfg.warmup_epochs = cfg.epochs * released[0] / released[1]
+        return {
+            "warmup_epochs": f"the released share of the run's {cfg.epochs} epochs ({released[0]} of {released[1]})"
+        }
+    if cfg.warmup_epochs > cfg.epochs:
+        raise ConfigError(
+            f"warmup_epochs {cfg.warmup_epochs:g} is longer than the run (epochs {cfg.epochs}): the learning rate "
+            "would never leave warm-up; lower it, or leave it -1 for the released share of the run."
+        )
+    return {}

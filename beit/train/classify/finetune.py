@@ -34,7 +34,16 @@ from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
 from beit.train.classify.data import ClassificationData, read_splits
 from beit.train.classify.evaluate import evaluate_classifier
 from beit.train.model import ARCHITECTURE, BeitClassifier, ModelConfig
-from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, StepEnd, layer_decay_groups, lr_at, set_lr
+from beit.train.scaffold import (
+    RUN_SETTINGS,
+    LossMeter,
+    Run,
+    StepEnd,
+    layer_decay_groups,
+    lr_at,
+    set_lr,
+    warmup_epochs_of,
+)
 
 
 @dataclass
@@ -57,7 +66,7 @@ class FinetuneConfig:
     blr: float = 4e-3
     min_lr: float = 1e-6
     layer_decay: float = 0.65
-    warmup_epochs: float = 20.0
+    warmup_epochs: float = -1.0  # -1: the released share of the run (20 of 100 epochs)
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     mixup: float = 0.8
@@ -171,6 +180,7 @@ def resumed(meta: dict | None) -> tuple[int, float, dict]:
 
 def finetune(data_dir: Path | str, out: Path, cfg: FinetuneConfig, resume: bool = True, progress: bool = True) -> dict:
     run = Run(out, cfg, "finetune", progress)
+    run.origins.update(warmup_epochs_of(cfg, (20, 100)))  # before the run's identity records the config
     dist, device = run.dist, run.device
     train_source, val_source = read_splits(data_dir, cfg.held_out, cfg.seed, cfg.source_root)
     check_same_splits(dist, data_dir, train_source, val_source)

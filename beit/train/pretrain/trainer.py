@@ -39,7 +39,7 @@ from beit.shared.views import imagenet_stats
 from beit.train.model import BeitForMIM, ModelConfig, mim_loss
 from beit.train.pretrain.data import Batch, PretrainData, Sampling
 from beit.train.pretrain.pictures import mim_picture
-from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr
+from beit.train.scaffold import RUN_SETTINGS, Run, lr_at, set_lr, warmup_epochs_of
 
 
 @dataclass
@@ -63,7 +63,7 @@ class PretrainConfig:
     lr: float | None = None  # the effective lr; none: blr x effective batch / 2048
     blr: float = 1.5e-3  # lr at an effective batch of 2048
     min_lr: float = 1e-5
-    warmup_epochs: float = 10.0
+    warmup_epochs: float = -1.0  # -1: the released share of the run (10 of 800 epochs)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -244,6 +244,7 @@ def pretrain(
 ) -> dict:
     """Stage 2. `save=False` writes no checkpoint, not even the last (benchmarks that time steps)."""
     run = Run(out, cfg, "pretrain", progress)
+    run.origins.update(warmup_epochs_of(cfg, (10, 800)))  # before the run's identity records the config
     dist, device = run.dist, run.device
     online = cfg.targets == "online"
     data = build_data(store, cfg, run)

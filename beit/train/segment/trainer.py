@@ -76,11 +76,13 @@ class SegmentConfig:
     layer_decay: float = 0.0  # 0: the recipe's (0.65, or 0.9 from a fine-tuned checkpoint)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_iters: int = 1500
+    warmup_iters: int = -1  # -1: the released share of the run (1,500 of 160,000 iterations), at least 1
     warmup_ratio: float = 1e-6
     power: float = 1.0
     min_lr: float = 0.0
-    scale: tuple[int, int] = (2048, 512)  # the base scale images are resized to (long, short side at most)
+    # the base scale images are resized to (long, short side at most); (0, 0): 4 x the crop by the
+    # crop, as released ((2048, 512) at crop 512, (2560, 640) at 640), so small images stay small
+    scale: tuple[int, int] = (0, 0)
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     eval_every: int = 16_000
@@ -124,6 +126,33 @@ def resolve(cfg: SegmentConfig, classes: int, init: dict | None) -> tuple[ModelC
     return model.resolved(), cfg.lr or values["lr"], cfg.layer_decay or values["layer_decay"], recipe
 
 
+RELEASED_WARMUP = (1500, 160_000)  # warm-up iterations of the released run's iterations
+
+
+def follow_the_run(cfg: SegmentConfig, crop: int) -> dict[str, str]:
+    """Fill the settings left to follow the crop and the run's length (scale, warm-up) in `cfg`,
+    and refuse in one sentence what cannot do what was asked; returns where each filled value came from."""
+    origins = {}
+    if tuple(cfg.scale) == (0, 0):
+        cfg.scale = (4 * crop, crop)
+        origins["scale"] = f"4 x the crop by the crop {crop} (the released 2048 x 512 at 512)"
+    elif min(cfg.scale) * cfg.ratio_range[1] < crop:
+        raise ValueError(
+            f"scale {list(cfg.scale)} resizes images to at most {round(min(cfg.scale) * cfg.ratio_range[1])} px on "
+            f"the shorter side (ratio_range up to {cfg.ratio_range[1]}), less than the crop {crop}: every crop "
+            "would be mostly padding; raise scale, or leave it [0, 0] to follow the crop."
+        )
+    if cfg.warmup_iters < 0:
+        cfg.warmup_iters = max(1, round(cfg.iters * RELEASED_WARMUP[0] / RELEASED_WARMUP[1]))
+        origins["warmup_iters"] = f"the released share of the run's {cfg.iters} iterations (1,500 of 160,000)"
+    elif cfg.warmup_iters > cfg.iters:
+        raise ValueError(
+            f"warmup_iters {cfg.warmup_iters} is longer than the run (iters {cfg.iters}): the learning rate would "
+            "never leave warm-up; lower it, or leave it -1 for the released share of the run."
+        )
+    return origins
+
+
 def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, progress: bool = True) -> dict:
     run = Run(out, cfg, "segment", progress)
     dist, device = run.dist, run.device
@@ -135,6 +164,7 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
         dist.check_same(f"the {split} images of {data_dir}", [str(k) for k in source.keys])
     init = None if cfg.init == "none" else read_state_dict(Path(cfg.init))  # read once: the recipe and the weights
     model_cfg, lr, layer_decay, recipe = resolve(cfg, train_source.num_classes, init)
+    run.origins.update(follow_the_run(cfg, model_cfg.image_size))
     torch.manual_seed(cfg.seed)
     model = BeitSegmenter(model_cfg, cfg.head, cfg.channels, cfg.aux_channels)
     notes = []
