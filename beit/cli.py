@@ -569,7 +569,12 @@ def segment_train_command(
     init: Annotated[str, typer.Option(help="pre-trained or fine-tuned checkpoint (beit, unilm, timm) or 'none'")],
     out: RunFolder,
     format: Annotated[str | None, typer.Option(help="ade20k | voc | cityscapes | folder (default: detected)")] = None,
-    crop: Annotated[int | None, typer.Option(help="crop size (default 512; 640 from a fine-tuned checkpoint)")] = None,
+    crop: Annotated[
+        int | None,
+        typer.Option(
+            help="crop size (default 512, 640 from a fine-tuned checkpoint; less for images smaller than that)"
+        ),
+    ] = None,
     head: Annotated[str | None, typer.Option(help="upernet | linear")] = None,
     model: Preset = None,
     iters: Annotated[int | None, typer.Option(help="iterations (default 160000)")] = None,

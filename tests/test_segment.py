@@ -177,10 +177,10 @@ def test_a_checkpoint_brings_its_architecture(data, tmp_path):
 
 
 def test_settings_left_unset_follow_the_crop_and_the_runs_length(data, tmp_path):
-    """The resize scale follows the crop (4 x crop by crop: the released 2048 x 512 at 512) and the
-    warm-up the run's length (1,500 of 160,000 iterations), each recorded in config.toml with where
-    it came from; a warm-up longer than the run, or a scale that never reaches the crop, is one
-    sentence before any work."""
+    """The resize scale follows the crop (4 x crop by crop: the released 2048 x 512 at 512), the
+    warm-up the run's length (1,500 of 160,000 iterations) and the crop, when not given, images
+    smaller than the recipe's, each recorded in config.toml with where it came from; a warm-up
+    longer than the run, or a scale that never reaches the crop, is one sentence before any work."""
     scenes, pretrained = data
     args = ["--crop", "64", "--batch-size", "4", "--set", "aux_channels=16", "--set", "eval_every=100"]
     result = beit_here("segment", "train", scenes, "--init", pretrained, "--out", tmp_path / "a", *args, "--iters", 2)
@@ -189,6 +189,15 @@ def test_settings_left_unset_follow_the_crop_and_the_runs_length(data, tmp_path)
     assert "scale = [256, 64]  # 4 x the crop by the crop 64 (the released 2048 x 512 at 512)" in config
     assert "warmup_iters = 1  # the released share of the run's 2 iterations (1,500 of 160,000)" in config
     assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")[1]["scale"] == [256, 64]
+    # no crop given: the scenes (none 512 px on its shorter side) get a crop they hold, not the recipe's 512
+    result = beit_here(
+        "segment", "train", scenes, "--init", pretrained, "--out", tmp_path / "b", *args[2:], "--iters", 1
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = (tmp_path / "b" / "config.toml").read_text()
+    crop = load_checkpoint(tmp_path / "b" / "checkpoint.pt")[1]["model"]["image_size"]
+    assert crop % 32 == 0 and 32 <= crop < 512
+    assert f"image_size = {crop}  # the images: none is 512 px on its shorter side" in config
     for setting, sentence in (
         ("warmup_iters=3", "warmup_iters 3 is longer than the run (iters 2): the learning rate would never leave"),
         ("scale=[64,16]", "scale [64, 16] resizes images to at most 32 px on the shorter side (ratio_range up to 2.0)"),

@@ -304,8 +304,19 @@ def tensorboard_writer(folder: Path | None, step: int):
         raise ConfigError(
             "tensorboard = true needs the tensorboard package: pip install 'beit[tensorboard]', or drop the setting."
         ) from None
+    if folder is None:
+        return None
+    # TensorBoard reads a folder's event files in name order, and a name starts with its creation
+    # second: a resumed run's file must not share that second with an earlier attempt's, or it may
+    # be read first (and the purge below would hide nothing, the older rows shown after the newer)
+    seconds = [
+        int(part) for f in Path(folder).glob("events.out.tfevents.*") if (part := f.name.split(".")[3]).isdigit()
+    ]
+    deadline = time.monotonic() + 2
+    while seconds and max(seconds) >= int(time.time()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     # the rows kept on resume are those of steps <= `step` (`truncate_metrics`): purge from step + 1
-    return None if folder is None else SummaryWriter(str(folder), purge_step=step + 1 if step else None)
+    return SummaryWriter(str(folder), purge_step=step + 1 if step else None)
 
 
 def warmup_epochs_of(cfg: Any, released: tuple[int, int]) -> dict[str, str]:

@@ -126,6 +126,23 @@ def resolve(cfg: SegmentConfig, classes: int, init: dict | None) -> tuple[ModelC
     return model.resolved(), cfg.lr or values["lr"], cfg.layer_decay or values["layer_decay"], recipe
 
 
+def crop_for_the_images(model_cfg: ModelConfig, sizes: list[tuple[int, int]]) -> tuple[ModelConfig, str]:
+    """The recipe's crop, unless every training image is smaller (on its shorter side): then the
+    largest multiple of 32 (the neck's coarsest stride) that the largest of them holds, so small
+    images are not blown up to the released 512 or 640. Returns the config and where its crop came from."""
+    recipe_crop = model_cfg.image_size
+    largest = max((min(size) for size in sizes), default=recipe_crop)
+    if largest >= recipe_crop or largest < 32:
+        return model_cfg, f"the recipe's crop ({recipe_crop})"
+    crop = largest // 32 * 32
+    resized = ModelConfig(**{**model_cfg.__dict__, "image_size": crop}).resolved()
+    return (
+        resized,
+        f"the images: none is {recipe_crop} px on its shorter side (the largest {largest}), so a multiple "
+        "of 32 they hold",
+    )
+
+
 RELEASED_WARMUP = (1500, 160_000)  # warm-up iterations of the released run's iterations
 
 
@@ -163,7 +180,12 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
     for source, split in ((train_source, "train"), (val_source, "val")):
         dist.check_same(f"the {split} images of {data_dir}", [str(k) for k in source.keys])
     init = None if cfg.init == "none" else read_state_dict(Path(cfg.init))  # read once: the recipe and the weights
+    crop_unset = not cfg.model.image_size
     model_cfg, lr, layer_decay, recipe = resolve(cfg, train_source.num_classes, init)
+    if crop_unset:
+        model_cfg, origin = crop_for_the_images(model_cfg, train_source.sizes)
+        cfg.model.image_size = model_cfg.image_size  # recorded in config.toml as the value used
+        run.origins["model.image_size"] = origin
     run.origins.update(follow_the_run(cfg, model_cfg.image_size))
     torch.manual_seed(cfg.seed)
     model = BeitSegmenter(model_cfg, cfg.head, cfg.channels, cfg.aux_channels)
