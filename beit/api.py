@@ -27,7 +27,7 @@ from beit.shared.dvae import DVAE, encoder_sha256
 from beit.shared.dvae import load_tokenizer as _load_tokenizer
 from beit.shared.store import DONE, TokenStore
 from beit.shared.views import PARAMS, render_builder
-from beit.train.model import BeitClassifier, BeitForMIM, ModelConfig, config_from_state_dict
+from beit.train.model import BeitClassifier, BeitForMIM, ModelConfig, config_of
 from beit.train.pretrain.dataset import MaskedImageDataset
 from beit.train.segment.model import BeitSegmenter
 from beit.train.segment.predict import segmenter_from
@@ -202,7 +202,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
         if kind == "segment":
             model = segmenter_from(state, meta, path)
         elif kind in ("pretrain", "finetune"):
-            model = (BeitForMIM if kind == "pretrain" else BeitClassifier)(ModelConfig(**meta["model"]))
+            model = (BeitForMIM if kind == "pretrain" else BeitClassifier)(config_of(state, meta)[0])
             load_weights(model, state["model"], source=str(path))
         else:
             raise CheckpointError(
@@ -211,7 +211,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
             )
         return model.to(device).eval()
     try:
-        cfg = config_from_state_dict(state)
+        cfg = config_of(state, None)[0]
     except ValueError as error:
         raise CheckpointError(f"{path}: {error}") from None
     model = BeitForMIM(cfg) if "lm_head.weight" in state else BeitClassifier(cfg)
@@ -227,12 +227,7 @@ def _hf_model(folder: Path) -> nn.Module:
     cfg = ModelConfig(**hf_format.model_fields(config))
     state = read_state_dict(folder)
     if kind == "segment":
-        seg = config.get("beit_segmenter") or {
-            "head": "upernet",
-            "channels": 0,  # transformers' UperNet has as many channels as the model's width
-            "aux_channels": config.get("auxiliary_channels", 256),
-            "out_indices": [i - 2 for i in config["out_indices"]],  # it takes hidden_states[i - 1]
-        }
+        seg = hf_format.segmenter_fields(config)
         model = BeitSegmenter(cfg, seg["head"], seg["channels"], seg["aux_channels"], tuple(seg["out_indices"]))
         depth = model.cfg.depth  # an exported folder's extra identity block is not part of the model
         state = {k: v for k, v in state.items() if not (k.startswith("blocks.") and int(k.split(".")[1]) >= depth)}

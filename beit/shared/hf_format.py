@@ -147,6 +147,25 @@ def from_hub_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def hub_out_indices(blocks: list[int]) -> list[int]:
+    """transformers' segmentation out_indices for feature maps after `blocks` (counted from 0):
+    it takes map k from hidden_states[out_indices[k] - 1], and block b's output is hidden_states[b + 1]."""
+    return [b + 2 for b in blocks]
+
+
+def segmenter_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A BeitForSemanticSegmentation config's segmenter settings ({head, channels, aux_channels,
+    out_indices}, blocks counted from 0): those this project recorded, else what transformers computes."""
+    if isinstance(config.get("beit_segmenter"), dict):
+        return dict(config["beit_segmenter"])
+    return {
+        "head": "upernet",
+        "channels": 0,  # transformers' UperNet has as many channels as the model's width
+        "aux_channels": config.get("auxiliary_channels", 256),
+        "out_indices": [i - 2 for i in config["out_indices"]],  # the inverse of `hub_out_indices`
+    }
+
+
 def is_hf_folder(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 

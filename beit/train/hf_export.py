@@ -25,7 +25,7 @@ import torch
 
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.config import to_dict
-from beit.shared.hf_format import HFFormatError, to_hub_names
+from beit.shared.hf_format import HFFormatError, hub_out_indices, to_hub_names
 from beit.train.model import ModelConfig
 
 ARCHITECTURES = {
@@ -92,7 +92,7 @@ def _segmenter(cfg: ModelConfig, meta: dict, weights: dict, source: Path) -> tup
             f"{source}'s UperNet has {channels} channels, but transformers' has as many as the model's width "
             f"({cfg.width}): train with --set channels=0 (the released setting) to export it."
         )
-    indices = [i + 2 for i in meta["out_indices"]]  # hidden_states[i + 1] is block i's output
+    indices = hub_out_indices(meta["out_indices"])
     depth = cfg.depth
     if max(indices) > depth:  # the last block is one of them: one more, inert block makes room
         weights = {**weights, **_identity_block(weights, depth)}

@@ -386,10 +386,16 @@ def architecture_of(init: str | Path) -> tuple[ModelConfig, str]:
     path = Path(init)
     if hf_format.is_hf_folder(path):
         return ModelConfig(**hf_format.model_fields(hf_format.read_config(path))).resolved(), "its config.json"
-    state, meta = read_any(path)
+    cfg, where = config_of(*read_any(path))
+    return cfg.resolved(), where
+
+
+def config_of(state: dict, meta: dict | None) -> tuple[ModelConfig, str]:
+    """The `ModelConfig` of what `read_any` read: the one a project checkpoint records ("its
+    recorded config"), else the one its weights' shapes imply ("its tensors' shapes")."""
     if meta is not None and isinstance(meta.get("model"), dict):
-        return ModelConfig(**meta["model"]).resolved(), "its recorded config"
-    return config_from_state_dict(state if meta is None else state["model"]).resolved(), "its tensors' shapes"
+        return ModelConfig(**meta["model"]), "its recorded config"
+    return config_from_state_dict(state if meta is None else state["model"]), "its tensors' shapes"
 
 
 def take_architecture(

@@ -170,6 +170,32 @@ def follow_the_run(cfg: SegmentConfig, crop: int) -> dict[str, str]:
     return origins
 
 
+def settle(cfg: SegmentConfig, run: Run, init: dict | None, train_source) -> tuple[ModelConfig, float, float, str]:
+    """`resolve`'s (model config, lr, layer decay, recipe), with what the config leaves to the
+    data and the run filled in `cfg` (the crop, the scale, the warm-up) and their origins noted
+    for config.toml."""
+    crop_unset = not cfg.model.image_size
+    model_cfg, lr, layer_decay, recipe = resolve(cfg, train_source.num_classes, init)
+    if crop_unset:
+        model_cfg, origin = crop_for_the_images(model_cfg, train_source.sizes)
+        cfg.model.image_size = model_cfg.image_size  # recorded in config.toml as the value used
+        run.origins["model.image_size"] = origin
+    run.origins.update(follow_the_run(cfg, model_cfg.image_size))
+    return model_cfg, lr, layer_decay, recipe
+
+
+def build_segmenter(model_cfg: ModelConfig, cfg: SegmentConfig, init: dict | None) -> tuple[BeitSegmenter, list[str]]:
+    """The segmenter (initialised from `cfg.seed`), with the `init` weights adapted and loaded;
+    the notes on what was adapted."""
+    torch.manual_seed(cfg.seed)
+    model = BeitSegmenter(model_cfg, cfg.head, cfg.channels, cfg.aux_channels)
+    notes = []
+    if init is not None:
+        init, notes = adapt_state_dict(init, model)
+        load_weights(model, init, source=cfg.init)
+    return model, notes
+
+
 def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, progress: bool = True) -> dict:
     run = Run(out, cfg, "segment", progress)
     dist, device = run.dist, run.device
@@ -180,19 +206,8 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
     for source, split in ((train_source, "train"), (val_source, "val")):
         dist.check_same(f"the {split} images of {data_dir}", [str(k) for k in source.keys])
     init = None if cfg.init == "none" else read_state_dict(Path(cfg.init))  # read once: the recipe and the weights
-    crop_unset = not cfg.model.image_size
-    model_cfg, lr, layer_decay, recipe = resolve(cfg, train_source.num_classes, init)
-    if crop_unset:
-        model_cfg, origin = crop_for_the_images(model_cfg, train_source.sizes)
-        cfg.model.image_size = model_cfg.image_size  # recorded in config.toml as the value used
-        run.origins["model.image_size"] = origin
-    run.origins.update(follow_the_run(cfg, model_cfg.image_size))
-    torch.manual_seed(cfg.seed)
-    model = BeitSegmenter(model_cfg, cfg.head, cfg.channels, cfg.aux_channels)
-    notes = []
-    if init is not None:
-        init, notes = adapt_state_dict(init, model)
-        load_weights(model, init, source=cfg.init)
+    model_cfg, lr, layer_decay, recipe = settle(cfg, run, init, train_source)
+    model, notes = build_segmenter(model_cfg, cfg, init)
     model.to(device)
     crop, stride = model_cfg.image_size, cfg.stride or round(model_cfg.image_size * 2 / 3)
     shared = dict(seed=cfg.seed, scale=cfg.scale, threads=cfg.threads, device_id=run.device_id)
