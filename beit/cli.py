@@ -167,7 +167,10 @@ def pretrain_command(
     seed: Annotated[int | None, typer.Option()] = None,
     targets: Annotated[
         str | None,
-        typer.Option(help="cached (the store's tokens) | online (a fresh view each epoch, dVAE every step) | pixels"),
+        typer.Option(
+            help="cached (the store's tokens) | online (a fresh view each epoch, dVAE every step) | pixels (raw "
+            "pixel regression, the paper's ablation) | normalised-pixels (each patch's mean and variance removed)"
+        ),
     ] = None,
     mask: Annotated[str | None, typer.Option(help="block | random")] = None,
     source_root: SourceRoot = None,
@@ -545,18 +548,35 @@ def fashion_mnist_command(
     typer.echo(f"wrote {counts['train']} training and {counts['val']} validation images ({size} px) under {out}")
 
 
+def _pair(text: str, option: str, kind: type) -> tuple:
+    """ "A,B" -> (A, B) of `kind`, or one sentence naming the option."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return kind(parts[0]), kind(parts[1])
+    except ValueError:
+        raise ValueError(f"{option} {text!r} is not two numbers: give them as LOW,HIGH, e.g. {option} 40,56.") from None
+
+
 @data_app.command("fashion-scenes")
 def fashion_scenes_command(
     out: Annotated[Path, typer.Argument(help="folder to write images/ and annotations/ (training, validation) into")],
     train: Annotated[int, typer.Option(help="training scenes")] = 800,
     val: Annotated[int, typer.Option(help="validation scenes")] = 200,
     seed: Annotated[int, typer.Option()] = 0,
+    sides: Annotated[str, typer.Option(help="the scenes' smallest and largest side in px, e.g. 40,56")] = "64,112",
+    item_scale: Annotated[str, typer.Option(help="range of each item's scale, of its 28 px")] = "0.6,2.0",
 ) -> None:
     """A small real segmentation task: scenes of 1-4 Fashion-MNIST items on noise, 11 classes."""
     from beit.shared.datasets.fashion_scenes import write_scenes
 
     try:
-        counts = write_scenes(out, train=train, val=val, seed=seed)
+        low, high = _pair(sides, "--sides", int)
+        smallest, largest = _pair(item_scale, "--item-scale", float)
+        counts = write_scenes(
+            out, train=train, val=val, seed=seed, min_side=low, max_side=high, scale=(smallest, largest)
+        )
     except ValueError as error:
         _fail(error)
     typer.echo(f"wrote {counts['training']} training and {counts['validation']} validation scenes under {out}")
@@ -609,6 +629,9 @@ def segment_evaluate_command(
     flip: Annotated[bool, typer.Option("--flip", help="average with the mirrored image")] = False,
     per_class: Annotated[bool, typer.Option("--per-class", help="print IoU and accuracy per class")] = False,
     picture: Annotated[Path | None, typer.Option(help="PNG of images beside ground truth and prediction")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the figures, per class too, into this JSON file")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """mIoU, mAcc and aAcc of a segmentation checkpoint, by sliding window, multi-scale and flip."""
@@ -620,6 +643,11 @@ def segment_evaluate_command(
     except ValueError as error:
         _fail(error)
     typer.echo(f"mIoU {result['mIoU'] * 100:.2f}, mAcc {result['mAcc'] * 100:.2f}, aAcc {result['aAcc'] * 100:.2f}")
+    if json_out is not None:
+        import json
+
+        figures = {key: result[key] for key in ("mIoU", "mAcc", "aAcc", "per_class")}
+        json_out.write_text(json.dumps({"checkpoint": str(checkpoint), "data": str(data), **figures}, indent=1) + "\n")
     if per_class:
         for row in result["per_class"]:
             typer.echo(f"  {row['name']:<24} IoU {row['iou'] * 100:6.2f}  acc {row['acc'] * 100:6.2f}")

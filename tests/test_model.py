@@ -185,9 +185,17 @@ def test_static_masked_positions_give_the_flat_paths_logits_loss_and_gradients()
     model.lm_head = torch.nn.Linear(model.cfg.width, 16 * 16 * 3)
     from beit.train.pretrain.trainer import pixel_targets
 
-    patches = pixel_targets(pixels, 16).flatten(0, 1)[mask.flatten()]
-    flat_mse = torch.nn.functional.mse_loss(model(pixels, mask), patches)
-    static_mse, _, _ = mim_step_loss(model, pixels, mask, positions, valid, None, 16)
-    torch.testing.assert_close(static_mse, flat_mse, rtol=1e-6, atol=1e-6)
+    for normalised in (False, True):
+        patches = pixel_targets(pixels, 16, normalised).flatten(0, 1)[mask.flatten()]
+        flat_mse = torch.nn.functional.mse_loss(model(pixels, mask), patches)
+        static_mse, _, _ = mim_step_loss(model, pixels, mask, positions, valid, None, 16, normalised)
+        torch.testing.assert_close(static_mse, flat_mse, rtol=1e-6, atol=1e-6)
+    # the paper's target is the input's own pixels, patch by patch; the normalised one has each
+    # patch at mean 0 and variance 1
+    raw = pixel_targets(pixels, 16)
+    torch.testing.assert_close(raw[1, 3].view(16, 16, 3).permute(2, 0, 1), pixels[1, :, 0:16, 48:64])
+    normalised = pixel_targets(pixels, 16, normalised=True)
+    torch.testing.assert_close(normalised.mean(-1), torch.zeros(normalised.shape[:2]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalised.var(-1), torch.ones(normalised.shape[:2]), atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="more than the 3 positions"):
         masked_positions(masks, 3)

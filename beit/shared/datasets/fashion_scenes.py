@@ -2,14 +2,15 @@
 
 Each scene is a canvas whose height and width are drawn independently from [min_side, max_side]
 (64-112 px by default, so most scenes are not square), filled with one grey level drawn at random,
-holding one to four items of the subset. Each item is scaled by a factor drawn from 0.6-2.0 of its
-28 px (bilinear, so the outline stays smooth at 2x), tinted with a colour of its own (the item's grey
-intensity times a random RGB colour, so that neither brightness nor hue tells the classes apart) and
-placed at random wholly inside the canvas; later items cover earlier ones. Gaussian noise of a
-random strength is then added to every pixel. An item is drawn only where its scaled intensity is
-above 0.1 of white, and exactly those pixels carry its label, class + 1; the rest is background, 0.
-Where the label changes, the pixel on the side of the item on top (never the background's side) is
-set to 255, a one-pixel unlabelled band like the borders of ADE20K's annotations.
+holding one to four items of the subset. Each item is scaled by a factor drawn from `scale`
+(0.6-2.0 by default) of its 28 px (bilinear, so the outline stays smooth at 2x), tinted with a
+colour of its own (the item's grey intensity times a random RGB colour, so that neither brightness
+nor hue tells the classes apart) and placed at random wholly inside the canvas; later items cover
+earlier ones. Gaussian noise of a random strength is then added to every pixel. An item is drawn
+only where its scaled intensity is above 0.1 of white, and exactly those pixels carry its label,
+class + 1; the rest is background, 0. Where the label changes, the pixel on the side of the item on
+top (never the background's side) is set to 255, a one-pixel unlabelled band like the borders of
+ADE20K's annotations.
 
 Training scenes use only the subset's training items, validation scenes only its validation items
 (drawn from the official test split). Scene i of a split is drawn from its own generator seeded with
@@ -95,6 +96,7 @@ def draw_scene(
     min_side: int = 64,
     max_side: int = 112,
     items: tuple[int, int] = (1, 4),
+    scale: tuple[float, float] = SCALE,
 ) -> Scene:
     """One scene of items drawn from `images` [N, 28, 28] uint8 with classes `labels` [N]; drawn
     again (from the same generator) in the rare case that no item pixel keeps its label."""
@@ -105,7 +107,7 @@ def draw_scene(
         owner = np.full((height, width), -1, dtype=np.int16)
         chosen = rng.integers(0, len(images), size=int(rng.integers(items[0], items[1] + 1)))
         for depth, index in enumerate(chosen):
-            side = min(round(28 * rng.uniform(*SCALE)), height, width)
+            side = max(1, min(round(28 * rng.uniform(*scale)), height, width))
             top = int(rng.integers(0, height - side + 1))
             left = int(rng.integers(0, width - side + 1))
             tint = rng.uniform(*TINT, size=3).astype(np.float32)
@@ -127,13 +129,17 @@ def draw_scene(
     raise RuntimeError("100 scenes in a row had no labelled item pixel: the items are blank.")
 
 
-def _check(out: Path, train: int, val: int, min_side: int, max_side: int, items: tuple[int, int]) -> None:
+def _check(
+    out: Path, train: int, val: int, min_side: int, max_side: int, items: tuple[int, int], scale: tuple[float, float]
+) -> None:
     if train < 0 or val < 0:
         raise ValueError(f"scene counts must not be negative (got train={train}, val={val}).")
     if not 1 <= min_side <= max_side:
         raise ValueError(f"sides {min_side}-{max_side} are not a range of positive sizes: give 1 <= min <= max.")
     if not 1 <= items[0] <= items[1]:
         raise ValueError(f"items per scene {items[0]}-{items[1]} is not a range: give 1 <= fewest <= most.")
+    if not 0 < scale[0] <= scale[1]:
+        raise ValueError(f"item scale {scale[0]}-{scale[1]} is not a range of positive factors: give 0 < low <= high.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder: pass a new or empty folder.")
 
@@ -146,6 +152,7 @@ def write_scenes(
     min_side: int = 64,
     max_side: int = 112,
     items: tuple[int, int] = (1, 4),
+    scale: tuple[float, float] = SCALE,
 ) -> dict:
     """Write `train` training and `val` validation scenes under `out` (a new or empty folder) in the
     layout above; returns {"training": count, "validation": count, "classes": CLASSES}."""
@@ -153,13 +160,15 @@ def write_scenes(
 
     out = Path(out)
     items = (int(items[0]), int(items[1]))
-    _check(out, train, val, min_side, max_side, items)
+    scale = (float(scale[0]), float(scale[1]))
+    _check(out, train, val, min_side, max_side, items, scale)
     subset = fashion_mnist.load()
     record = {
         "source": "the shipped Fashion-MNIST subset (beit/shared/datasets/data/fashion_mnist_subset.npz)",
         "seed": seed,
         "sides": [min_side, max_side],
         "items_per_scene": list(items),
+        "item_scale": list(scale),
         "item_splits": SPLITS,
         "scenes": {},
     }
@@ -171,7 +180,8 @@ def write_scenes(
         drawn = {}
         for i in range(train if split == "training" else val):
             name = f"{split}_{i:05d}"
-            scene = draw_scene(np.random.default_rng([seed, number, i]), images, labels, min_side, max_side, items)
+            rng = np.random.default_rng([seed, number, i])
+            scene = draw_scene(rng, images, labels, min_side, max_side, items, scale)
             Image.fromarray(scene.image).save(out / "images" / split / f"{name}.png")
             Image.fromarray(scene.label).save(out / "annotations" / split / f"{name}.png")
             drawn[name] = [list(item) for item in scene.items]

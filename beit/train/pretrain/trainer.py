@@ -11,8 +11,11 @@ patches (cross-entropy); AdamW with the released parameter groups, warm-up + cos
 clipping, bf16 autocast on a GPU. No step runs the tokenizer, except with `targets = "online"`
 (the reference code's way: a fresh view of each image every epoch, drawn as stage 1 draws them
 (view e in epoch e, so the first V are the cached ones), and the dVAE on its 112 px twin at
-every step); `targets = "pixels"` regresses each masked patch's normalised pixels instead (the paper's ablation), and
-`mask = "random"` replaces blockwise masking.
+every step); `targets = "pixels"` regresses the masked patches' raw pixels instead (the paper's
+ablation, its Table 4: the pixel values as the model sees them, normalised only as the input is),
+`targets = "normalised-pixels"` regresses them with each patch's own mean and variance removed (the
+later masked-autoencoder target, a stronger one: kept under its own name), and `mask = "random"`
+replaces blockwise masking.
 
 RUN_DIR gets config.toml (the resolved config), metrics.jsonl (one object per logged step) and
 checkpoint.pt (+ .json), written atomically every `checkpoint_every` steps and at the end.
@@ -69,7 +72,8 @@ class PretrainConfig:
     eps: float = 1e-8
     clip_grad: float = 3.0
     seed: int = 0
-    targets: Literal["cached", "online", "pixels"] = "cached"
+    # cached | online: token ids; pixels: raw pixel regression (the paper's); normalised-pixels: per patch
+    targets: Literal["cached", "online", "pixels", "normalised-pixels"] = "cached"
     mask: Literal["block", "random"] = "block"
     mask_count: int = 0  # 0: 75 of 196 patches, scaled to the grid
     views: int = 0  # 0: all the store's V views per image; K: only the first K (the V ablation)
@@ -96,12 +100,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def pixel_targets(pixels: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, 3, H, W] ImageNet-normalised -> [B, N, patch*patch*3] per-patch normalised pixels."""
-    mean, std = imagenet_stats(pixels.device)  # [3, 1, 1]: broadcast over the batch
-    x = pixels * std + mean
+PIXEL_TARGETS = ("pixels", "normalised-pixels")
+
+
+def pixel_targets(pixels: torch.Tensor, patch: int, normalised: bool = False) -> torch.Tensor:
+    """[B, 3, H, W] ImageNet-normalised -> [B, N, patch*patch*3]: each patch's pixels as the
+    input holds them (the paper's raw-pixel target), or with `normalised` the patch's own
+    pixels (0-1) with its mean and variance removed (the masked-autoencoder target)."""
+    x = pixels
+    if normalised:
+        mean, std = imagenet_stats(pixels.device)  # [3, 1, 1]: broadcast over the batch
+        x = pixels * std + mean
     b, c, h, w = x.shape
     x = x.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, patch * patch * c)
+    if not normalised:
+        return x
     return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
 
 
@@ -113,13 +126,15 @@ def mim_step_loss(
     valid: torch.Tensor,
     targets: torch.Tensor | None,
     patch: int,
+    normalised: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The step's forward and loss, with static shapes (the K padded masked positions of each
     image): (loss, correct predictions, masked patches); `targets` [B, N] token ids, or None to
-    regress each masked patch's normalised pixels. What the trainer runs and bench/speed/train_step.py times."""
+    regress each masked patch's pixels (`pixel_targets`, per-patch `normalised` or raw). What the
+    trainer runs and bench/speed/train_step.py times."""
     output = forward(pixels, mask, positions=positions)  # [B, K, vocab]
     if targets is None:
-        patches = pixel_targets(pixels, patch)
+        patches = pixel_targets(pixels, patch, normalised)
         picked = patches.gather(1, positions.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
         weight = valid.unsqueeze(-1).float()
         loss = ((output.float() - picked) ** 2 * weight).sum() / (weight.sum() * patches.shape[-1])
@@ -163,7 +178,14 @@ class MIMStep:
             context = contextlib.nullcontext() if last or self.trained is self.model else self.trained.no_sync()
             with context, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, correct, count = mim_step_loss(
-                    self.forward, pixels, mask, positions, valid, targets, self.model.cfg.patch_size
+                    self.forward,
+                    pixels,
+                    mask,
+                    positions,
+                    valid,
+                    targets,
+                    self.model.cfg.patch_size,
+                    normalised=cfg.targets == "normalised-pixels",
                 )
             (loss / cfg.accumulation).backward()
             with torch.no_grad():
@@ -218,12 +240,12 @@ def build_model_config(cfg: PretrainConfig, data: PretrainData, location: str) -
             f"the model's patch grid {model_cfg.grid} ({model_cfg.image_size} px / {model_cfg.patch_size}) does not "
             f"match {location}'s token grid {data.grid}: set model.image_size={data.image_size} (or leave it 0)."
         )
-    if cfg.targets != "pixels" and model_cfg.vocab_size != store_vocab:
+    if cfg.targets not in PIXEL_TARGETS and model_cfg.vocab_size != store_vocab:
         raise StoreError(
             f"model.vocab_size {model_cfg.vocab_size} does not match {location}'s tokenizer vocabulary {store_vocab}: "
             "leave model.vocab_size 0 to take it from the store."
         )
-    if cfg.targets == "pixels":
+    if cfg.targets in PIXEL_TARGETS:
         model_cfg.vocab_size = model_cfg.patch_size**2 * 3  # the head regresses a patch's pixels
     return model_cfg
 
@@ -391,7 +413,7 @@ class StepMeter:
             "images_per_s": self.images * world / elapsed,
             "data_wait": self.wait / elapsed,
         }
-        if cfg.targets != "pixels":
+        if cfg.targets not in PIXEL_TARGETS:
             row["mim_accuracy"] = values[1] / max(values[2], 1)
         self.sums.zero_()
         self.wait, self.images, self.last_log, self.logged_at = 0.0, 0, time.perf_counter(), step
