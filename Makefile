@@ -1,10 +1,11 @@
 # make demo   set up .venv and run the demo
 # make test   set up .venv and run the test suite
+# make ablation TASK=classification|segmentation|all   the paper's ablation table (bench/quality/ablation.py)
 # make gpu-rehearsal   a GPU window's three calls, here, as the GPU machine runs them (bench/gpu/GPU.md)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint clean gpu-rehearsal
+.PHONY: setup demo test lint clean gpu-rehearsal ablation
 
 # the demo needs the runtime and matplotlib; the tests also need their tools
 $(VENV)/.setup-demo: pyproject.toml scripts/setup.sh
@@ -25,6 +26,9 @@ test: $(VENV)/.setup-dev
 
 lint: $(VENV)/.setup-dev
 	$(VENV)/bin/ruff check .
+
+ablation: $(VENV)/.setup-demo
+	$(PY) bench/quality/ablation.py --task $(or $(TASK),all)
 
 gpu-rehearsal:
 	python3 bench/gpu/rehearse.py

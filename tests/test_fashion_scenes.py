@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import beit_here
 from PIL import Image
 
 from beit.shared.datasets.fashion_mnist import CLASSES as ITEM_CLASSES
@@ -123,11 +124,33 @@ def test_the_same_seed_writes_the_same_bytes(tmp_path):
     assert all(d[path] == a[path] for path in d if path.suffix == ".png")
 
 
+def test_sides_and_item_scale_are_chosen_and_recorded(tmp_path):
+    out = tmp_path / "small"
+    result = beit_here("data", "fashion-scenes", out, "--train", "6", "--val", "2", "--sides", "40,48",
+                       "--item-scale", "0.5,0.5")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for split in SPLITS:
+        for _, image, label in pairs(out, split):
+            assert 40 <= min(image.size) <= max(image.size) <= 48 and label.size == image.size
+    record = json.loads((out / "scenes.json").read_text())
+    assert record["sides"] == [40, 48] and record["item_scale"] == [0.5, 0.5]
+    # one item at scale 0.5 fits a 14 px square
+    images, labels = load()["train"]
+    for i in range(20):
+        scene = draw_scene(np.random.default_rng(i), images, labels, 40, 48, items=(1, 1), scale=(0.5, 0.5))
+        rows, cols = np.nonzero(scene.label_without_band)
+        assert rows.max() - rows.min() < 14 and cols.max() - cols.min() < 14
+    result = beit_here("data", "fashion-scenes", tmp_path / "bad", "--sides", "40")
+    assert result.returncode == 1 and "--sides '40' is not two numbers" in result.stderr
+
+
 def test_bad_arguments_are_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a range of positive sizes"):
         write_scenes(tmp_path / "x", min_side=80, max_side=64)
     with pytest.raises(ValueError, match="items per scene 0-2"):
         write_scenes(tmp_path / "x", items=(0, 2))
+    with pytest.raises(ValueError, match="item scale 0.0-1.0 is not a range"):
+        write_scenes(tmp_path / "x", scale=(0.0, 1.0))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "other.txt").write_text("mine")
     with pytest.raises(ValueError, match="not an empty folder"):

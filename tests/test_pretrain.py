@@ -310,12 +310,19 @@ def test_source_root_reads_the_same_images_elsewhere_and_refuses_others(store, t
 
 
 # Last / first loss, 8 seeds on AMD EPYC (2026-11-30, tests/calibration/seeds.py pretrain --ablation=FLAG):
-# --targets online median 0.463, max 0.477; --targets pixels median 0.868, max 0.888 (a pixel
-# loss falls less in 50 steps: the old 0.9 was flaky); --mask random median 0.473, max 0.489.
+# --targets online median 0.463, max 0.477; per-patch normalised pixels median 0.868, max 0.888 (a
+# pixel loss falls less in 50 steps: the old 0.9 was flaky); --mask random median 0.473, max 0.489.
+# On a 2-core Xeon (2026-12-02, the same command): --targets normalised-pixels median 0.868, max
+# 0.888 again; --targets pixels (raw, the paper's) median 0.676, max 0.807.
 # Threshold = max + 0.1.
 @pytest.mark.parametrize(
     "flag, most",
-    [(["--targets", "online"], 0.58), (["--targets", "pixels"], 0.99), (["--mask", "random"], 0.59)],
+    [
+        (["--targets", "online"], 0.58),
+        (["--targets", "pixels"], 0.91),
+        (["--targets", "normalised-pixels"], 0.99),
+        (["--mask", "random"], 0.59),
+    ],
 )
 def test_every_ablation_runs_and_its_loss_falls(store, tmp_path, flag, most):
     location, _ = store

@@ -75,6 +75,12 @@ def test_trains_evaluates_predicts_and_resumes_after_sigkill(data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert Image.open(picture).height == 6 * (160 + 4)  # six images beside their ground truth and prediction
     assert result.stdout.startswith("mIoU ") and "background" in result.stdout and "ankle-boot" in result.stdout
+    figures = tmp_path / "figures.json"
+    result = beit_here("segment", "evaluate", whole / "best.pt", scenes, "--json", figures)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads(figures.read_text())
+    assert result.stdout.startswith(f"mIoU {written['mIoU'] * 100:.2f}, mAcc {written['mAcc'] * 100:.2f}")
+    assert [row["name"] for row in written["per_class"]][:2] == ["background", "t-shirt"]
     images = sorted((scenes / "images" / "validation").glob("*.png"))[:2]
     result = beit_here("segment", "predict", whole / "best.pt", *images, "-o", tmp_path / "masks", "--overlay")
     assert result.returncode == 0, result.stderr[-3000:]

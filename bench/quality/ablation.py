@@ -73,7 +73,7 @@ TASKS = {
     "segmentation": dict(
         image=32,
         scenes=dict(unlabelled=8000, train=200, val=200, sides="40,56", item_scale="0.5,1.0"),
-        segment=dict(iters=800, batch=8, layer_decay=0.65, channels=32),
+        segment=dict(iters=1000, batch=8, layer_decay=0.65, channels=32),
         lrs=(1e-3, 3e-3),
         arms={
             "beit": "",
@@ -352,8 +352,8 @@ def segmentation(runner: Runner, task: dict, seeds: list[int]) -> dict:
     runner.pool([evaluate(arm, seed, lr_of[arm]) for seed in seeds for arm in arms])
     results = {arm: [evaluated(arm, s, lr_of[arm]) for s in seeds] for arm in arms}
     names = [row["name"] for row in results["beit"][0]["per_class"]]
-    per_class = {
-        arm: {n: statistics.mean(r["per_class"][i]["iou"] * 100 for r in results[arm]) for i, n in enumerate(names)}
+    per_class = {  # over the seeds whose validation scenes hold the class (NaN where none does)
+        arm: {n: _mean_present([r["per_class"][i]["iou"] * 100 for r in results[arm]]) for i, n in enumerate(names)}
         for arm in arms
     }
     floor = [background_miou(scenes[s]) for s in seeds]
@@ -368,6 +368,11 @@ def segmentation(runner: Runner, task: dict, seeds: list[int]) -> dict:
         "trivial_per_seed": floor,
         "margin": MIOU_MARGIN,
     }
+
+
+def _mean_present(values: list[float]) -> float:
+    present = [v for v in values if not math.isnan(v)]
+    return statistics.mean(present) if present else math.nan
 
 
 def background_miou(scenes: Path) -> float:

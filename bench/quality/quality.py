@@ -14,12 +14,15 @@ each of `labels`. The arms of `cpu` and `gpu`:
   - BEiT (visual-token targets, blockwise masks, all 10 cached views)
   - the same with only the first 1 or 4 cached views (`--set views=K`: the views are drawn per
     (seed, image, view), so the first K are exactly a V = K store's)
-  - pixel regression of the masked patches (`--targets pixels`)
+  - pixel regression of the masked patches (`--targets pixels`: since 2026-12-02 the paper's raw
+    pixels; the figures recorded before then regressed per-patch normalised pixels, now
+    `--targets normalised-pixels`)
   - random instead of blockwise masks (`--mask random`)
   - online tokenization (`--targets online`): the dVAE runs on every step, as the reference code does
 `quick` is BEiT against scratch on 10% of the shipped subset's labels; `views` asks whether V
 matters once each view repeats many times (2,000 images, 30 epochs: V = 10 against V = 1);
-`longer` gives the `cpu` arms four times the pre-training. Every pre-training run of a preset has
+`longer` gives the `cpu` arms four times the pre-training. The paper's ablation table, with
+paired seeds and confidence intervals, is bench/quality/ablation.py. Every pre-training run of a preset has
 the same budget (epochs, batch, lr), every fine-tuning the same number of steps (layer-wise lr
 decay only for pre-trained weights); top-1 on the validation images (the last evaluation's).
 
