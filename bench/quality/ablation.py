@@ -43,13 +43,12 @@ import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import ROOT, Runner  # noqa: E402
 
 MODEL = dict(width=128, depth=4, heads=4, patch=4)
 TOKENIZER = dict(steps=400, batch=64, n_hid=32, vocab=512, warmup=50)
@@ -112,48 +111,6 @@ TOP1_MARGIN = 20.0  # gate: every classification arm's mean top-1 this far above
 MIOU_MARGIN = 3.0  # gate: every segmentation arm's mean mIoU this far above calling all background
 
 q = shlex.quote
-
-
-class Runner:
-    """`beit` command lines, --jobs at a time with the cores split between them; each one's
-    output in WORK/logs/NAME.log, and what it printed in WORK/done/NAME.out once it succeeded (a
-    step done is not run again)."""
-
-    def __init__(self, work: Path, jobs: int):
-        self.work, self.jobs = work, jobs
-        self.threads = max(1, (os.cpu_count() or 2) // jobs)
-        self.times: dict[str, float] = {}
-        for folder in ("logs", "done"):
-            (work / folder).mkdir(parents=True, exist_ok=True)
-
-    def beit(self, name: str, line: str, threads: bool = False) -> str:
-        done = self.work / "done" / f"{name}.out"
-        if done.is_file():
-            return done.read_text()
-        env = dict(os.environ)
-        if self.jobs > 1:
-            env["OMP_NUM_THREADS"] = str(self.threads)
-            if threads:
-                line += f" --set threads={self.threads}"
-        command = [sys.executable, "-m", "beit", *shlex.split(line)]
-        log = self.work / "logs" / f"{name}.log"
-        start = time.perf_counter()
-        with open(log, "w") as handle:
-            handle.write(shlex.join(command) + "\n")
-            handle.flush()
-            run = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=handle, text=True)
-        self.times[name] = time.perf_counter() - start
-        if run.returncode:
-            raise SystemExit(f"{name} failed (exit {run.returncode}): see {log}")
-        last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
-        print(f"  {name}: {self.times[name]:.0f} s  {last}", flush=True)
-        done.write_text(run.stdout)
-        return run.stdout
-
-    def pool(self, jobs: list[tuple[str, str, bool]]) -> list[str]:
-        with ThreadPoolExecutor(self.jobs) as executor:
-            futures = [executor.submit(self.beit, name, line, threads) for name, line, threads in jobs]
-            return [future.result() for future in futures]
 
 
 def model_args(image: int) -> str:
@@ -252,7 +209,8 @@ def classification(runner: Runner, task: dict, seeds: list[int]) -> dict:
     lr_of = choose(tuning, pre, task["lrs"])
     blocks = sorted(probes_tuning["beit"])
     block_of = choose(probes_tuning, pre, blocks)
-    early_gate(tuning, lr_of, task["trivial"], TOP1_MARGIN, "fine-tuning top-1")
+    if not task.get("smoke"):
+        early_gate(tuning, lr_of, task["trivial"], TOP1_MARGIN, "fine-tuning top-1")
     # 4. the paired seeds
     runner.pool([finetune(arm, seed, lr_of[arm]) for seed in seeds for arm in arms] +
                 [probe(arm, seed) for seed in seeds for arm in arms])  # fmt: skip
@@ -362,7 +320,8 @@ def segmentation(runner: Runner, task: dict, seeds: list[int]) -> dict:
     runner.pool([evaluate(arm, TUNING_SEED, lr) for arm in arms for lr in task["lrs"]])
     tuning = {arm: {lr: evaluated(arm, TUNING_SEED, lr)["mIoU"] * 100 for lr in task["lrs"]} for arm in arms}
     lr_of = choose(tuning, [arm for arm in arms if arm != "scratch"], task["lrs"])
-    early_gate(tuning, lr_of, background_miou(scenes[TUNING_SEED]), MIOU_MARGIN, "mIoU")
+    if not task.get("smoke"):
+        early_gate(tuning, lr_of, background_miou(scenes[TUNING_SEED]), MIOU_MARGIN, "mIoU")
     runner.pool([train(arm, seed, lr_of[arm]) for seed in seeds for arm in arms])
     runner.pool([evaluate(arm, seed, lr_of[arm]) for seed in seeds for arm in arms])
     results = {arm: [evaluated(arm, s, lr_of[arm]) for s in seeds] for arm in arms}
@@ -529,7 +488,7 @@ def smoke(task: dict) -> dict:
     global TOKENIZER, PRETRAIN
     TOKENIZER = {**TOKENIZER, "steps": 20, "warmup": 2}
     PRETRAIN = {**PRETRAIN, "epochs": 1, "views": 2}
-    task = {**task, "lrs": task["lrs"][:2]}
+    task = {**task, "lrs": task["lrs"][:2], "smoke": True}  # "smoke": no early gate, the script runs through
     if "finetune" in task:
         return {**task, "images": 300, "val": 100, "labelled": 100, "finetune": {**task["finetune"], "steps": 6}}
     scenes = {**task["scenes"], "unlabelled": 200, "train": 16, "val": 8}

@@ -42,15 +42,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shlex
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import ROOT, Runner  # noqa: E402
+
 FULL = Path("/usr/share/datasets/fashion-mnist")
 
 ARMS = {  # name -> extra `beit pretrain` arguments
@@ -145,7 +143,7 @@ def main() -> None:
         size["finetune"]["steps"] = args.finetune_steps
     work = (args.work or ROOT / "runs" / f"quality-{args.preset}").resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    runner = Runner(work, args.jobs)
+    runner = Runner(work, args.jobs, split_every_step=False)
     n_images = min(size["images"], 8000) if not args.source else size["images"]
     n_val = size["val"] if args.source else 2000
     print(f"quality ({args.preset}): {n_images} pre-training images, {n_val} validation images, work {work}")
@@ -156,7 +154,7 @@ def main() -> None:
     first = next(iter(arms))
     jobs = [pretrain_job(size, work, store, name, extra) for name, extra in arms.items()]
     jobs += [finetune_job(size, work, f"scratch-{_pct(fr)}", "none", fractions[fr]) for fr in size["labels"]]
-    runner.pool(jobs)
+    runner.pool([(name, line, True) for name, line in jobs])
     jobs = [finetune_job(size, work, f"{name}-{_pct(size['main'])}", _checkpoint(work, name), fractions[size["main"]])
             for name in arms]  # fmt: skip
     jobs += [
@@ -164,42 +162,8 @@ def main() -> None:
         for fr in size["labels"]
         if fr != size["main"]
     ]
-    runner.pool(jobs)
+    runner.pool([(name, line, True) for name, line in jobs])
     report(work, shared, store, args, size, runner.times)
-
-
-class Runner:
-    """Runs `beit` command lines, alone or --jobs at a time, each one's stderr in WORK/logs/NAME.log."""
-
-    def __init__(self, work: Path, jobs: int):
-        self.work, self.jobs = work, jobs
-        self.threads = max(1, (os.cpu_count() or 2) // jobs)
-        self.times: dict[str, float] = {}
-
-    def beit(self, name: str, line: str, parallel: bool = False) -> str:
-        """Run `beit LINE` (paths in it shlex-quoted); its stdout back."""
-        env = dict(os.environ)
-        if parallel and self.jobs > 1:
-            env["OMP_NUM_THREADS"] = str(self.threads)
-            line += f" --set threads={self.threads}"
-        command = [sys.executable, "-m", "beit", *shlex.split(line)]
-        log = self.work / "logs" / f"{name}.log"
-        start = time.perf_counter()
-        with open(log, "w") as handle:
-            handle.write(shlex.join(command) + "\n")
-            handle.flush()
-            done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=handle, text=True)
-        self.times[name] = time.perf_counter() - start
-        if done.returncode:
-            raise SystemExit(f"{name} failed (exit {done.returncode}): see {log}")
-        last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-        print(f"  {name}: {self.times[name]:.0f} s  {last}")
-        return done.stdout
-
-    def pool(self, jobs: list[tuple[str, str]]) -> None:
-        with ThreadPoolExecutor(self.jobs) as executor:
-            for future in [executor.submit(self.beit, name, line, True) for name, line in jobs]:
-                future.result()
 
 
 q = shlex.quote
