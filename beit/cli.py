@@ -672,3 +672,15 @@ def segment_predict_command(
         shares = ", ".join(f"{name} {share * 100:.0f}%" for name, share in row["top"])
         typer.echo(f"{row['image']}: {shares}")
     typer.echo(f"wrote {len(summaries)} masks under {out}")
+
+
+def main() -> None:
+    """The `beit` command. A command stopped by SIGTERM or its stop_signal after saving its work
+    says where it stands and exits 75 (`beit.shared.preempt.PREEMPTED`), for a scheduler to requeue."""
+    from beit.shared.preempt import PREEMPTED, Preempted
+
+    try:
+        app(prog_name="beit")
+    except Preempted as stop:
+        typer.echo(f"preempted: {stop}", err=True)
+        raise SystemExit(PREEMPTED) from None

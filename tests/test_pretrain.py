@@ -1,6 +1,7 @@
 """Stage 2 on the CPU: a store made by `beit tokenize`, a tiny model, real subprocesses."""
 
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -10,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import COLOUR, GREY, beit_here, beit_torchrun, copy_photos, kill_when, save_jpeg
+from helpers import COLOUR, GREY, beit_here, beit_torchrun, copy_photos, kill_when, save_jpeg, signal_when
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.dvae import DVAE, DVAEConfig, load_tokenizer, save_tokenizer
+from beit.shared.preempt import MARKER, PREEMPTED
 from beit.shared.store import StoreError, TokenStore
 from beit.shared.views import draw_views
 from beit.train.model import BeitForMIM, ModelConfig
@@ -155,11 +157,20 @@ def test_a_few_hundred_steps_lower_the_loss_and_beat_the_majority_token(store, t
     assert result.returncode == 1 and "has no metrics.jsonl" in result.stderr
 
 
-def test_resume_after_sigkill_repeats_the_uninterrupted_losses(store, tmp_path):
+ONE_RANK = [*TINY, "--epochs", "12", "--set", "log_every=1", "--set", "checkpoint_every=8"]  # 2 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def whole_one_rank(store, tmp_path_factory) -> Path:
+    """An uninterrupted run of ONE_RANK, which the interrupted ones must repeat."""
+    whole = tmp_path_factory.mktemp("whole-one") / "run"
+    assert beit_here("pretrain", store[0], "--out", whole, *ONE_RANK).returncode == 0
+    return whole
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_losses(store, whole_one_rank, tmp_path):
     location, _ = store
-    args = [*TINY, "--epochs", "12", "--set", "log_every=1", "--set", "checkpoint_every=8"]
-    whole = tmp_path / "whole"
-    assert beit_here("pretrain", location, "--out", whole, *args).returncode == 0
+    args, whole = ONE_RANK, whole_one_rank
     cut = tmp_path / "cut"
     command = [sys.executable, "-m", "beit", "pretrain", str(location), "--out", str(cut), *map(str, args)]
 
@@ -174,6 +185,29 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(store, tmp_path):
     first, second = metrics(whole), metrics(cut)
     assert [r["step"] for r in second] == list(range(1, 25))
     assert [r["loss"] for r in second] == [r["loss"] for r in first]
+
+
+def test_sigterm_at_a_random_step_saves_that_step_exits_75_and_resumes_to_the_uninterrupted_losses(
+    store, whole_one_rank, tmp_path
+):
+    """Preemption: no periodic checkpoint falls inside the run, so the one after the signal is
+    the signal's own, at the step in flight (drawn at random, named on failure)."""
+    location, _ = store
+    args = [*ONE_RANK, "--set", "checkpoint_every=1000"]  # a setting a resume may change: the same losses
+    cut = tmp_path / "cut"
+    drawn = random.randint(2, 18)
+    command = [sys.executable, "-m", "beit", "pretrain", location, "--out", cut, *args]
+    code, stderr = signal_when(command, lambda: len(metrics(cut)) >= drawn)
+    assert code == PREEMPTED and "preempted: stopped by SIGTERM at step " in stderr, (drawn, code, stderr[-3000:])
+    step = json.loads((cut / "checkpoint.json").read_text())["step"]
+    assert drawn <= step < 24 and metrics(cut)[-1]["step"] == step, (drawn, step)  # nothing trained past it
+    assert json.loads((cut / MARKER).read_text()) == {
+        "signal": "SIGTERM", "step": step, "checkpoint": str(cut / "checkpoint.pt"), "exit_code": PREEMPTED
+    }  # fmt: skip
+    result = beit_here("pretrain", location, "--out", cut, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {step}" in result.stdout and not (cut / MARKER).exists()
+    assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole_one_rank)]
 
 
 def test_accumulation_equals_one_batch_of_the_effective_size(store, tmp_path):
@@ -219,13 +253,22 @@ def killed_two_ranks(store, tmp_path_factory) -> Path:
     return cut
 
 
-def test_two_processes_with_torchrun_resume_after_sigkill_with_the_same_losses(store, killed_two_ranks, tmp_path):
+@pytest.fixture(scope="module")
+def whole_two_ranks(store, tmp_path_factory) -> Path:
+    """An uninterrupted run of TWO_RANKS on two ranks, which the interrupted ones must repeat."""
+    whole = tmp_path_factory.mktemp("whole-two") / "run"
+    result = beit_torchrun(2, "pretrain", store[0], "--out", whole, *TWO_RANKS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return whole
+
+
+def test_two_processes_with_torchrun_resume_after_sigkill_with_the_same_losses(
+    store, killed_two_ranks, whole_two_ranks, tmp_path
+):
     location, _ = store
     # Drop path draws differ per rank, so a resume must give each rank its own random state back
     # for rank 0's losses to repeat.
-    whole = tmp_path / "whole"
-    result = beit_torchrun(2, "pretrain", location, "--out", whole, *TWO_RANKS)
-    assert result.returncode == 0, result.stderr[-3000:]
+    whole = whole_two_ranks
     state, meta = load_checkpoint(whole / "checkpoint.pt")
     assert meta["world_size"] == 2 and meta["effective_batch"] == 8 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
@@ -239,6 +282,28 @@ def test_two_processes_with_torchrun_resume_after_sigkill_with_the_same_losses(s
     assert result.stdout.count("resuming from") == 1 and " at step 12 " not in result.stdout
     assert [r["step"] for r in metrics(cut)] == list(range(1, 13))
     assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole)]
+
+
+def test_two_ranks_stop_together_at_the_step_in_flight_when_one_gets_the_schedulers_signal(
+    store, whole_two_ranks, tmp_path
+):
+    """SIGUSR1 (the default stop_signal, as SLURM's --signal sends) to one torchrun worker only:
+    both ranks stop at the same step (the other learns it through the group), one checkpoint is
+    saved there, and a resume on two ranks repeats the uninterrupted losses."""
+    location, _ = store
+    args = [*TWO_RANKS, "--set", "checkpoint_every=1000"]
+    cut = tmp_path / "cut"
+    drawn = random.randint(2, 8)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", "pretrain"]
+    command += [location, "--out", cut, *args]
+    code, stderr = signal_when(command, lambda: len(metrics(cut)) >= drawn, signal.SIGUSR1, worker=True)
+    assert code != 0 and "exitcode  : 75" in stderr, (drawn, stderr[-3000:])  # torchrun reports its ranks' 75
+    step = json.loads((cut / "checkpoint.json").read_text())["step"]
+    assert drawn <= step < 12 and metrics(cut)[-1]["step"] == step, (drawn, step)
+    assert json.loads((cut / MARKER).read_text())["step"] == step
+    result = beit_torchrun(2, "pretrain", location, "--out", cut, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole_two_ranks)]
 
 
 def test_a_plan_re_cut_mid_epoch_for_another_world_size_repeats_and_skips_no_image():

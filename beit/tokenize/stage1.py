@@ -41,6 +41,7 @@ from beit.shared.images import (
     read_source,
     source_root,
 )
+from beit.shared.preempt import Preempted, StopSignals
 from beit.shared.prefetch import ahead
 from beit.shared.progress import progress_bar
 from beit.shared.store import DONE, FAILED, TokenStore
@@ -68,6 +69,7 @@ class TokenizeConfig:
     # strict fp32 is measured by bench/speed/dvae.py for exactly this policy
     tf32: bool = True
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 prepares
+    stop_signal: str = "SIGUSR1"  # stops the run cleanly, as SIGTERM does (SLURM --signal); none: SIGTERM only
 
 
 RENDERER = {
@@ -139,8 +141,16 @@ def tokenize(
     chunks = ChunkTokenizer(store, root, cfg, view_cfg, token_side, tokenizer, precision, device)
     label = f"tokenize[{dist.rank}]" if dist.world > 1 else "tokenize"
     setup = time.perf_counter() - entered  # listing, tokenizer, store, pipelines: before the first batch
-    summary = {"store": str(store_path), **chunks.run(pending[dist.rank :: dist.world], progress, label)}
-    dist.barrier()
+    with StopSignals(cfg.stop_signal) as stops:  # a stop signal: the chunk in flight is finished, then stop
+        summary = {"store": str(store_path), **chunks.run(pending[dist.rank :: dist.world], progress, label, stops)}
+        dist.barrier()
+        stopped = dist.any(stops.received is not None)
+    if stopped:
+        dist.close()
+        raise Preempted(
+            f"stopped by {stops.received or 'a stop signal on another rank'}; every chunk written is recorded in "
+            f"{store_path}, which is not complete: run the same command again to finish it."
+        )
     summary["setup_seconds"] = setup
     summary |= {"time": chunks.timing, "device": str(device), "world_size": dist.world}
     if dist.main:
@@ -333,9 +343,10 @@ class ChunkTokenizer:
         self.store.write_chunk(chunk.start, chunk.tokens, chunk.params, chunk.status, errors, images, chunk.sizes)
         self.timing["write"] += time.perf_counter() - t3
 
-    def run(self, mine: list[tuple[int, int]], progress: bool, label: str) -> dict:
+    def run(self, mine: list[tuple[int, int]], progress: bool, label: str, stops: StopSignals | None = None) -> dict:
         """Tokenize these chunks; returns this rank's counts and rates. The rate after the first
-        chunk, once the pipelines run warm, is the steady state (none with a single chunk)."""
+        chunk, once the pipelines run warm, is the steady state (none with a single chunk). Once
+        `stops` received a signal, the chunk in flight is the last."""
         cfg = self.cfg
         work = [(start, stop, b0) for start, stop in mine for b0 in range(0, stop - start, cfg.batch_size)]
         done_images = failed_images = 0
@@ -371,6 +382,9 @@ class ChunkTokenizer:
                 views_s=f"{done_images * cfg.views / elapsed:.0f}",
                 failed=failed_images,
             )
+            if stops is not None and stops.received is not None:
+                prepared.close()  # the batches made ahead are dropped; their chunks stay pending
+                break
         bar.close()
         elapsed = time.perf_counter() - started
         return {

@@ -30,10 +30,13 @@ from beit.shared.checkpoint import CheckpointError, load_checkpoint, save_checkp
 from beit.shared.config import ConfigError, differences, resume_fields, to_dict, to_toml
 from beit.shared.decode import require_dali
 from beit.shared.dist import dali_device_id, init_dist
+from beit.shared.preempt import Preempted, StopSignals, clear_marker, write_marker
 from beit.shared.progress import progress_bar
 
 # Config keys of how a run runs, not what it computes: every trainer's resumed run may change them.
-RUN_SETTINGS = ("log_every", "checkpoint_every", "threads", "device", "dist_timeout_minutes", "tensorboard")
+RUN_SETTINGS = (
+    "log_every", "checkpoint_every", "threads", "device", "dist_timeout_minutes", "tensorboard", "stop_signal",
+)  # fmt: skip
 
 
 def lr_at(step: int, base: float, minimum: float, warmup: int, total: int) -> float:
@@ -149,7 +152,11 @@ class StepEnd:
             self.bar.set_postfix(loss=f"{row['loss']:.3f}")
 
     def checkpoint(self, step: int, evaluating: bool, saving: bool, evaluate, save, **extra: Any) -> None:
-        """`evaluate()` gives the result; `save(path, rng)` writes a checkpoint."""
+        """`evaluate()` gives the result; `save(path, rng)` writes a checkpoint. When a stop signal
+        came (on any rank), the checkpoint is written at this step (after an evaluation due here,
+        as an uninterrupted run would make it) and Preempted is raised."""
+        stopping = self.run.stopping()
+        saving = saving or stopping
         rng = self.run.dist.rng_states(self.run.device) if saving else []  # every rank's
         if evaluating and self.run.dist.main:
             self.last = evaluate()
@@ -160,6 +167,9 @@ class StepEnd:
         if saving:
             save(self.run.checkpoint, rng)
             self.run.dist.barrier()
+        if stopping:
+            self.bar.close()
+            self.run.preempted(step)
 
 
 def changed_keys(theirs: Any, ours: Any) -> list[str]:
@@ -186,10 +196,29 @@ class Run:
         self.origins: dict[str, str] = {}  # dotted key -> where its value came from, for config.toml
         if getattr(cfg, "tensorboard", False):
             tensorboard_writer(None, 0)  # every rank refuses a missing package at once, before any work
+        # SIGTERM and the config's stop_signal: stop at a step every rank agrees on, saved (`stopping`)
+        self.stops = StopSignals(getattr(cfg, "stop_signal", "SIGUSR1")).install()
 
     @property
     def main(self) -> bool:
         return self.dist.main
+
+    def stopping(self) -> bool:
+        """Whether the run stops after this step: a stop signal came to some rank (every rank must
+        ask at the same step; one small all-reduce under torchrun)."""
+        return self.dist.any(self.stops.received is not None)
+
+    def preempted(self, step: int) -> None:
+        """After the checkpoint at `step` is written (every rank): the marker (rank 0), the run
+        closed, and Preempted raised with the sentence the command prints."""
+        signal = self.stops.received or "a stop signal on another rank"
+        if self.main:
+            write_marker(self.out, signal=signal, step=step, checkpoint=str(self.checkpoint))
+        self.close()
+        raise Preempted(
+            f"stopped by {signal} at step {step}; {self.checkpoint} holds that step: run the same command again "
+            "to resume."
+        )
 
     def autocast(self):
         """bf16 autocast on a GPU; nothing on the CPU."""
@@ -244,6 +273,7 @@ class Run:
         past `step` (on resume)."""
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            clear_marker(self.out)  # a stopped attempt's, now resumed
             (self.out / "config.toml").write_text(to_toml(self.cfg, self.origins))
             if step == 0:
                 (self.out / "metrics.jsonl").write_text("")
@@ -289,6 +319,7 @@ class Run:
             save_checkpoint(path, state, {"kind": self.kind, **meta, **self.fields})
 
     def close(self) -> None:
+        self.stops.uninstall()
         if self.board is not None:
             self.board.close()
         self.dist.close()

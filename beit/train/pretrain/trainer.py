@@ -86,6 +86,7 @@ class PretrainConfig:
     source_root: str = ""  # the store's source files under another folder ("": where they were tokenized)
     device: str = "auto"
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 works alone
+    stop_signal: str = "SIGUSR1"  # stops the run cleanly, as SIGTERM does (SLURM --signal); none: SIGTERM only
     tensorboard: bool = False  # also write TensorBoard event files into the run folder's tensorboard/
 
 
@@ -321,7 +322,8 @@ def pretrain(
                 img_s=f"{row['images_per_s']:.0f}",
                 wait=f"{row['data_wait']:.2f}",
             )
-        if save and (step % cfg.checkpoint_every == 0 or step == total):
+        stopping = run.stopping()  # a stop signal: save this step and stop (every rank at the same step)
+        if save and (step % cfg.checkpoint_every == 0 or step == total or stopping):
             rng = dist.rng_states(device)  # every rank's: each draws its own drop path
             meta = {
                 **data_position(step, origin, data, cfg),
@@ -337,6 +339,10 @@ def pretrain(
                 picture = mim_picture(model, batch.pixels, batch.mask, batch.tokens, picture_tokenizer(data.store))
                 run.picture("predictions (view, masked, right/wrong, targets, predicted)", picture, step)
             dist.barrier()
+        if stopping:
+            bar.close()
+            stream.close()
+            run.preempted(step)
     bar.close()
     stream.close()
     run.close()

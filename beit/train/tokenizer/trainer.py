@@ -87,6 +87,7 @@ class DVAETrainConfig:
     threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     device: str = "auto"
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+    stop_signal: str = "SIGUSR1"  # stops the run cleanly, as SIGTERM does (SLURM --signal); none: SIGTERM only
     tensorboard: bool = False  # also write TensorBoard event files into the run folder's tensorboard/
 
 
@@ -308,8 +309,12 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
             run.log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", psnr=f"{row['psnr']:.1f}", ppl=f"{row['perplexity']:.0f}")
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        stopping = run.stopping()  # a stop signal: save this step and stop
+        if (step % cfg.checkpoint_every == 0 or stopping) and step < cfg.steps:
             run.save(run.checkpoint, model, optimizer, run.dist.rng_states(run.device), {"step": step})
+        if stopping and step < cfg.steps:
+            bar.close()
+            run.preempted(step)
     bar.close()
     report = finish(model, run, out, stream, held_files, images, cfg)
     run.close()
