@@ -59,12 +59,15 @@ def stopped_at(run: Path, code: int, stderr: str, drawn: int, total: int, signal
 def test_a_second_signal_stops_at_once_and_a_bad_stop_signal_is_refused(reference, tmp_path):
     script = textwrap.dedent("""
         import os, signal, time
-        from beit.shared.preempt import StopSignals
+        from beit.shared.preempt import REPEAT, StopSignals
         stops = StopSignals("SIGUSR2").install()
         os.kill(os.getpid(), signal.SIGUSR2)
         time.sleep(0.2)
         assert stops.received == "SIGUSR2"
+        os.kill(os.getpid(), signal.SIGUSR2)  # the same signal delivered twice (scheduler, torchrun)
+        time.sleep(0.2)
         print("first caught", flush=True)
+        time.sleep(REPEAT)
         os.kill(os.getpid(), signal.SIGUSR2)
         time.sleep(5)
         print("still running")

@@ -3,8 +3,10 @@ with `--signal` a chosen one minutes ahead; Kubernetes and spot instances send S
 long command catches SIGTERM and the config's `stop_signal` (SIGUSR1 by default) and stops
 cleanly: a trainer finishes the step in flight, every rank agrees to stop at the same step, one
 checkpoint is written there and the command exits with PREEMPTED (75, EX_TEMPFAIL: "try again");
-stage 1 finishes the chunk in flight, which the store records as done. A second signal stops at
-once (the signal's own action); what was saved before still resumes.
+stage 1 finishes the chunk in flight, which the store records as done. A second signal, more
+than REPEAT seconds after the first, stops at once (the signal's own action; what was saved before
+still resumes): one scheduler signal that reaches a rank twice, from the scheduler and forwarded by
+torchrun, counts once.
 
     with StopSignals(cfg.stop_signal) as stops:   # handlers installed (main thread only)
         ... stops.received ...                     # the signal's name once one came, else None
@@ -22,10 +24,12 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 PREEMPTED = 75  # the exit code of a command stopped by a signal after saving: run it again to resume
 MARKER = "preempted.json"
+REPEAT = 2.0  # seconds: a signal again within this is the same one delivered twice
 
 
 class Preempted(Exception):
@@ -49,13 +53,14 @@ def signal_number(name: str) -> signal.Signals | None:
 
 class StopSignals:
     """SIGTERM and `extra` caught while in use: the first sets `received`, a second one of them
-    stops the process at once. Handlers are installed only from the main thread (elsewhere Python
-    cannot, and the command keeps the default actions)."""
+    (REPEAT seconds later or more) stops the process at once. Handlers are installed only from the
+    main thread (elsewhere Python cannot, and the command keeps the default actions)."""
 
     def __init__(self, extra: str = "SIGUSR1"):
         chosen = signal_number(extra)
         self.signals = [signal.SIGTERM] + ([chosen] if chosen not in (None, signal.SIGTERM) else [])
         self.received: str | None = None
+        self.at = 0.0  # when the first came (time.monotonic)
         self.previous: dict[signal.Signals, object] = {}
 
     def install(self) -> StopSignals:
@@ -77,12 +82,14 @@ class StopSignals:
 
     def _handle(self, number: int, frame) -> None:
         name = signal.Signals(number).name
-        if self.received is not None:  # the second: the default action, now
-            self.uninstall()
+        if self.received is not None:
+            if time.monotonic() - self.at < REPEAT:  # the first one again (scheduler and torchrun)
+                return
+            self.uninstall()  # a second: the default action, now
             signal.signal(number, signal.SIG_DFL)
             os.kill(os.getpid(), number)
             return
-        self.received = name
+        self.received, self.at = name, time.monotonic()
         print(
             f"\nreceived {name}: finishing the work in flight, saving it, then exiting with code {PREEMPTED} "
             f"(send it again to stop at once)",
