@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(
-    help="BEiT pre-training with an offline dVAE token store, and fine-tuning of what it pre-trains.",
+    help="BEiT pre-training with an offline dVAE token store, and fine-tuning of what it pre-trains. "
+    "Exit codes: 0 done; 1 a bad input or setting (one line says which); 75 stopped by SIGTERM or the "
+    "config's stop_signal after saving the work in flight (run the same command again to resume).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
