@@ -157,57 +157,38 @@ def test_a_few_hundred_steps_lower_the_loss_and_beat_the_majority_token(store, t
     assert result.returncode == 1 and "has no metrics.jsonl" in result.stderr
 
 
-ONE_RANK = [*TINY, "--epochs", "12", "--set", "log_every=1", "--set", "checkpoint_every=8"]  # 2 steps an epoch
-
-
-@pytest.fixture(scope="module")
-def whole_one_rank(store, tmp_path_factory) -> Path:
-    """An uninterrupted run of ONE_RANK, which the interrupted ones must repeat."""
-    whole = tmp_path_factory.mktemp("whole-one") / "run"
-    assert beit_here("pretrain", store[0], "--out", whole, *ONE_RANK).returncode == 0
-    return whole
-
-
-def test_resume_after_sigkill_repeats_the_uninterrupted_losses(store, whole_one_rank, tmp_path):
+def test_sigterm_then_sigkill_then_resume_repeats_the_uninterrupted_losses(store, tmp_path):
+    """SIGTERM at a random step with no periodic checkpoint due: exit 75, one checkpoint at the step
+    in flight and the run folder's marker; resumed (with periodic checkpoints, a setting a resume
+    may change), SIGKILLed past the next one; resumed to the end: the uninterrupted losses."""
     location, _ = store
-    args, whole = ONE_RANK, whole_one_rank
+    args = [*TINY, "--epochs", "12", "--set", "log_every=1"]  # 16 images, 8 a step: 24 steps
+    whole = tmp_path / "whole"
+    assert beit_here("pretrain", location, "--out", whole, *args, "--set", "checkpoint_every=8").returncode == 0
     cut = tmp_path / "cut"
     command = [sys.executable, "-m", "beit", "pretrain", str(location), "--out", str(cut), *map(str, args)]
+    drawn = random.randint(1, 10)
+    code, stderr = signal_when([*command, "--set", "checkpoint_every=1000"], lambda: len(metrics(cut)) >= drawn)
+    assert code == PREEMPTED and "preempted: stopped by SIGTERM at step " in stderr, (drawn, code, stderr[-3000:])
+    stopped = json.loads((cut / "checkpoint.json").read_text())["step"]
+    assert drawn <= stopped < 16 and metrics(cut)[-1]["step"] == stopped, (drawn, stopped)  # nothing past it
+    assert json.loads((cut / MARKER).read_text()) == {
+        "signal": "SIGTERM", "step": stopped, "checkpoint": str(cut / "checkpoint.pt"), "exit_code": PREEMPTED
+    }  # fmt: skip
+    command += ["--set", "checkpoint_every=8"]
 
-    def past_the_first_checkpoint() -> bool:
-        return json.loads((cut / "checkpoint.json").read_text())["step"] >= 8
+    def past_the_next_checkpoint() -> bool:
+        return json.loads((cut / "checkpoint.json").read_text())["step"] > stopped
 
-    assert kill_when(command, past_the_first_checkpoint) == -signal.SIGKILL  # killed mid-run, not finished
-    assert 8 <= json.loads((cut / "checkpoint.json").read_text())["step"] < 24
+    assert kill_when(command, past_the_next_checkpoint) == -signal.SIGKILL  # killed mid-run, not finished
+    assert stopped < json.loads((cut / "checkpoint.json").read_text())["step"] < 24
     assert not list(cut.glob(".*.tmp"))  # no half-written checkpoint lies around
-    result = beit_here("pretrain", location, "--out", cut, *args)
+    assert not (cut / MARKER).exists()  # the resumed attempt cleared it
+    result = beit_here("pretrain", location, "--out", cut, *args, "--set", "checkpoint_every=8")
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = metrics(whole), metrics(cut)
     assert [r["step"] for r in second] == list(range(1, 25))
     assert [r["loss"] for r in second] == [r["loss"] for r in first]
-
-
-def test_sigterm_at_a_random_step_saves_that_step_exits_75_and_resumes_to_the_uninterrupted_losses(
-    store, whole_one_rank, tmp_path
-):
-    """Preemption: no periodic checkpoint falls inside the run, so the one after the signal is
-    the signal's own, at the step in flight (drawn at random, named on failure)."""
-    location, _ = store
-    args = [*ONE_RANK, "--set", "checkpoint_every=1000"]  # a setting a resume may change: the same losses
-    cut = tmp_path / "cut"
-    drawn = random.randint(2, 18)
-    command = [sys.executable, "-m", "beit", "pretrain", location, "--out", cut, *args]
-    code, stderr = signal_when(command, lambda: len(metrics(cut)) >= drawn)
-    assert code == PREEMPTED and "preempted: stopped by SIGTERM at step " in stderr, (drawn, code, stderr[-3000:])
-    step = json.loads((cut / "checkpoint.json").read_text())["step"]
-    assert drawn <= step < 24 and metrics(cut)[-1]["step"] == step, (drawn, step)  # nothing trained past it
-    assert json.loads((cut / MARKER).read_text()) == {
-        "signal": "SIGTERM", "step": step, "checkpoint": str(cut / "checkpoint.pt"), "exit_code": PREEMPTED
-    }  # fmt: skip
-    result = beit_here("pretrain", location, "--out", cut, *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"at step {step}" in result.stdout and not (cut / MARKER).exists()
-    assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole_one_rank)]
 
 
 def test_accumulation_equals_one_batch_of_the_effective_size(store, tmp_path):
@@ -240,35 +221,36 @@ TWO_RANKS = [*TINY, "--batch-size", 4, "--epochs", 6, "--set", "log_every=1", "-
 
 @pytest.fixture(scope="module")
 def killed_two_ranks(store, tmp_path_factory) -> Path:
-    """Two ranks under torchrun, SIGKILLed past their first checkpoint (step 3, 6 or 9): the run
-    folder that both resume tests copy, one resuming on two ranks, the other on one."""
+    """Two ranks under torchrun: first SIGUSR1 (the default stop_signal, as SLURM's --signal sends
+    it) to one worker only at a random step, no periodic checkpoint due: both ranks stop at the
+    same step, save it once and exit 75; then resumed and SIGKILLed past their next periodic
+    checkpoint (step 3, 6 or 9): the run folder that both resume tests copy, one resuming on two
+    ranks, the other on one."""
     cut = tmp_path_factory.mktemp("two-ranks") / "cut"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", "pretrain"]
     command += [store[0], "--out", cut, *TWO_RANKS]
+    drawn = random.randint(1, 4)
+    stop = [*command, "--set", "checkpoint_every=1000"]
+    code, stderr = signal_when(stop, lambda: len(metrics(cut)) >= drawn, signal.SIGUSR1, worker=True)
+    assert code != 0 and "exitcode  : 75" in stderr, (drawn, stderr[-3000:])  # torchrun reports its ranks' 75
+    stopped = json.loads((cut / "checkpoint.json").read_text())["step"]
+    assert drawn <= stopped < 9 and metrics(cut)[-1]["step"] == stopped, (drawn, stopped)
+    assert json.loads((cut / MARKER).read_text())["step"] == stopped
 
-    def past_the_first_checkpoint() -> bool:
-        return json.loads((cut / "checkpoint.json").read_text())["step"] >= 3
+    def past_the_next_checkpoint() -> bool:
+        return json.loads((cut / "checkpoint.json").read_text())["step"] > stopped
 
-    assert kill_when(command, past_the_first_checkpoint) == -signal.SIGKILL
+    assert kill_when(command, past_the_next_checkpoint) == -signal.SIGKILL
     return cut
 
 
-@pytest.fixture(scope="module")
-def whole_two_ranks(store, tmp_path_factory) -> Path:
-    """An uninterrupted run of TWO_RANKS on two ranks, which the interrupted ones must repeat."""
-    whole = tmp_path_factory.mktemp("whole-two") / "run"
-    result = beit_torchrun(2, "pretrain", store[0], "--out", whole, *TWO_RANKS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return whole
-
-
-def test_two_processes_with_torchrun_resume_after_sigkill_with_the_same_losses(
-    store, killed_two_ranks, whole_two_ranks, tmp_path
-):
+def test_two_processes_with_torchrun_resume_after_sigkill_with_the_same_losses(store, killed_two_ranks, tmp_path):
     location, _ = store
     # Drop path draws differ per rank, so a resume must give each rank its own random state back
     # for rank 0's losses to repeat.
-    whole = whole_two_ranks
+    whole = tmp_path / "whole"
+    result = beit_torchrun(2, "pretrain", location, "--out", whole, *TWO_RANKS)
+    assert result.returncode == 0, result.stderr[-3000:]
     state, meta = load_checkpoint(whole / "checkpoint.pt")
     assert meta["world_size"] == 2 and meta["effective_batch"] == 8 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
@@ -282,28 +264,6 @@ def test_two_processes_with_torchrun_resume_after_sigkill_with_the_same_losses(
     assert result.stdout.count("resuming from") == 1 and " at step 12 " not in result.stdout
     assert [r["step"] for r in metrics(cut)] == list(range(1, 13))
     assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole)]
-
-
-def test_two_ranks_stop_together_at_the_step_in_flight_when_one_gets_the_schedulers_signal(
-    store, whole_two_ranks, tmp_path
-):
-    """SIGUSR1 (the default stop_signal, as SLURM's --signal sends) to one torchrun worker only:
-    both ranks stop at the same step (the other learns it through the group), one checkpoint is
-    saved there, and a resume on two ranks repeats the uninterrupted losses."""
-    location, _ = store
-    args = [*TWO_RANKS, "--set", "checkpoint_every=1000"]
-    cut = tmp_path / "cut"
-    drawn = random.randint(2, 8)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", "pretrain"]
-    command += [location, "--out", cut, *args]
-    code, stderr = signal_when(command, lambda: len(metrics(cut)) >= drawn, signal.SIGUSR1, worker=True)
-    assert code != 0 and "exitcode  : 75" in stderr, (drawn, stderr[-3000:])  # torchrun reports its ranks' 75
-    step = json.loads((cut / "checkpoint.json").read_text())["step"]
-    assert drawn <= step < 12 and metrics(cut)[-1]["step"] == step, (drawn, step)
-    assert json.loads((cut / MARKER).read_text())["step"] == step
-    result = beit_torchrun(2, "pretrain", location, "--out", cut, *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole_two_ranks)]
 
 
 def test_a_plan_re_cut_mid_epoch_for_another_world_size_repeats_and_skips_no_image():
