@@ -101,6 +101,8 @@ def _run(ctx: typer.Context, cls: type, stage, *args, renames: dict[str, str] | 
     """(config, stage(*args, config, **kwargs)): a bad config, store, checkpoint or input (every
     one a ValueError) is one line on stderr and exit status 1. A config with an `init` checkpoint
     builds that checkpoint's model (`_architecture_from_init`)."""
+    from beit.shared.preempt import release_all
+
     try:
         cfg = _config(ctx, cls, renames)
         if hasattr(cfg, "init") and hasattr(type(cfg), "ARCHITECTURE_FROM_INIT"):
@@ -108,6 +110,8 @@ def _run(ctx: typer.Context, cls: type, stage, *args, renames: dict[str, str] | 
         return cfg, stage(*args, cfg, **kwargs)
     except ValueError as error:
         _fail(error)
+    finally:
+        release_all()  # the stop signals' handlers of a run that ended early, given back
 
 
 def _notes(result: dict) -> None:

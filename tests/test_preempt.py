@@ -46,6 +46,11 @@ def test_a_second_signal_stops_at_once_and_a_bad_stop_signal_is_refused(referenc
     store, _ = reference
     result = beit_here("pretrain", store, "--out", tmp_path / "x", *TINY, "--set", "stop_signal=SIGKILL")
     assert result.returncode == 1 and "stop_signal 'SIGKILL' is not a signal this command can catch" in result.stderr
+    # a run that fails after taking the signals (here: a batch larger than the store) gives them back
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    result = beit_here("pretrain", store, "--out", tmp_path / "y", *TINY, "--batch-size", 64, "--epochs", 1)
+    assert result.returncode == 1 and "fewer than one global batch" in result.stderr, result.stderr[-2000:]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
 
 
 def test_stage1_stopped_by_sigterm_keeps_its_chunks_and_finishes_to_the_uninterrupted_store(data, reference, tmp_path):

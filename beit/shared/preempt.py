@@ -67,12 +67,15 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for number in self.signals:
                 self.previous[number] = signal.signal(number, self._handle)
+            _INSTALLED.append(self)
         return self
 
     def uninstall(self) -> None:
-        for number, handler in self.previous.items():
+        for number, handler in reversed(self.previous.items()):
             signal.signal(number, handler)
         self.previous.clear()
+        if self in _INSTALLED:
+            _INSTALLED.remove(self)
 
     def __enter__(self) -> StopSignals:
         return self.install()
@@ -96,6 +99,17 @@ class StopSignals:
             file=sys.stderr,
             flush=True,
         )
+
+
+_INSTALLED: list[StopSignals] = []  # installed and not yet uninstalled, newest last
+
+
+def release_all() -> None:
+    """Give back every signal handler a command installed and did not uninstall (a command that
+    ended with an error mid-run): the CLI calls it when a command ends, so that a process that runs
+    commands in turn (a test, a notebook through the CLI's runner) keeps its own handlers."""
+    while _INSTALLED:
+        _INSTALLED[-1].uninstall()
 
 
 def write_marker(folder: Path, **fields) -> None:
