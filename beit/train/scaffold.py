@@ -167,7 +167,7 @@ class StepEnd:
         if saving:
             save(self.run.checkpoint, rng)
             self.run.dist.barrier()
-        if stopping:
+        if stopping and step < self.total:  # at the last step the run is done: it ends as usual
             self.bar.close()
             self.run.preempted(step)
 
@@ -208,13 +208,16 @@ class Run:
         ask at the same step; one small all-reduce under torchrun)."""
         return self.dist.any(self.stops.received is not None)
 
-    def preempted(self, step: int) -> None:
+    def preempted(self, step: int, saved: bool = True) -> None:
         """After the checkpoint at `step` is written (every rank): the marker (rank 0), the run
-        closed, and Preempted raised with the sentence the command prints."""
+        closed, and Preempted raised with the sentence the command prints. `saved=False`: a run
+        that writes no checkpoint (a benchmark) stops there and says so."""
         signal = self.stops.received or "a stop signal on another rank"
+        self.close()
+        if not saved:
+            raise Preempted(f"stopped by {signal} at step {step}; this run writes no checkpoint.")
         if self.main:
             write_marker(self.out, signal=signal, step=step, checkpoint=str(self.checkpoint))
-        self.close()
         raise Preempted(
             f"stopped by {signal} at step {step}; {self.checkpoint} holds that step: run the same command again "
             "to resume."

@@ -339,10 +339,10 @@ def pretrain(
                 picture = mim_picture(model, batch.pixels, batch.mask, batch.tokens, picture_tokenizer(data.store))
                 run.picture("predictions (view, masked, right/wrong, targets, predicted)", picture, step)
             dist.barrier()
-        if stopping:
+        if stopping and step < total:  # at the last step the run is done: it ends as usual
             bar.close()
             stream.close()
-            run.preempted(step)
+            run.preempted(step, saved=save)
     bar.close()
     stream.close()
     run.close()
