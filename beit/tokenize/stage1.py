@@ -107,6 +107,7 @@ def tokenize(
     agree on the source's listing, load the tokenizer and check the grids, make or reopen the store,
     tokenize this rank's pending chunks, then (rank 0) mark the store complete."""
     require_dali()  # before any work: every image goes through DALI
+    stops = StopSignals(cfg.stop_signal)  # a bad stop_signal is refused here, before any work
     entered = time.perf_counter()
     dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
     device = dist.device(cfg.device)
@@ -141,7 +142,7 @@ def tokenize(
     chunks = ChunkTokenizer(store, root, cfg, view_cfg, token_side, tokenizer, precision, device)
     label = f"tokenize[{dist.rank}]" if dist.world > 1 else "tokenize"
     setup = time.perf_counter() - entered  # listing, tokenizer, store, pipelines: before the first batch
-    with StopSignals(cfg.stop_signal) as stops:  # a stop signal: the chunk in flight is finished, then stop
+    with stops:  # SIGTERM or the stop_signal: the chunk in flight is finished, then the command stops
         summary = {"store": str(store_path), **chunks.run(pending[dist.rank :: dist.world], progress, label, stops)}
         dist.barrier()
         stopped = dist.any(stops.received is not None)
