@@ -343,10 +343,33 @@ def store_verify_command(
     sample: Annotated[int, typer.Option(help="images to check")] = 64,
     tokenizer: Annotated[Path | None, typer.Option(help="the store's tokenizer (default: the recorded path)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    full: Annotated[
+        bool, typer.Option("--full", help="first read back every chunk of every array and list the damaged ones")
+    ] = False,
 ) -> None:
-    """Re-render a sample of views from their recorded parameters, re-tokenize, compare with the store."""
+    """Re-render a sample of views from their recorded parameters, re-tokenize, compare with the store.
+    With --full, every chunk is read back first (its crc32c checksum checked): damaged chunks are
+    listed and the exit status is 5."""
+    from beit.shared.store import TokenStore
     from beit.tokenize.inspect_store import verify_store
 
+    if full:
+        try:
+            opened = TokenStore.open(store)
+            damage = opened.damaged()
+        except ValueError as error:
+            _fail(error)
+        how = (
+            "its crc32c checksums checked"
+            if opened.has_checksums
+            else "this store was made before chunk checksums, so only chunks that no longer decode show"
+        )
+        typer.echo(f"{store}: every chunk of every array read back ({how}): {len(damage)} damaged")
+        for entry in damage:
+            typer.echo(f"  {entry['array']}, images {entry['start']}-{entry['stop'] - 1}: {entry['why']}")
+        if damage:
+            typer.echo("run the same `beit tokenize` command again: it redoes just these chunks")
+            raise typer.Exit(5)
     try:
         report = verify_store(store, tokenizer, sample=sample, device=device)
     except ValueError as error:

@@ -191,6 +191,28 @@ def test_sigterm_then_sigkill_then_resume_repeats_the_uninterrupted_losses(store
     assert [r["loss"] for r in second] == [r["loss"] for r in first]
 
 
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before_it(store, tmp_path):
+    """The run keeps its last two checkpoints; the newest changed on disk is refused by its checksum
+    and the resume goes on from the one before, in one sentence, to the same losses."""
+    location, _ = store
+    args = [*TINY, "--epochs", "4", "--set", "log_every=1", "--set", "checkpoint_every=2"]  # 8 steps
+    whole = tmp_path / "whole"
+    assert beit_here("pretrain", location, "--out", whole, *args).returncode == 0
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "beit", "pretrain", str(location), "--out", str(run), *map(str, args)]
+    assert kill_when(command, lambda: json.loads((run / "checkpoint.json").read_text())["step"] >= 4) == -signal.SIGKILL
+    newest = json.loads((run / "checkpoint.json").read_text())["step"]
+    assert json.loads((run / "checkpoint.previous.json").read_text())["step"] == newest - 2
+    data = bytearray((run / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (run / "checkpoint.pt").write_bytes(bytes(data))
+    result = beit_here("pretrain", location, "--out", run, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cannot be used" in result.stdout and "resuming from the previous checkpoint" in result.stdout
+    assert f"at step {newest - 2}" in result.stdout
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(whole)]
+
+
 def test_accumulation_equals_one_batch_of_the_effective_size(store, tmp_path):
     location, _ = store
     # random masks (the same count in every image) and no drop path: two micro-batches of 4

@@ -36,6 +36,7 @@ import os
 import pickle
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +69,54 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------- this project's format
 
 
-def save_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Atomically write `state` (state dicts of tensors and numbers) plus JSON `meta` to `path`."""
+def save_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any], keep_previous: bool = False) -> Path:
+    """Atomically write `state` (state dicts of tensors and numbers) plus JSON `meta` to `path`,
+    with a checksum of every tensor (`checksum`, checked when it is read). `keep_previous`: the
+    checkpoint `path` held until now stays, as `previous(path)` (a resume falls back to it when
+    the newest is damaged)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_text = json.dumps(meta, indent=2, sort_keys=True, default=str)
-    payload = {"format": FORMAT, "version": VERSION, "meta": meta_text, **state}
+    payload = {"format": FORMAT, "version": VERSION, "meta": meta_text, "checksum": checksum(state), **state}
+    if keep_previous and path.exists():
+        before = previous(path)
+        os.replace(path, before)  # one rename: at every moment one of the two holds a whole checkpoint
+        if path.with_suffix(".json").exists():
+            os.replace(path.with_suffix(".json"), before.with_suffix(".json"))
     _atomic_write(path, lambda f: torch.save(payload, f))
     _atomic_write(path.with_suffix(".json"), lambda f: f.write(meta_text.encode() + b"\n"))
     return path
+
+
+def previous(path: Path) -> Path:
+    """Where `save_checkpoint(..., keep_previous=True)` keeps the checkpoint before `path`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def checksum(state: Any) -> str:
+    """A crc32 of every tensor's bytes (and every number and string) in `state`, in a fixed order:
+    what a checkpoint records of itself, so that one changed on disk is refused, not trained on."""
+    crc = 0
+
+    def walk(value: Any) -> None:
+        nonlocal crc
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous()
+            crc = zlib.crc32(str((tuple(data.shape), str(data.dtype))).encode(), crc)
+            crc = zlib.crc32(data.reshape(-1).view(torch.uint8).numpy(), crc)  # its bytes, not copied
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                crc = zlib.crc32(str(key).encode(), crc)
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        else:
+            crc = zlib.crc32(repr(value).encode(), crc)
+
+    walk(state)
+    return f"crc32:{crc:08x}"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -121,6 +161,12 @@ def _opened(data: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str,
     data = dict(data)
     meta = json.loads(data.pop("meta"))
     data.pop("format"), data.pop("version")
+    recorded = data.pop("checksum", None)  # checkpoints written before checksums have none
+    if recorded is not None and checksum(data) != recorded:
+        raise CheckpointError(
+            f"{path} is damaged: its tensors no longer match the checksum written with them (a bad disk or a partial "
+            "copy); copy it again, or resume from the previous checkpoint."
+        )
     return data, meta
 
 

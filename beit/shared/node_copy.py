@@ -100,14 +100,19 @@ def _fill(store: TokenStore, work: Path, identity: dict) -> None:
     offsets[0] = 0
     with open(work / "keys.bin", "wb") as blob:
         for start, stop in store.chunks():
-            tokens[start:stop] = store.group["tokens"][start:stop]
-            params[start:stop] = store.group["views"][start:stop]
-            status[start:stop] = store.group["status"][start:stop]
+            span = np.arange(start, stop)
+
+            def read(name: str, start=start, stop=stop, span=span):  # a damaged chunk: one sentence naming it
+                return store._checked(name, span, lambda: store.group[name][start:stop])
+
+            tokens[start:stop] = read("tokens")
+            params[start:stop] = read("views")
+            status[start:stop] = read("status")
             if sizes is not None:
-                sizes[start:stop] = store.group["sizes"][start:stop]
+                sizes[start:stop] = read("sizes")
             if members is not None:
-                members[start:stop] = store.group["members"][start:stop]
-            encoded = [str(k).encode() for k in store.group["keys"][start:stop]]
+                members[start:stop] = read("members")
+            encoded = [str(k).encode() for k in read("keys")]
             offsets[start + 1 : stop + 1] = offsets[start] + np.cumsum([len(k) for k in encoded])
             blob.write(b"".join(encoded))
     for array in (tokens, params, status, sizes, members, offsets):

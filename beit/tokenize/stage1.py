@@ -129,6 +129,14 @@ def tokenize(
             members,
         )  # fmt: skip
         store.record_run(src.root, tokenizer_path, {**asdict(precision), "device": device.type})
+        # a store made before: every chunk read back; a damaged one is done again (or its listing rewritten)
+        damage = store.repair(src.keys, src.labels, members) if store.reopened else []
+        for entry in damage:
+            print(
+                f"{store_path}: the chunk of {entry['array']} holding images {entry['start']}-{entry['stop'] - 1} "
+                f"was damaged ({entry['why']}): doing it again",
+                flush=True,
+            )
         return store.complete, store.pending_chunks()
 
     complete, pending = dist.on_main(start)

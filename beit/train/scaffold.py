@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from beit.shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from beit.shared.checkpoint import CheckpointError, load_checkpoint, previous, save_checkpoint
 from beit.shared.config import ConfigError, differences, resume_fields, to_dict, to_toml
 from beit.shared.decode import require_dali
 from beit.shared.dist import dali_device_id, init_dist
@@ -250,9 +251,27 @@ class Run:
         `elastic`: identity keys (dotted, as `changed_keys` names them) that may differ, such as
         "world_size" for a trainer that re-shards its data; a rank the checkpoint has no random
         state for gets one seeded by (config seed, step, rank)."""
+        before = previous(self.checkpoint)
+        if resume and self.main and not self.checkpoint.exists() and before.exists():
+            # stopped between keeping the previous checkpoint and writing the next: the previous is the newest
+            os.replace(before, self.checkpoint)
+            if before.with_suffix(".json").exists():
+                os.replace(before.with_suffix(".json"), self.checkpoint.with_suffix(".json"))
+        self.dist.barrier()
         if not self.dist.resume_from(self.checkpoint, resume):
             return None
-        state, meta = load_checkpoint(self.checkpoint)
+        try:
+            state, meta = load_checkpoint(self.checkpoint)
+        except CheckpointError as error:
+            if not before.exists():
+                raise
+            state, meta = load_checkpoint(before)  # the one before it; if it is damaged too, that is said
+            if self.main:
+                print(
+                    f"{self.checkpoint} cannot be used ({error}); resuming from the previous checkpoint, {before}, "
+                    f"at step {meta['step']}",
+                    flush=True,
+                )
         theirs = {key: meta.get(key) for key in self.fields}
         theirs["config"] = resume_fields(type(self.cfg), theirs["config"])
         changed = [key for key in changed_keys(theirs, self.fields) if key not in elastic]
@@ -319,7 +338,10 @@ class Run:
             if self.board is not None:  # the event files hold every row up to the checkpoint, whatever comes next
                 self.board.flush()
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
-            save_checkpoint(path, state, {"kind": self.kind, **meta, **self.fields})
+            # the run's checkpoint keeps the one before it (a damaged newest one falls back to it)
+            save_checkpoint(
+                path, state, {"kind": self.kind, **meta, **self.fields}, keep_previous=path == self.checkpoint
+            )
 
     def close(self) -> None:
         self.stops.uninstall()

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from beit.shared.checkpoint import previous
 from beit.shared.config import to_dict
 from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder, require_dali
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, dali_device_id
@@ -341,6 +342,7 @@ def finish(model: DVAE, run: Run, out: Path, stream: CropStream, held_files: lis
         input_size=cfg.input_size,
         extra={"trained_on": str(images), "train_config": to_dict(cfg), "report": report},
     )
-    run.checkpoint.unlink(missing_ok=True)
-    run.checkpoint.with_suffix(".json").unlink(missing_ok=True)
+    for path in (run.checkpoint, previous(run.checkpoint)):
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
     return {**report, "sha256": info["sha256"]}
