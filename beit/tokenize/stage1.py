@@ -129,8 +129,9 @@ def tokenize(
             members,
         )  # fmt: skip
         store.record_run(src.root, tokenizer_path, {**asdict(precision), "device": device.type})
-        # a store made before: every chunk read back; a damaged one is done again (or its listing rewritten)
-        damage = store.repair(src.keys, src.labels, members) if store.reopened else []
+        # a complete store run again: every chunk read back, a damaged one done again (or its listing
+        # rewritten); a store being finished is not read back (a resume stays quick at any size)
+        damage = store.repair(src.keys, src.labels, members) if store.reopened and store.complete else []
         for entry in damage:
             print(
                 f"{store_path}: the chunk of {entry['array']} holding images {entry['start']}-{entry['stop'] - 1} "
