@@ -19,6 +19,10 @@ One Zarr group per tokenization, N images with V views each and a gh x gw token 
                                       is self-contained; sharded (a shard per chunk of images,
                                       an inner chunk per image) so one image is read alone
 
+Every chunk of every array ends in a crc32c checksum (zarr v3's codec; the attribute `checksums`
+says so; stores made before it have none and still open): a chunk changed on disk is an error
+naming the array and its images (`TokenStore.damaged`, `repair`), never other values.
+
 All arrays are chunked along N in chunks of `chunk_images` images, the unit of work: one writer
 (rank) owns a whole chunk, writes its tokens, views, errors (and images), and its status last.
 `keys` and `labels`, written once when the store is made, are chunked 16 work chunks at a time.
@@ -36,7 +40,7 @@ Group attributes (everything needed to know what a store is without the command 
     tokenizer_precision   {body, tf32, device}: how the tokenizer ran (`dvae.Precision`)
     class_names [...]
     chunk_images (images per chunk: the configured chunk_images, or N when N is smaller),
-    grid [gh, gw], counts {images, done, failed} (when complete)
+    grid [gh, gw], counts {images, done, failed} (when complete), checksums "crc32c" (new stores)
     complete    true, written last
 
 `TokenStore.open` refuses a store of another format or version, or an incomplete one, naming
