@@ -46,6 +46,7 @@ from torch import nn
 
 from beit.shared import hf_format
 from beit.shared.safe_pickle import unsafe_globals
+from beit.shared.space import no_room, out_of_space
 
 FORMAT = "beit-checkpoint"
 VERSION = 1
@@ -78,14 +79,40 @@ def save_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any], kee
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_text = json.dumps(meta, indent=2, sort_keys=True, default=str)
     payload = {"format": FORMAT, "version": VERSION, "meta": meta_text, "checksum": checksum(state), **state}
-    if keep_previous and path.exists():
-        before = previous(path)
+    kept = keep_previous and path.exists()
+    before = previous(path)
+    if kept:
         os.replace(path, before)  # one rename: at every moment one of the two holds a whole checkpoint
         if path.with_suffix(".json").exists():
             os.replace(path.with_suffix(".json"), before.with_suffix(".json"))
-    _atomic_write(path, lambda f: torch.save(payload, f))
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(meta_text.encode() + b"\n"))
+    try:
+        _atomic_write(path, lambda f: torch.save(payload, f))
+        _atomic_write(path.with_suffix(".json"), lambda f: f.write(meta_text.encode() + b"\n"))
+    except OSError as error:
+        if kept:  # the last whole checkpoint back in its place
+            os.replace(before, path)
+            if before.with_suffix(".json").exists():
+                os.replace(before.with_suffix(".json"), path.with_suffix(".json"))
+        if not out_of_space(error):
+            raise
+        raise CheckpointError(
+            no_room(
+                path, f"the checkpoint ({meta.get('kind', 'run')} at step {meta.get('step', '?')})", tensor_bytes(state)
+            )
+            + (" The checkpoint before it is untouched." if path.exists() else "")
+        ) from None
     return path
+
+
+def tensor_bytes(state: Any) -> int:
+    """The bytes of every tensor in `state` (what a checkpoint of it takes on disk, about)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
 
 
 def previous(path: Path) -> Path:
@@ -125,20 +152,49 @@ def _atomic_write(path: Path, write) -> None:
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    f = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as raw:
+            f = _Writes(raw)
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        if f is not None and f.error is not None:  # torch's writer reports a failed write as its own error
+            raise f.error from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class _Writes:
+    """A file's writes, remembering the OSError of one that failed (a full disk): torch.save's zip
+    writer turns it into a RuntimeError of its own ("unexpected pos"), which says nothing."""
+
+    def __init__(self, raw):
+        self.raw, self.error = raw, None
+
+    def write(self, data) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.raw.flush()
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

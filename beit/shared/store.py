@@ -67,6 +67,7 @@ import numpy as np
 
 from beit.shared.config import differences
 from beit.shared.images import TarMember, exists, is_url, join, read_source
+from beit.shared.space import no_room, out_of_space
 
 if TYPE_CHECKING:
     from beit.shared.node_copy import KeyTable, NodeCopy
@@ -448,16 +449,23 @@ class TokenStore:
         images: list[bytes] | None = None,
         sizes: np.ndarray | None = None,
     ) -> None:
-        """Write one whole chunk (all arrays), its status last. `sizes`: [n, 2] (height, width)."""
+        """Write one whole chunk (all arrays), its status last. `sizes`: [n, 2] (height, width). A
+        full disk stops it with one sentence; the chunk stays pending (its status is written last)."""
         stop = start + len(status)
-        self.group["tokens"][start:stop] = tokens.astype(np.uint16)
-        self.group["views"][start:stop] = views.astype(np.float32)
-        if sizes is not None and "sizes" in self.group:
-            self.group["sizes"][start:stop] = sizes.astype(np.int32)
-        self.group["errors"][start:stop] = np.asarray(errors, dtype=object)
-        if images is not None and "images" in self.group:
-            self.group["images"][start:stop] = np.asarray(images, dtype=object)
-        self.group["status"][start:stop] = status.astype(np.uint8)
+        try:
+            self.group["tokens"][start:stop] = tokens.astype(np.uint16)
+            self.group["views"][start:stop] = views.astype(np.float32)
+            if sizes is not None and "sizes" in self.group:
+                self.group["sizes"][start:stop] = sizes.astype(np.int32)
+            self.group["errors"][start:stop] = np.asarray(errors, dtype=object)
+            if images is not None and "images" in self.group:
+                self.group["images"][start:stop] = np.asarray(images, dtype=object)
+            self.group["status"][start:stop] = status.astype(np.uint8)
+        except OSError as error:
+            if not out_of_space(error):
+                raise
+            needed = tokens.nbytes + views.nbytes + sum(len(i) for i in images or [])
+            raise StoreError(no_room(self.location, f"the chunk of images {start}-{stop - 1}", needed)) from None
 
     def mark_complete(self) -> dict:
         status = self.status()

@@ -33,6 +33,7 @@ from beit.shared.decode import require_dali
 from beit.shared.dist import dali_device_id, init_dist
 from beit.shared.preempt import Preempted, StopSignals, clear_marker, write_marker
 from beit.shared.progress import progress_bar
+from beit.shared.space import DiskFull, no_room, out_of_space
 
 # Config keys of how a run runs, not what it computes: every trainer's resumed run may change them.
 RUN_SETTINGS = (
@@ -319,8 +320,14 @@ class Run:
     def log(self, row: dict) -> None:
         """Append one row to metrics.jsonl (rank 0), and its numbers to TensorBoard at its step."""
         if self.main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            line = json.dumps(row) + "\n"
+            try:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(line)
+            except OSError as error:  # a row cut in half is dropped on resume (`truncate_metrics`)
+                if not out_of_space(error):
+                    raise
+                raise DiskFull(no_room(self.out / "metrics.jsonl", "a metrics row", len(line))) from None
             if self.board is not None:
                 for key, value in row.items():
                     if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
