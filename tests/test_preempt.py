@@ -12,11 +12,13 @@ import subprocess
 import sys
 import textwrap
 
-import zarr
+import pytest
 from helpers import STAGE1_SMALL, assert_same_store, beit_here, signal_when
 
 from beit.shared.preempt import PREEMPTED
 from beit.shared.store import PENDING
+
+zarr = pytest.importorskip("zarr")
 
 # A 2-layer, 96-wide ViT on 64 px images (4x4 patches), as the other trainer tests use.
 TINY = ["--model", "tiny", "--set", "model.width=96", "--set", "model.heads=3", "--set", "model.depth=2"]

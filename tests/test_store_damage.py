@@ -9,10 +9,11 @@ import shutil
 
 import numpy as np
 import pytest
-import zarr
 from helpers import STAGE1_SMALL, arrays, assert_same_store, beit_here
 
 from beit.shared.store import StoreError, TokenStore
+
+zarr = pytest.importorskip("zarr")
 
 
 def flip(path, offset: int = -5) -> None:
