@@ -1,7 +1,8 @@
 """A full disk, on a real small filesystem: a tmpfs mounted in a user and mount namespace of its
 own (`unshare -rm`, no privileges needed), where the commands run and a filler file takes the
-room. A checkpoint, a store chunk or the node-local copy that cannot be written leaves what was
-there whole (no half-written checkpoint replaces a whole one, no chunk marked done that is not),
+room. A checkpoint, a store chunk, the node-local copy or a TensorBoard event file that cannot be
+written leaves what was there whole (no half-written checkpoint replaces a whole one, no chunk
+marked done that is not),
 the command stops with one sentence naming the path and the room needed, and running it again
 once space is freed resumes to the uninterrupted result."""
 
@@ -135,3 +136,31 @@ def test_a_node_copy_that_finds_no_room_names_the_folder_and_another_one_works(r
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
     result = beit_here("pretrain", store, "--out", tmp_path / "run", *TINY, "--epochs", "1")
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_metrics_row_or_tensorboard_file_that_finds_no_room_stops_the_run_and_it_resumes(reference, tmp_path):
+    store, _ = reference
+    args = [*TINY, "--epochs", "4", "--set", "checkpoint_every=4", "--set", "tensorboard=true"]
+    whole = tmp_path / "whole"
+    assert beit_here("pretrain", store, "--out", whole, *args).returncode == 0
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    # TensorBoard's folder is a small disk of its own, full after its first page: metrics.jsonl
+    # (on the roomy disk) keeps its rows; TensorBoard's events find no room some steps in
+    steps = [
+        beit_line("pretrain", store, "--out", run, *args, log=logs / "full"),
+        f"cp -a {shlex.quote(str(run))} {shlex.quote(str(tmp_path / 'after-full'))}",
+        "rm $FILLER",
+        beit_line("pretrain", store, "--out", run, *args, log=logs / "freed"),
+        f"cp -a {shlex.quote(str(run))} {shlex.quote(str(tmp_path / 'after-freed'))}",
+    ]
+    result = in_small_disk(run / "tensorboard", 1, 4096, steps)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stderr = (logs / "full").read_text()
+    assert rc(logs / "full") == 1, stderr[-3000:]
+    assert f"no space left to write TensorBoard's event file to {run / 'tensorboard'}" in stderr, stderr[-3000:]
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    rows = metrics(tmp_path / "after-full")  # every row whole, the run stopped part-way
+    assert 0 < len(rows) < 12 and [r["loss"] for r in rows] == [r["loss"] for r in metrics(whole)[: len(rows)]]
+    assert rc(logs / "freed") == 0, (logs / "freed").read_text()[-3000:]
+    assert [r["loss"] for r in metrics(tmp_path / "after-freed")] == [r["loss"] for r in metrics(whole)]

@@ -18,9 +18,11 @@ Data modules prepare batches ahead in a thread with `beit.shared.prefetch`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -297,13 +299,21 @@ class Run:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             clear_marker(self.out)  # a stopped attempt's, now resumed
-            (self.out / "config.toml").write_text(to_toml(self.cfg, self.origins))
-            if step == 0:
-                (self.out / "metrics.jsonl").write_text("")
-            else:
-                truncate_metrics(self.out / "metrics.jsonl", step)
+            text = to_toml(self.cfg, self.origins)
+            try:
+                (self.out / "config.toml").write_text(text)
+                if step == 0:
+                    (self.out / "metrics.jsonl").write_text("")
+                else:
+                    truncate_metrics(self.out / "metrics.jsonl", step)
+            except OSError as error:
+                if not out_of_space(error):
+                    raise
+                raise DiskFull(no_room(self.out, "the run's config.toml and metrics.jsonl", len(text) + 4096)) from None
             if getattr(self.cfg, "tensorboard", False):
-                self.board = tensorboard_writer(self.out / "tensorboard", step)
+                with self._board_room(4096):
+                    self.board = tensorboard_writer(self.out / "tensorboard", step)
+                quiet_full_disk_in_threads()
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` under DistributedDataParallel when there are several ranks, else itself."""
@@ -329,21 +339,41 @@ class Run:
                     raise
                 raise DiskFull(no_room(self.out / "metrics.jsonl", "a metrics row", len(line))) from None
             if self.board is not None:
-                for key, value in row.items():
-                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers = {
+                    key: value
+                    for key, value in row.items()
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+                }
+                with self._board_room(64 * len(numbers)):
+                    for key, value in numbers.items():
                         self.board.add_scalar(key, value, row["step"])
+
+    @contextlib.contextmanager
+    def _board_room(self, needed: int):
+        """TensorBoard's writes (its events are written by a thread of its own, whose error shows
+        at the next call): a full disk stops the run in one sentence; the events written before stay
+        readable, and a resumed run purges any past its checkpoint."""
+        try:
+            yield
+        except OSError as error:
+            if not out_of_space(error):
+                raise
+            self.board = None  # its writer thread has stopped: nothing more to flush or close
+            raise DiskFull(no_room(self.out / "tensorboard", "TensorBoard's event file", needed)) from None
 
     def picture(self, tag: str, image, step: int) -> None:
         """An HWC uint8 picture to TensorBoard at `step` (rank 0; nothing without TensorBoard)."""
         if self.main and self.board is not None:
-            self.board.add_image(tag, image, step, dataformats="HWC")
+            with self._board_room(image.nbytes):
+                self.board.add_image(tag, image, step, dataformats="HWC")
 
     def save(self, path: Path, model: torch.nn.Module, optimizer, rng: list[dict], meta: dict) -> None:
         """Write a checkpoint (rank 0): model and optimizer state, every rank's `rng`, and `meta`
         with the run's kind and identity."""
         if self.main:
             if self.board is not None:  # the event files hold every row up to the checkpoint, whatever comes next
-                self.board.flush()
+                with self._board_room(4096):
+                    self.board.flush()
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
             # the run's checkpoint keeps the one before it (a damaged newest one falls back to it)
             save_checkpoint(
@@ -353,8 +383,26 @@ class Run:
     def close(self) -> None:
         self.stops.uninstall()
         if self.board is not None:
-            self.board.close()
+            board, self.board = self.board, None
+            with self._board_room(4096):
+                board.close()
         self.dist.close()
+
+
+def quiet_full_disk_in_threads() -> None:
+    """TensorBoard's writer thread ends on a full disk with a traceback of its own, and the run's
+    next TensorBoard call raises the same error, which `Run._board_room` turns into one sentence:
+    the thread's traceback is left unprinted (any other error of any thread still prints)."""
+    hook = threading.excepthook
+    if getattr(hook, "quiet_full_disk", False):
+        return
+
+    def quiet(args) -> None:
+        if not out_of_space(args.exc_value):
+            hook(args)
+
+    quiet.quiet_full_disk = True
+    threading.excepthook = quiet
 
 
 def tensorboard_writer(folder: Path | None, step: int):

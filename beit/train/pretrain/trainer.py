@@ -336,7 +336,11 @@ def pretrain(
             run.save(run.checkpoint, model, optimizer, rng, meta)
             if run.board is not None and cfg.targets == "cached":
                 batch = meter.last
-                picture = mim_picture(model, batch.pixels, batch.mask, batch.tokens, picture_tokenizer(data.store))
+                # building the picture's tokenizer draws its initial weights: from a fork of the
+                # random state, so a run with TensorBoard goes on as its checkpoint's resume does
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    tokenizer = picture_tokenizer(data.store)
+                    picture = mim_picture(model, batch.pixels, batch.mask, batch.tokens, tokenizer)
                 run.picture("predictions (view, masked, right/wrong, targets, predicted)", picture, step)
             dist.barrier()
         if stopping and step < total:  # at the last step the run is done: it ends as usual
