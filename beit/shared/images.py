@@ -387,7 +387,8 @@ def _read_url(url: str, every_entry: bool) -> Source:
             raise _url_error(url, error) from None
         return _list_source(text, url, source_root(url))
     try:
-        found = retrying(url, "listing it", lambda left: fs.find(path, detail=True, timeout=left))
+        # a listing of millions of objects may take longer than one read may: its pages are bounded
+        found = retrying(url, "listing it", lambda _left: fs.find(path, detail=True))
     except Exception as error:
         raise _url_error(url, error) from None
     base = path.rstrip("/") + "/"

@@ -12,6 +12,7 @@ settings, from the environment of the command:
     BEIT_STORAGE_TRIES     8     tries of one read or write, the first included
     BEIT_STORAGE_WAIT      1     seconds before the second try, doubling up to 30 (+-25% jitter)
     BEIT_STORAGE_SECONDS   300   the most time one read or write may take, all its tries together
+                                 (a listing's tries, each page bounded by the timeout, are not)
     BEIT_STORAGE_TIMEOUT   20    seconds a try waits to connect, or for the next bytes of an answer
 
 The defaults wait out a server that is down for about 90 s (8 tries over 1+2+4+...+30 s).
