@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy on 127.0.0.1, in front of a real server (moto), for tests: it
 passes every request on, and while a fault is set answers the requests it matches with it:
 
-    refuse     nothing listens on the port (connections refused) for `seconds`
+    refuse     from the first matching request (reset), nothing listens on the port (connections
+               refused) for `seconds`
     reset      the answer's head and half its body, then a TCP reset
     slowdown   503 with S3's SlowDown error
     internal   500 with S3's InternalError
@@ -108,18 +109,23 @@ class FaultyProxy:
         trickle: float = 0.4,
     ) -> None:
         """Answer the next `times` requests matching `method` and `path` (or all of them for
-        `seconds`) with the fault `kind`. `refuse` takes `seconds` only: the port is closed then."""
+        `seconds`) with the fault `kind`. `refuse` takes `seconds` only: the port is closed that
+        long from the first request it matches."""
         assert kind in KINDS, kind
         self.hits = 0
         if kind == "refuse":
             assert seconds is not None and times is None
-            self._stop_listening()
-            self.hits = 1
-            threading.Timer(seconds, self._listen).start()
+            with self.lock:
+                self.fault = Fault(kind, method, path, times=1, trickle=seconds)
             return
         until = time.monotonic() + seconds if seconds is not None else None
         with self.lock:
             self.fault = Fault(kind, method, path, times, until, trickle)
+
+    def refuse(self, seconds: float) -> None:
+        """Close the port (and every open connection) for `seconds`."""
+        self._stop_listening()
+        threading.Timer(seconds, self._listen).start()
 
     def clear(self) -> None:
         with self.lock:
@@ -175,6 +181,9 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.owner.take(self.command, urlsplit(self.path).path)
         if fault is not None and fault.kind in ERRORS:
             return self._error(*ERRORS[fault.kind])
+        if fault is not None and fault.kind == "refuse":
+            threading.Thread(target=self.owner.refuse, args=(fault.trickle,)).start()
+            return self._reset()
         status, reason, headers, answer = self._forward(body)
         self.send_response_only(status, reason)
         for name, value in headers:
