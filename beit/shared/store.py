@@ -67,6 +67,7 @@ import numpy as np
 
 from beit.shared.config import differences
 from beit.shared.images import TarMember, exists, is_url, join, read_source
+from beit.shared.object_storage import ObjectStorageError, retrying_store
 from beit.shared.space import no_room, out_of_space
 
 if TYPE_CHECKING:
@@ -93,14 +94,14 @@ def _zarr():
 
 
 def _open_group(location: str, mode: str):
-    """zarr.open_group for a local path or an fsspec URL (file:// gets its folders made)."""
+    """zarr.open_group for a local path or an fsspec URL (file:// gets its folders made; object
+    storage's reads and writes are tried again, `object_storage.retrying_store`)."""
     zarr = _zarr()
-    options = {"auto_mkdir": True} if location.startswith("file://") else None
-    return (
-        zarr.open_group(location, mode=mode, storage_options=options)
-        if options
-        else zarr.open_group(location, mode=mode)
-    )
+    if location.startswith("file://"):
+        return zarr.open_group(location, mode=mode, storage_options={"auto_mkdir": True})
+    if is_url(location):
+        return zarr.open_group(retrying_store(location, read_only=mode == "r"), mode=mode)
+    return zarr.open_group(location, mode=mode)
 
 
 def chunk_length(chunk_images: int, images: int) -> int:
@@ -207,6 +208,8 @@ class TokenStore:
         location = str(location)
         try:
             group = _open_group(location, mode)
+        except ObjectStorageError:
+            raise
         except Exception as error:
             raise StoreError(
                 f"{location} is not a token store ({error}): pass a folder written by `beit tokenize`."
@@ -247,6 +250,8 @@ class TokenStore:
         location = str(location)
         try:
             existing = _open_group(location, "r")
+        except ObjectStorageError:
+            raise  # a store that could not be read is not made again
         except Exception:
             existing = None
         if existing is not None and not overwrite:
@@ -413,6 +418,8 @@ class TokenStore:
         """Whether a chunk has no pending image. A chunk whose status a crash left unreadable is pending."""
         try:
             return bool(np.all(self.group["status"][start:stop] != PENDING))
+        except ObjectStorageError:
+            raise
         except Exception:
             return False
 
@@ -427,10 +434,14 @@ class TokenStore:
         try:
             if self.group["status"].nchunks_initialized == 0:
                 return self.chunks()
+        except ObjectStorageError:
+            raise
         except Exception:
             pass
         try:
             pending = self.status() == PENDING
+        except ObjectStorageError:
+            raise
         except Exception:
             return [chunk for chunk in self.chunks() if not self.chunk_done(*chunk)]
         starts = np.arange(0, len(pending), self.chunk_images)
@@ -502,6 +513,8 @@ class TokenStore:
                 b = min(a + step, n)
                 try:
                     array[a:b]
+                except ObjectStorageError:
+                    raise  # not a damaged chunk: one that could not be read now
                 except Exception as error:  # zarr raises what the codec raises: ValueError, RuntimeError, ...
                     why = (
                         "its crc32c checksum does not match"
@@ -556,7 +569,7 @@ class TokenStore:
         """`read()`, or when it fails on a damaged chunk of `name`, the sentence naming that chunk."""
         try:
             return read()
-        except StoreError:
+        except (StoreError, ObjectStorageError):
             raise
         except Exception as error:
             picked = np.asarray(indices if indices is not None else [0, len(self) - 1], dtype=np.int64)

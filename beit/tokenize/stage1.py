@@ -41,6 +41,7 @@ from beit.shared.images import (
     read_source,
     source_root,
 )
+from beit.shared.object_storage import retrying
 from beit.shared.preempt import Preempted, StopSignals
 from beit.shared.prefetch import ahead
 from beit.shared.progress import progress_bar
@@ -167,10 +168,13 @@ def tokenize(
         counts = store.mark_complete()
         summary.update(counts)
         summary["failures"] = store.failures()
-        with fsspec.open(  # a local path or the store's own URL scheme: the metrics sit beside the store
-            f"{str(store_path).rstrip('/')}.metrics.json", "w"
-        ) as f:
-            f.write(json.dumps(summary, indent=2) + "\n")
+        metrics = f"{str(store_path).rstrip('/')}.metrics.json"  # beside the store, on its filesystem
+
+        def write_metrics(_seconds_left: float) -> None:
+            with fsspec.open(metrics, "w") as f:
+                f.write(json.dumps(summary, indent=2) + "\n")
+
+        retrying(metrics, "writing it", write_metrics)
     dist.close()
     return summary
 
