@@ -8,7 +8,8 @@ tokenizer (128 codes), stage 1 with V = 2 views in chunks of 16 images (12 chunk
 pre-training a 4-layer, width-128 ViT for 48 steps of 16 with no periodic checkpoint due (as a
 long run between two of its checkpoints) unless a fault needs one. Every fault is real: a signal
 sent to the process (polled every 5 ms for the moment: the metrics row or the chunk), a small
-tmpfs in a user namespace (`unshare -rm`) that fills, a byte flipped in a chunk or checkpoint file.
+tmpfs in a user namespace (`unshare -rm`) that fills, a byte flipped in a chunk or checkpoint file,
+a moto S3 server on 127.0.0.1 behind the tests' fault-injecting proxy (tests/faulty_proxy.py).
 "Lost" is work done before the fault that the resumed run does again; "overhead" is the
 interrupted and resumed runs' wall time less the uninterrupted run's (it includes the second
 start-up, a few seconds on a CPU). Each resumed result is checked against the uninterrupted one.
@@ -27,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = ["--views", "2", "--set", "view.image_size=64", "--set", "chunk_images=16", "--batch-size", "16"]
@@ -93,7 +96,6 @@ def same_losses(a: Path, b: Path) -> bool:
 
 
 def same_store(a: Path, b: Path) -> bool:
-    import numpy as np
     import zarr
 
     ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
@@ -129,6 +131,80 @@ def timed_line(args: list, log: Path) -> str:
 def read_rc(log: Path) -> tuple[int, float]:
     code, start, end = Path(f"{log}.rc").read_text().split()
     return int(code), float(end) - float(start)
+
+
+def object_storage(work: Path, source: Path, tokenizer: Path, record) -> None:
+    """Stage 1 from s3:// into s3:// on a moto server on 127.0.0.1, through the tests' fault-injecting
+    proxy: every request answered 503 SlowDown for 10 s from the fifth chunk on (waited out), then
+    for 60 s (outlasts BEIT_STORAGE_SECONDS=30: the command stops, then runs again to the end)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import s3fs
+    import zarr
+    from faulty_proxy import FaultyProxy
+    from test_s3 import start_server
+
+    from beit.shared.store import PENDING
+
+    server, upstream = start_server(work / "moto.log")
+    proxy = FaultyProxy(upstream)
+    settings = {"AWS_ENDPOINT_URL": proxy.start(), "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_DEFAULT_REGION": "us-east-1", "BEIT_STORAGE_TRIES": "8", "BEIT_STORAGE_WAIT": "1",
+                "BEIT_STORAGE_SECONDS": "30"}  # fmt: skip
+    os.environ.update(settings)
+    try:
+        direct = s3fs.S3FileSystem(endpoint_url=upstream, skip_instance_cache=True)
+        direct.mkdir("photos")
+        direct.mkdir("stores")
+        direct.put(str(source), "photos/", recursive=True)
+        tok = ["--tokenizer", tokenizer, *STAGE1]
+
+        def done(name: str) -> int:
+            group = zarr.open_group(f"s3://stores/{name}", mode="r", storage_options={"endpoint_url": upstream})
+            return int((group["status"][:] != PENDING).sum()) // 16
+
+        _, t_clean = beit("tokenize", "s3://photos/train", "s3://stores/clean", *tok)
+        for name, outage in (("passes", 10), ("outlasts", 60)):
+            start = time.perf_counter()
+            process = subprocess.Popen([sys.executable, "-m", "beit", "tokenize", "s3://photos/train",
+                                        f"s3://stores/{name}", *map(str, tok)], cwd=ROOT, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)  # fmt: skip
+            at = 0
+            while process.poll() is None:
+                try:
+                    at = done(name)
+                except Exception:  # not made yet
+                    at = 0
+                if at >= 5:
+                    break
+                time.sleep(0.05)
+            proxy.inject("slowdown", seconds=outage)
+            stdout, stderr = process.communicate(timeout=600)
+            first = time.perf_counter() - start
+            proxy.clear()
+            kept = done(name)
+            t_again = 0.0
+            if process.returncode:
+                _, t_again = beit("tokenize", "s3://photos/train", f"s3://stores/{name}", *tok)
+            equal = all(
+                np.array_equal(a, b)
+                for a, b in (
+                    (zarr.open_group(f"s3://stores/{n}", mode="r", storage_options={"endpoint_url": upstream})[k][:]
+                     for n in ("clean", name))
+                    for k in ("tokens", "views", "labels", "keys", "status")
+                )
+            )  # fmt: skip
+            said = stderr.strip().splitlines()[-1] if process.returncode else ""
+            record(f"object storage, 503 SlowDown {outage} s", f"every request from chunk {at} of 12 on, {outage} s",
+                   ("0 chunks (waited it out)" if not process.returncode else
+                    f"the chunk in flight (stopped with exit {process.returncode}, {kept} chunks kept; run again)"),
+                   0.0 if not process.returncode else t_clean / 12, first + t_again - t_clean, equal,
+                   exit_code=process.returncode, proxy_hits=proxy.hits, sentence=said)  # fmt: skip
+    finally:
+        proxy.close()
+        server.terminate()
+        server.wait(timeout=30)
+        for key in settings:
+            os.environ.pop(key, None)
 
 
 def main() -> None:
@@ -262,6 +338,14 @@ def main() -> None:
     record("corruption, checkpoint", f"a byte changed in the newest checkpoint (step {newest}), then a resume",
            f"{lost} steps (resumed from step {before})", lost * step_s, t_resume,
            same_losses(whole_run, run) and said)  # fmt: skip
+
+    try:
+        import moto  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError:
+        print("no moto or s3fs here: the object storage faults are left out", flush=True)
+    else:
+        object_storage(work, source, tokenizer, record)
 
     import torch as _torch
 
