@@ -146,7 +146,7 @@ class Inputs:
         where = f" (every one is in {self.log.path})" if self.log is not None else ""
         example = next(iter(self.skipped.items()))
         raise ValueError(
-            f"{skipped} of the {tried} images of {self.where} read so far could not be read ({skipped / tried:.0%}, "
+            f"{skipped} of the {tried} images of {self.where} tried so far could not be read ({skipped / tried:.0%}, "
             f"more than max_skipped_fraction {self.limit:g}; the first: {example[0]}: {example[1]}{where}): check "
             f"the path and that its disk or mount is reachable, or raise the limit with {self.setting}."
         )
