@@ -13,10 +13,10 @@ that dies keeps what it found): {"path", "reason"} and, where a command reads tw
 A fresh run starts it empty; a resumed one appends, without writing a path twice.
 
 The limit exists for the failure that is not a few bad files: a wrong path, a mount that went away,
-a folder of files still being copied. Those make most inputs unreadable. A real data set has a
-handful of bad files (ImageNet's training set has none that DALI cannot read), so 5% is far above
-normal damage and far below a broken source. The share stops a run only once `MIN_SKIPPED`
-inputs are skipped (or every input listed, when fewer): two bad files among twenty report, not stop.
+a folder of files still being copied. Those make most inputs unreadable, where a data set in use
+has a handful of bad files at most: 5% is far above normal damage and far below a broken source.
+The share stops a run only once `MIN_SKIPPED` inputs are skipped (or every input listed, when
+fewer): two bad files among twenty report, not stop.
 """
 
 from __future__ import annotations
@@ -74,15 +74,10 @@ class Inputs:
         log: SkippedLog | None = None,
         unreadable_at_listing: dict[str, str] | None = None,
     ):
-        self.where, self.names, self.limit, self.setting, self.split, self.log = (
-            where,
-            names,
-            limit,
-            setting,
-            split,
-            log,
-        )
+        self.where, self.names, self.split, self.log = where, names, split, log
+        self.limit, self.setting = limit, setting  # the share that stops a run, and how to raise it
         self.seen = np.zeros(count, dtype=bool)
+        self._seen_count = 0
         self.skipped: dict[str, str] = {}  # path -> reason, in the order found
         self._skipped_index: set[int] = set()
         for path, reason in (unreadable_at_listing or {}).items():
@@ -95,14 +90,15 @@ class Inputs:
 
     @property
     def tried_count(self) -> int:
-        return int(self.seen.sum()) + self._at_listing
+        return self._seen_count + self._at_listing
 
     @property
     def read(self) -> int:
         return self.tried_count - len(self.skipped)
 
     def counts(self) -> dict[str, int]:
-        """{listed, read, skipped, not_reached}: not_reached counts the inputs no step came to."""
+        """{listed, read, skipped, not_reached} in this process (a resumed run counts from its resume):
+        not_reached counts the inputs it did not come to."""
         return {
             "listed": self.listed,
             "read": self.read,
@@ -111,11 +107,13 @@ class Inputs:
         }
 
     def tried(self, indices: Iterable[int]) -> None:
-        self.seen[np.asarray(list(indices), dtype=np.int64)] = True
+        indices = np.unique(np.asarray(list(indices), dtype=np.int64))
+        self._seen_count += int(np.count_nonzero(~self.seen[indices]))
+        self.seen[indices] = True
 
     def skip(self, index: int, reason: str) -> None:
         """Input `index` could not be read, for `reason` (once per input, however often it is tried)."""
-        self.seen[index] = True
+        self.tried([index])
         if index in self._skipped_index:
             return
         self._skipped_index.add(index)

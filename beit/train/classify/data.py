@@ -26,7 +26,7 @@ import torch
 from beit.shared.counter import counter_key
 from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder, require_dali
 from beit.shared.images import Source, read_source
-from beit.shared.inputs import Inputs, source_name
+from beit.shared.inputs import MAX_SKIPPED_FRACTION, Inputs, SkippedLog, source_name
 from beit.shared.prefetch import prefetch
 from beit.shared.store import DONE, StoreItems, TokenStore
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
@@ -157,9 +157,14 @@ def classification_builder(size: int, train: bool, randaugment: bool, threads: i
     return pipeline_builder(graph, threads, conditionals=train and randaugment)
 
 
-def classify_inputs(source: Source, split: str, limit: float, log=None, setting: str = "") -> Inputs:
-    """The `Inputs` of a split: named by its folder, skipped files into `log` (a `SkippedLog`)."""
-    setting = setting or "--set max_skipped_fraction=F"
+def classify_inputs(
+    source: Source,
+    split: str = "",
+    limit: float = MAX_SKIPPED_FRACTION,
+    log: SkippedLog | None = None,
+    setting: str = "--set max_skipped_fraction=F",
+) -> Inputs:
+    """The `Inputs` of a split: named by its folder, skipped files into `log`."""
     names = source_name(source.files, source.keys)
     return Inputs(str(source.root), len(source.files), names, limit, setting, split, log)
 
@@ -184,7 +189,7 @@ class ClassificationData:
     ):
         self.source, self.batch_size, self.train = source, batch_size, train
         # what was read and skipped (`classify_inputs` makes one with a limit and a file)
-        self.inputs = inputs or Inputs(str(source.root), len(source.files), source_name(source.files, source.keys))
+        self.inputs = inputs or classify_inputs(source)
         self.seed, self.rank, self.world = seed, rank, world
         self.batches = ImageBatches(
             classification_builder(size, train, randaugment, threads), batch_size, device_id, seed + rank
