@@ -157,8 +157,11 @@ def test_bad_image_files_are_skipped_and_recorded(photos, tmp_path):
     out = tmp_path / "tok.safetensors"
     result = beit_here("tokenizer", "train", folder, "-o", out, "--steps", "3", *SMALL, "--set", "held_out=0")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "3 skipped" in result.stdout
+    log = out.with_suffix(".run") / "skipped.jsonl"
+    assert f"train images: listed 9, read 6, skipped 3 (see {log})" in result.stdout
+    recorded = {json.loads(line)["path"]: json.loads(line)["reason"] for line in log.read_text().splitlines()}
     failed = json.loads(out.with_suffix(".json").read_text())["report"]["failed_images"]
     assert set(failed) == {str(folder / n) for n in ("truncated.jpg", "empty.png", "notes.jpg")}
     assert "truncated" in failed[str(folder / "truncated.jpg")]
     assert failed[str(folder / "empty.png")] == "empty file"
+    assert recorded == failed  # the run folder's skipped.jsonl holds what the tokenizer's report does

@@ -33,6 +33,7 @@ from beit.shared.checkpoint import CheckpointError, load_checkpoint, previous, s
 from beit.shared.config import ConfigError, differences, resume_fields, to_dict, to_toml
 from beit.shared.decode import require_dali
 from beit.shared.dist import dali_device_id, init_dist
+from beit.shared.inputs import SkippedLog
 from beit.shared.preempt import Preempted, StopSignals, clear_marker, write_marker
 from beit.shared.progress import progress_bar
 from beit.shared.space import DiskFull, no_room, out_of_space
@@ -40,6 +41,7 @@ from beit.shared.space import DiskFull, no_room, out_of_space
 # Config keys of how a run runs, not what it computes: every trainer's resumed run may change them.
 RUN_SETTINGS = (
     "log_every", "checkpoint_every", "threads", "device", "dist_timeout_minutes", "tensorboard", "stop_signal",
+    "max_skipped_fraction",
 )  # fmt: skip
 
 
@@ -206,6 +208,12 @@ class Run:
     @property
     def main(self) -> bool:
         return self.dist.main
+
+    def skipped_log(self, resume: bool) -> SkippedLog:
+        """The run folder's skipped.jsonl: the inputs that could not be read, and why; a fresh run
+        (rank 0) starts it empty, a resumed one adds to it."""
+        fresh = self.main and not (resume and self.checkpoint.exists())
+        return SkippedLog(self.out / "skipped.jsonl", fresh)
 
     def stopping(self) -> bool:
         """Whether the run stops after this step: a stop signal came to some rank (every rank must
