@@ -43,6 +43,8 @@ class Fault:
     times: int | None = None  # the next `times` matching requests
     until: float | None = None  # or every matching request until then (time.monotonic)
     trickle: float = 0.4
+    after: str | None = None  # armed by the first request whose "METHOD /path" matches (that one passes)
+    seconds: float | None = None  # an armed fault lasts this long from then
 
     def matches(self, method: str, path: str) -> bool:
         if self.method is not None and method != self.method:
@@ -107,12 +109,19 @@ class FaultyProxy:
         method: str | None = None,
         path: str | None = None,
         trickle: float = 0.4,
+        after: str | None = None,
     ) -> None:
         """Answer the next `times` requests matching `method` and `path` (or all of them for
-        `seconds`) with the fault `kind`. `refuse` takes `seconds` only: the port is closed that
-        long from the first request it matches."""
+        `seconds`) with the fault `kind`; with `after` (a pattern of "METHOD /path"), from the
+        request after the first one it matches on (`seconds` counted from there). `refuse` takes
+        `seconds` only: the port is closed that long from the first request it matches."""
         assert kind in KINDS, kind
         self.hits = 0
+        if after is not None:
+            assert kind != "refuse"
+            with self.lock:
+                self.fault = Fault(kind, method, path, times, None, trickle, after=after, seconds=seconds)
+            return
         if kind == "refuse":
             assert seconds is not None and times is None
             with self.lock:
@@ -136,6 +145,11 @@ class FaultyProxy:
         with self.lock:
             self.requests.append((method, path))
             fault = self.fault
+            if fault is not None and fault.after is not None:
+                if re.search(fault.after, f"{method} {path}"):
+                    fault.after = None
+                    fault.until = time.monotonic() + fault.seconds if fault.seconds is not None else None
+                return None
             if fault is None or not fault.matches(method, path):
                 return None
             if fault.until is not None and time.monotonic() > fault.until:

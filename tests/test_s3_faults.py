@@ -6,6 +6,7 @@ command run again finishes the store where it stopped. The tries are few and sho
 (BEIT_STORAGE_*), each loop bounded by count and by time."""
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -134,4 +135,28 @@ def test_a_fault_that_outlasts_the_tries_stops_in_one_sentence_and_a_rerun_resum
     result = tokenize(tokenizer, store)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tokenized 6 of 6 images" in result.stdout and "0 failed" in result.stdout
+    assert_same_store("s3://stores/clean", store)
+
+
+def test_an_outage_of_every_request_mid_run_stops_the_command_in_its_bound_and_a_rerun_resumes(proxy, photos):
+    """From the first chunk's status on, every request answered 503 SlowDown: the command stops
+    within its bound in one sentence (its reading thread, busy with the same failing storage,
+    does not hold it open), keeping the chunk it wrote; run again once the storage answers, it
+    finishes the store."""
+    tokenizer, _ = photos
+    store = "s3://stores/outage"
+    proxy.inject("slowdown", seconds=120, after=r"^PUT /stores/outage/status/c/0$")
+    started = time.monotonic()
+    result = tokenize(tokenizer, store)
+    spent = time.monotonic() - started
+    proxy.clear()
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert re.search(
+        r"s3://stores/outage/\S+: \w+ it failed \((503 SlowDown|HTTP 503)\) on 5 tries over ", result.stderr
+    )
+    assert "run the same command again" in result.stderr, result.stderr
+    assert proxy.hits >= 5 and spent < 40, (proxy.hits, spent)  # 5 short tries each: not the 120 s outage
+    result = tokenize(tokenizer, store)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert_same_store("s3://stores/clean", store)

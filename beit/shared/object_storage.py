@@ -154,8 +154,8 @@ def describe(error: BaseException) -> str:
         error = error.__cause__ or error.__context__
     for each in chain:
         status, code = _answer(each)
-        if status is not None:
-            return f"{status} {code}".strip()
+        if status is not None:  # an answer without a body (HEAD) has only its status for a code
+            return f"{status} {code}" if code and code != str(status) else f"HTTP {status}"
     for each in chain:
         text = str(each)
         if isinstance(each, ConnectionRefusedError) or "refused" in text.lower():
