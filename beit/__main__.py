@@ -1,3 +1,3 @@
-from beit.cli import app
+from beit.cli import main
 
-app(prog_name="beit")
+main()

@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(
-    help="BEiT pre-training with an offline dVAE token store, and fine-tuning of what it pre-trains.",
+    help="BEiT pre-training with an offline dVAE token store, and fine-tuning of what it pre-trains. "
+    "Exit codes: 0 done; 1 a bad input or setting (one line says which); 75 stopped by SIGTERM or the "
+    "config's stop_signal after saving the work in flight (run the same command again to resume).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -34,6 +36,14 @@ Overrides = Annotated[list[str] | None, typer.Option("--set", help="override a c
 NoResume = Annotated[bool, typer.Option("--no-resume", help="start over, ignoring a checkpoint in --out")]
 RunFolder = Annotated[Path, typer.Option("--out", help="run folder: config, metrics.jsonl, checkpoints")]
 Preset = Annotated[str | None, typer.Option("--model", help="tiny | small | base | large")]
+MAX_SKIPPED = 0.05  # beit.shared.inputs.MAX_SKIPPED_FRACTION, without importing numpy for --help
+MaxSkipped = Annotated[
+    float,
+    typer.Option(
+        help="stop when more than this share of the images tried cannot be read (a wrong path, a broken mount), "
+        "once 10 are skipped"
+    ),
+]
 SourceRoot = Annotated[
     str | None,
     typer.Option(help="the store's source files under another folder than where they were tokenized (checked)"),
@@ -99,6 +109,8 @@ def _run(ctx: typer.Context, cls: type, stage, *args, renames: dict[str, str] | 
     """(config, stage(*args, config, **kwargs)): a bad config, store, checkpoint or input (every
     one a ValueError) is one line on stderr and exit status 1. A config with an `init` checkpoint
     builds that checkpoint's model (`_architecture_from_init`)."""
+    from beit.shared.preempt import release_all
+
     try:
         cfg = _config(ctx, cls, renames)
         if hasattr(cfg, "init") and hasattr(type(cfg), "ARCHITECTURE_FROM_INIT"):
@@ -106,6 +118,32 @@ def _run(ctx: typer.Context, cls: type, stage, *args, renames: dict[str, str] | 
         return cfg, stage(*args, cfg, **kwargs)
     except ValueError as error:
         _fail(error)
+    finally:
+        release_all()  # the stop signals' handlers of a run that ended early, given back
+
+
+def _skipped_beside(json_out: Path | None) -> Path | None:
+    """Where a command that writes only a --json file keeps its skipped inputs: FILE.skipped.jsonl beside it."""
+    return None if json_out is None else json_out.with_suffix(".skipped.jsonl")
+
+
+def _inputs(counts: dict, split: str = "") -> None:
+    """One line of what a command listed, read and skipped; without a file of them, the skipped themselves."""
+    if not counts["read"] + counts["skipped"]:  # nothing read in this process (a finished run asked again)
+        return
+    text = (
+        f"{split + ': ' if split else ''}listed {counts['listed']}, read {counts['read']}, skipped {counts['skipped']}"
+    )
+    if counts.get("not_reached"):
+        text += f", not reached {counts['not_reached']}"
+    if counts["skipped"] and counts.get("skipped_file"):
+        text += f" (see {counts['skipped_file']})"
+    typer.echo(text)
+    shown = counts.get("skipped_inputs", [])
+    for entry in shown[:10]:
+        typer.echo(f"  skipped {entry['path']}: {entry['reason']}")
+    if len(shown) > 10:
+        typer.echo(f"  ... and {len(shown) - 10} more")
 
 
 def _notes(result: dict) -> None:
@@ -215,9 +253,11 @@ def finetune_command(
     last = result["last"]
     typer.echo(
         f"fine-tuned {result['steps']} steps; val top-1 {last.get('top1', float('nan')) * 100:.2f}% "
-        f"(best {result['best_top1'] * 100:.2f}%), top-5 {last.get('top5', float('nan')) * 100:.2f}%; "
-        f"checkpoints in {out}"
+        f"(best {result['best_top1'] * 100:.2f}%), top-5 {last.get('top5', float('nan')) * 100:.2f}%"
+        f"{' ' + result['basis'] if result['basis'] else ''}; checkpoints in {out}"
     )
+    for split, counts in result["inputs"].items():
+        _inputs(counts, f"{split} images")
 
 
 @tokenizer_app.command("convert")
@@ -272,14 +312,14 @@ def tokenizer_train_command(
     )
     held = report.get("held_out")
     summary = f"wrote {out} after {report['steps']} steps on {report['train_images']} images"
-    if report["failed_images"]:
-        summary += f" ({len(report['failed_images'])} skipped: they could not be decoded)"
     if held:
         summary += (
             f"; held-out crops: PSNR {held['psnr']:.1f} dB (mean-colour baseline {held['baseline_psnr']:.1f} dB), "
             f"codes used {held['codes_used']}/{cfg.model.vocab_size}, perplexity {held['perplexity']:.0f}"
         )
     typer.echo(summary)
+    for split, counts in report["inputs"].items():
+        _inputs(counts, f"{split.replace('_', '-')} images")
 
 
 @tokenizer_app.command("reconstruct")
@@ -337,10 +377,33 @@ def store_verify_command(
     sample: Annotated[int, typer.Option(help="images to check")] = 64,
     tokenizer: Annotated[Path | None, typer.Option(help="the store's tokenizer (default: the recorded path)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    full: Annotated[
+        bool, typer.Option("--full", help="first read back every chunk of every array and list the damaged ones")
+    ] = False,
 ) -> None:
-    """Re-render a sample of views from their recorded parameters, re-tokenize, compare with the store."""
+    """Re-render a sample of views from their recorded parameters, re-tokenize, compare with the store.
+    With --full, every chunk is read back first (its crc32c checksum checked): damaged chunks are
+    listed and the exit status is 5."""
+    from beit.shared.store import TokenStore
     from beit.tokenize.inspect_store import verify_store
 
+    if full:
+        try:
+            opened = TokenStore.open(store)
+            damage = opened.damaged()
+        except ValueError as error:
+            _fail(error)
+        how = (
+            "its crc32c checksums checked"
+            if opened.has_checksums
+            else "this store was made before chunk checksums, so only chunks that no longer decode show"
+        )
+        typer.echo(f"{store}: every chunk of every array read back ({how}): {len(damage)} damaged")
+        for entry in damage:
+            typer.echo(f"  {entry['array']}, images {entry['start']}-{entry['stop'] - 1}: {entry['why']}")
+        if damage:
+            typer.echo("run the same `beit tokenize` command again: it redoes just these chunks")
+            raise typer.Exit(5)
     try:
         report = verify_store(store, tokenizer, sample=sample, device=device)
     except ValueError as error:
@@ -433,19 +496,34 @@ def evaluate_command(
     data: Annotated[Path, typer.Argument(help="an ImageFolder tree with the checkpoint's classes")],
     per_class: Annotated[bool, typer.Option("--per-class", help="print accuracy per class")] = False,
     batch_size: Annotated[int, typer.Option()] = 64,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="also write the figures and counts into this JSON file (skipped files beside it)"),
+    ] = None,
+    max_skipped_fraction: MaxSkipped = MAX_SKIPPED,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Top-1 / top-5 accuracy and loss of a fine-tuned checkpoint on a labelled set."""
     from beit.train.classify.evaluate import evaluate_classifier_checkpoint
 
     try:
-        result = evaluate_classifier_checkpoint(checkpoint, data, batch_size, device)
+        result = evaluate_classifier_checkpoint(
+            checkpoint, data, batch_size, device, max_skipped_fraction=max_skipped_fraction,
+            skipped_file=_skipped_beside(json_out),
+        )  # fmt: skip
     except ValueError as error:  # CheckpointError is a ValueError
         _fail(error)
     typer.echo(
-        f"{result['images']} images: top-1 {result['top1'] * 100:.2f}%, top-5 {result['top5'] * 100:.2f}%, "
-        f"loss {result['loss']:.4f}"
+        f"top-1 {result['top1'] * 100:.2f}%, top-5 {result['top5'] * 100:.2f}%, loss {result['loss']:.4f} "
+        f"{result['basis']}"
     )
+    _inputs(result["inputs"])
+    if json_out is not None:
+        import json
+
+        figures = {key: result[key] for key in ("top1", "top5", "loss", "per_class", "class_names")}
+        record = {"checkpoint": str(checkpoint), "data": str(data), **figures, **result["inputs"]}
+        json_out.write_text(json.dumps(record, indent=1) + "\n")
     if per_class:
         for name, (hit, count) in zip(result["class_names"], result["per_class"], strict=True):
             if count:
@@ -519,9 +597,14 @@ def probe_command(
         _architecture_from_init(ctx, cfg, init)
         model_cfg = cfg.model.resolved()
         layers = None if all_layers else [layer or model_cfg.depth]
-        result = probe(data, init, model_cfg, layers, batch_size=batch_size, epochs=epochs, device=cfg.device)
+        result = probe(
+            data, init, model_cfg, layers, batch_size=batch_size, epochs=epochs, device=cfg.device,
+            max_skipped_fraction=cfg.max_skipped_fraction,
+        )  # fmt: skip
     except ValueError as error:  # ConfigError, CheckpointError are ValueErrors
         _fail(error)
+    for split, counts in result["inputs"].items():
+        _inputs(counts, f"{split} images")
     typer.echo(f"linear probe on {result['train_images']} train / {result['val_images']} val images:")
     for k, accuracy in result["accuracy"].items():
         typer.echo(f"  block {k:>2}: top-1 {accuracy * 100:.2f}%")
@@ -614,8 +697,11 @@ def segment_train_command(
     last = result["last"]
     typer.echo(
         f"trained {result['steps']} iterations ({result['recipe']} recipe, lr {result['lr']:.3g}); val mIoU "
-        f"{last.get('mIoU', float('nan')) * 100:.2f} (best {result['best_miou'] * 100:.2f}); checkpoints in {out}"
+        f"{last.get('mIoU', float('nan')) * 100:.2f} (best {result['best_miou'] * 100:.2f})"
+        f"{' ' + result['basis'] if result['basis'] else ''}; checkpoints in {out}"
     )
+    for split, counts in result["inputs"].items():
+        _inputs(counts, f"{split} images")
 
 
 @segment_app.command("evaluate")
@@ -630,8 +716,13 @@ def segment_evaluate_command(
     per_class: Annotated[bool, typer.Option("--per-class", help="print IoU and accuracy per class")] = False,
     picture: Annotated[Path | None, typer.Option(help="PNG of images beside ground truth and prediction")] = None,
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="also write the figures, per class too, into this JSON file")
+        Path | None,
+        typer.Option(
+            "--json",
+            help="also write the figures, per class too, and the counts into this JSON file (skipped files beside it)",
+        ),
     ] = None,
+    max_skipped_fraction: MaxSkipped = MAX_SKIPPED,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """mIoU, mAcc and aAcc of a segmentation checkpoint, by sliding window, multi-scale and flip."""
@@ -639,15 +730,23 @@ def segment_evaluate_command(
 
     try:
         factors = tuple(float(x) for x in scales.split(","))
-        result = evaluate_segmenter_checkpoint(checkpoint, data, split, mode, stride, factors, flip, device, picture)
+        result = evaluate_segmenter_checkpoint(
+            checkpoint, data, split, mode, stride, factors, flip, device, picture,
+            max_skipped_fraction=max_skipped_fraction, skipped_file=_skipped_beside(json_out),
+        )  # fmt: skip
     except ValueError as error:
         _fail(error)
-    typer.echo(f"mIoU {result['mIoU'] * 100:.2f}, mAcc {result['mAcc'] * 100:.2f}, aAcc {result['aAcc'] * 100:.2f}")
+    typer.echo(
+        f"mIoU {result['mIoU'] * 100:.2f}, mAcc {result['mAcc'] * 100:.2f}, aAcc {result['aAcc'] * 100:.2f} "
+        f"{result['basis']}"
+    )
+    _inputs(result["inputs"])
     if json_out is not None:
         import json
 
         figures = {key: result[key] for key in ("mIoU", "mAcc", "aAcc", "per_class")}
-        json_out.write_text(json.dumps({"checkpoint": str(checkpoint), "data": str(data), **figures}, indent=1) + "\n")
+        record = {"checkpoint": str(checkpoint), "data": str(data), **figures, **result["inputs"]}
+        json_out.write_text(json.dumps(record, indent=1) + "\n")
     if per_class:
         for row in result["per_class"]:
             typer.echo(f"  {row['name']:<24} IoU {row['iou'] * 100:6.2f}  acc {row['acc'] * 100:6.2f}")
@@ -659,16 +758,32 @@ def segment_predict_command(
     images: Annotated[list[Path], typer.Argument(help="image files")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the masks")] = Path("masks"),
     overlay: Annotated[bool, typer.Option("--overlay", help="also write the colours over each image")] = False,
+    max_skipped_fraction: MaxSkipped = MAX_SKIPPED,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Palette PNG masks (class indices) for images, and overlays to look at."""
     from beit.train.segment.predict import predict_files
 
     try:
-        summaries = predict_files(checkpoint, images, out, overlay, device=device)
+        summaries, inputs = predict_files(
+            checkpoint, images, out, overlay, device=device, max_skipped_fraction=max_skipped_fraction
+        )
     except ValueError as error:
         _fail(error)
     for row in summaries:
         shares = ", ".join(f"{name} {share * 100:.0f}%" for name, share in row["top"])
         typer.echo(f"{row['image']}: {shares}")
     typer.echo(f"wrote {len(summaries)} masks under {out}")
+    _inputs(inputs.summary())
+
+
+def main() -> None:
+    """The `beit` command. A command stopped by SIGTERM or its stop_signal after saving its work
+    says where it stands and exits 75 (`beit.shared.preempt.PREEMPTED`), for a scheduler to requeue."""
+    from beit.shared.preempt import PREEMPTED, Preempted
+
+    try:
+        app(prog_name="beit")
+    except Preempted as stop:
+        typer.echo(f"preempted: {stop}", err=True)
+        raise SystemExit(PREEMPTED) from None

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -159,6 +160,37 @@ def kill_when(command: list, condition, timeout: float = 300) -> int:
         assert time.monotonic() < deadline, f"a process of {command[:6]} outlived SIGKILL"
         time.sleep(0.01)
     return code
+
+
+def signal_when(command: list, condition, sig: int = signal.SIGTERM, timeout: float = 300, worker: bool = False):
+    """Start `command`, send it `sig` the moment `condition()` holds (polled every 5 ms), or with
+    `worker` to one of the `beit` processes under it (one torchrun rank: the other must agree to
+    stop), and wait for it to end: (exit code, stderr)."""
+    with tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen([*map(str, command)], stdout=subprocess.DEVNULL, stderr=err, text=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if condition():
+                    break
+            except (OSError, ValueError):  # a file the condition reads is half-written: look again
+                pass
+            time.sleep(0.005)
+        target = process.pid
+        if worker:
+            ranks = [pid for pid in _descendants(process.pid) if b"beit" in _cmdline(pid)]
+            target = ranks[-1] if ranks else process.pid
+        _signal(target, sig)
+        code = process.wait(timeout=timeout)
+        err.seek(0)
+        return code, err.read()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -13,6 +13,7 @@ from beit.shared.checkpoint import (
     load_checkpoint,
     load_pretrained,
     load_weights,
+    previous,
     read_state_dict,
     resize_relative_position_table,
     save_checkpoint,
@@ -102,6 +103,29 @@ def test_a_failed_write_leaves_the_previous_checkpoint_whole(tmp_path):
     state, meta = load_checkpoint(path)
     assert meta["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.json", "ckpt.pt"]
+
+
+def test_a_checkpoint_changed_on_disk_is_refused_by_its_checksum(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.pt", {"model": {"w": torch.full((4096,), 1.5)}}, {"step": 1})
+    data = bytearray(path.read_bytes())
+    at = data.find(torch.full((256,), 1.5).numpy().tobytes())  # the tensor's bytes, stored as they are
+    assert at > 0
+    data[at + 501] ^= 0x01  # one bit of one weight, as a bad disk or a partial copy changes it
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is damaged: its tensors no longer match the checksum"):
+        load_checkpoint(path)
+
+
+def test_the_runs_checkpoint_keeps_the_one_before_it(tmp_path):
+    for step in (1, 2, 3):
+        weights = {"model": {"w": torch.full((3,), float(step))}}
+        save_checkpoint(tmp_path / "checkpoint.pt", weights, {"step": step}, keep_previous=True)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")[1]["step"] == 3
+    assert load_checkpoint(previous(tmp_path / "checkpoint.pt"))[1]["step"] == 2
+    assert json.loads((tmp_path / "checkpoint.previous.json").read_text())["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == [
+        "checkpoint.json", "checkpoint.previous.json", "checkpoint.previous.pt", "checkpoint.pt"
+    ]  # fmt: skip
 
 
 def test_unilm_pretrained_checkpoint_becomes_a_classifier_with_per_layer_tables(tmp_path):

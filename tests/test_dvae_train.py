@@ -1,13 +1,16 @@
 """Training a tokenizer on real photos with `beit tokenizer train`, resuming it, and looking at it."""
 
 import json
+import random
 import signal
 import sys
 
 import numpy as np
 import pytest
-from helpers import COLOUR, GREY, beit_here, copy_photos, kill_when, save_jpeg
+from helpers import COLOUR, GREY, beit_here, copy_photos, kill_when, save_jpeg, signal_when
 from PIL import Image
+
+from beit.shared.preempt import MARKER, PREEMPTED
 
 SMALL = [
     "--input-size",
@@ -97,12 +100,26 @@ def test_reconstruct_writes_a_grid_and_reports_psnr(trained, photos, tmp_path):
     assert np.abs(original - recon).mean() < np.abs(original - other).mean()
 
 
-def test_training_resumes_after_sigkill(photos, tmp_path):
+def test_training_resumes_after_sigterm_and_sigkill(photos, tmp_path):
+    """SIGTERM at a random step (no periodic checkpoint due): exit 75, the checkpoint at the step
+    in flight; resumed, SIGKILLed past a periodic checkpoint; resumed to the end (fresh crops
+    after each resume, as DALI draws them: every step once)."""
     out = tmp_path / "tok.safetensors"
-    args = ["tokenizer", "train", photos, "-o", out, "--steps", "40", *SMALL, "--set", "checkpoint_every=10"]
-    checkpoint = out.with_suffix(".run") / "checkpoint.pt"
-    assert kill_when([sys.executable, "-m", "beit", *args], checkpoint.exists) == -signal.SIGKILL
-    assert checkpoint.exists()
+    args = ["tokenizer", "train", photos, "-o", out, "--steps", "40", *SMALL, "--set", "log_every=1"]
+    run = out.with_suffix(".run")
+    drawn = random.randint(1, 8)
+    command = [sys.executable, "-m", "beit", *args, "--set", "checkpoint_every=1000"]
+    code, stderr = signal_when(command, lambda: len((run / "metrics.jsonl").read_text().splitlines()) >= drawn)
+    assert code == PREEMPTED and "preempted: stopped by SIGTERM at step " in stderr, (drawn, code, stderr[-3000:])
+    stopped = json.loads((run / "checkpoint.json").read_text())["step"]
+    assert drawn <= stopped < 10 and json.loads((run / MARKER).read_text())["step"] == stopped, (drawn, stopped)
+    args += ["--set", "checkpoint_every=10"]
+
+    def past_a_periodic_checkpoint() -> bool:
+        return json.loads((run / "checkpoint.json").read_text())["step"] >= 10
+
+    assert kill_when([sys.executable, "-m", "beit", *args], past_a_periodic_checkpoint) == -signal.SIGKILL
+    assert (run / "checkpoint.pt").exists()
     assert not out.exists()
     other = beit_here(*args, "--set", "lr=1e-3")  # a setting that changes the result: not this run
     assert other.returncode == 1 and "is from another run (config.lr differ)" in other.stderr
@@ -111,6 +128,8 @@ def test_training_resumes_after_sigkill(photos, tmp_path):
     assert "resuming from" in result.stdout
     assert "at step 10" in result.stdout or "at step 20" in result.stdout or "at step 30" in result.stdout
     assert json.loads(out.with_suffix(".json").read_text())["report"]["steps"] == 40
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))  # every step once, none missing
 
 
 def test_bad_inputs(tmp_path, photos):
@@ -138,8 +157,11 @@ def test_bad_image_files_are_skipped_and_recorded(photos, tmp_path):
     out = tmp_path / "tok.safetensors"
     result = beit_here("tokenizer", "train", folder, "-o", out, "--steps", "3", *SMALL, "--set", "held_out=0")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "3 skipped" in result.stdout
+    log = out.with_suffix(".run") / "skipped.jsonl"
+    assert f"train images: listed 9, read 6, skipped 3 (see {log})" in result.stdout
+    recorded = {json.loads(line)["path"]: json.loads(line)["reason"] for line in log.read_text().splitlines()}
     failed = json.loads(out.with_suffix(".json").read_text())["report"]["failed_images"]
     assert set(failed) == {str(folder / n) for n in ("truncated.jpg", "empty.png", "notes.jpg")}
     assert "truncated" in failed[str(folder / "truncated.jpg")]
     assert failed[str(folder / "empty.png")] == "empty file"
+    assert recorded == failed  # the run folder's skipped.jsonl holds what the tokenizer's report does

@@ -42,3 +42,27 @@ def test_closing_stops_the_thread():
     count = len(made)
     time.sleep(0.05)
     assert len(made) == count and count <= 3 + 2 + 1  # at most `depth` ahead, plus the one in hand
+
+
+def test_closing_waits_a_bounded_time_for_a_thread_stuck_in_its_item(monkeypatch):
+    """A thread stuck in an item (a read of failing storage, a loop stopped at exit) does not hold
+    the caller: closing waits CLOSE_WAIT for it, then leaves the daemon thread to end by itself."""
+    import beit.shared.prefetch as module
+
+    monkeypatch.setattr(module, "CLOSE_WAIT", 0.3)
+    release = threading.Event()
+    started = threading.Event()
+
+    def make(item):
+        if item == 1:
+            started.set()
+            release.wait(60)
+        return item
+
+    items = ahead(range(5), make, depth=1)
+    assert next(items) == 0
+    assert started.wait(10)
+    begin = time.monotonic()
+    items.close()
+    assert 0.3 <= time.monotonic() - begin < 5
+    release.set()

@@ -1,6 +1,7 @@
 """Stage 2 on the CPU: a store made by `beit tokenize`, a tiny model, real subprocesses."""
 
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -10,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import COLOUR, GREY, beit_here, beit_torchrun, copy_photos, kill_when, save_jpeg
+from helpers import COLOUR, GREY, beit_here, beit_torchrun, copy_photos, kill_when, save_jpeg, signal_when
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.dvae import DVAE, DVAEConfig, load_tokenizer, save_tokenizer
+from beit.shared.preempt import MARKER, PREEMPTED
 from beit.shared.store import StoreError, TokenStore
 from beit.shared.views import draw_views
 from beit.train.model import BeitForMIM, ModelConfig
@@ -155,25 +157,60 @@ def test_a_few_hundred_steps_lower_the_loss_and_beat_the_majority_token(store, t
     assert result.returncode == 1 and "has no metrics.jsonl" in result.stderr
 
 
-def test_resume_after_sigkill_repeats_the_uninterrupted_losses(store, tmp_path):
+def test_sigterm_then_sigkill_then_resume_repeats_the_uninterrupted_losses(store, tmp_path):
+    """SIGTERM at a random step with no periodic checkpoint due: exit 75, one checkpoint at the step
+    in flight and the run folder's marker; resumed (with periodic checkpoints, a setting a resume
+    may change), SIGKILLed past the next one; resumed to the end: the uninterrupted losses."""
     location, _ = store
-    args = [*TINY, "--epochs", "12", "--set", "log_every=1", "--set", "checkpoint_every=8"]
+    args = [*TINY, "--epochs", "12", "--set", "log_every=1"]  # 16 images, 8 a step: 24 steps
     whole = tmp_path / "whole"
-    assert beit_here("pretrain", location, "--out", whole, *args).returncode == 0
+    assert beit_here("pretrain", location, "--out", whole, *args, "--set", "checkpoint_every=8").returncode == 0
     cut = tmp_path / "cut"
     command = [sys.executable, "-m", "beit", "pretrain", str(location), "--out", str(cut), *map(str, args)]
+    drawn = random.randint(1, 10)
+    code, stderr = signal_when([*command, "--set", "checkpoint_every=1000"], lambda: len(metrics(cut)) >= drawn)
+    assert code == PREEMPTED and "preempted: stopped by SIGTERM at step " in stderr, (drawn, code, stderr[-3000:])
+    stopped = json.loads((cut / "checkpoint.json").read_text())["step"]
+    assert drawn <= stopped < 16 and metrics(cut)[-1]["step"] == stopped, (drawn, stopped)  # nothing past it
+    assert json.loads((cut / MARKER).read_text()) == {
+        "signal": "SIGTERM", "step": stopped, "checkpoint": str(cut / "checkpoint.pt"), "exit_code": PREEMPTED
+    }  # fmt: skip
+    command += ["--set", "checkpoint_every=8"]
 
-    def past_the_first_checkpoint() -> bool:
-        return json.loads((cut / "checkpoint.json").read_text())["step"] >= 8
+    def past_the_next_checkpoint() -> bool:
+        return json.loads((cut / "checkpoint.json").read_text())["step"] > stopped
 
-    assert kill_when(command, past_the_first_checkpoint) == -signal.SIGKILL  # killed mid-run, not finished
-    assert 8 <= json.loads((cut / "checkpoint.json").read_text())["step"] < 24
+    assert kill_when(command, past_the_next_checkpoint) == -signal.SIGKILL  # killed mid-run, not finished
+    assert stopped < json.loads((cut / "checkpoint.json").read_text())["step"] < 24
     assert not list(cut.glob(".*.tmp"))  # no half-written checkpoint lies around
-    result = beit_here("pretrain", location, "--out", cut, *args)
+    assert not (cut / MARKER).exists()  # the resumed attempt cleared it
+    result = beit_here("pretrain", location, "--out", cut, *args, "--set", "checkpoint_every=8")
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = metrics(whole), metrics(cut)
     assert [r["step"] for r in second] == list(range(1, 25))
     assert [r["loss"] for r in second] == [r["loss"] for r in first]
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before_it(store, tmp_path):
+    """The run keeps its last two checkpoints; the newest changed on disk is refused by its checksum
+    and the resume goes on from the one before, in one sentence, to the same losses."""
+    location, _ = store
+    args = [*TINY, "--epochs", "4", "--set", "log_every=1", "--set", "checkpoint_every=2"]  # 8 steps
+    whole = tmp_path / "whole"
+    assert beit_here("pretrain", location, "--out", whole, *args).returncode == 0
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "beit", "pretrain", str(location), "--out", str(run), *map(str, args)]
+    assert kill_when(command, lambda: json.loads((run / "checkpoint.json").read_text())["step"] >= 4) == -signal.SIGKILL
+    newest = json.loads((run / "checkpoint.json").read_text())["step"]
+    assert json.loads((run / "checkpoint.previous.json").read_text())["step"] == newest - 2
+    data = bytearray((run / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (run / "checkpoint.pt").write_bytes(bytes(data))
+    result = beit_here("pretrain", location, "--out", run, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cannot be used" in result.stdout and "resuming from the previous checkpoint" in result.stdout
+    assert f"at step {newest - 2}" in result.stdout
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(whole)]
 
 
 def test_accumulation_equals_one_batch_of_the_effective_size(store, tmp_path):
@@ -206,16 +243,26 @@ TWO_RANKS = [*TINY, "--batch-size", 4, "--epochs", 6, "--set", "log_every=1", "-
 
 @pytest.fixture(scope="module")
 def killed_two_ranks(store, tmp_path_factory) -> Path:
-    """Two ranks under torchrun, SIGKILLed past their first checkpoint (step 3, 6 or 9): the run
-    folder that both resume tests copy, one resuming on two ranks, the other on one."""
+    """Two ranks under torchrun: first SIGUSR1 (the default stop_signal, as SLURM's --signal sends
+    it) to one worker only at a random step, no periodic checkpoint due: both ranks stop at the
+    same step, save it once and exit 75; then resumed and SIGKILLed past their next periodic
+    checkpoint (step 3, 6 or 9): the run folder that both resume tests copy, one resuming on two
+    ranks, the other on one."""
     cut = tmp_path_factory.mktemp("two-ranks") / "cut"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", "pretrain"]
     command += [store[0], "--out", cut, *TWO_RANKS]
+    drawn = random.randint(1, 4)
+    stop = [*command, "--set", "checkpoint_every=1000"]
+    code, stderr = signal_when(stop, lambda: len(metrics(cut)) >= drawn, signal.SIGUSR1, worker=True)
+    assert code != 0 and "exitcode  : 75" in stderr, (drawn, stderr[-3000:])  # torchrun reports its ranks' 75
+    stopped = json.loads((cut / "checkpoint.json").read_text())["step"]
+    assert drawn <= stopped < 9 and metrics(cut)[-1]["step"] == stopped, (drawn, stopped)
+    assert json.loads((cut / MARKER).read_text())["step"] == stopped
 
-    def past_the_first_checkpoint() -> bool:
-        return json.loads((cut / "checkpoint.json").read_text())["step"] >= 3
+    def past_the_next_checkpoint() -> bool:
+        return json.loads((cut / "checkpoint.json").read_text())["step"] > stopped
 
-    assert kill_when(command, past_the_first_checkpoint) == -signal.SIGKILL
+    assert kill_when(command, past_the_next_checkpoint) == -signal.SIGKILL
     return cut
 
 

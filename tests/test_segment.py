@@ -1,18 +1,20 @@
 """`beit segment` end to end on the built-in fashion-scenes task, on the CPU: training, resume
-after SIGKILL, two torchrun ranks, evaluation and prediction, the pt2ft recipe from a fine-tuned
+after SIGTERM (exit 75) and SIGKILL, two torchrun ranks, evaluation and prediction, the pt2ft recipe from a fine-tuned
 checkpoint, and bad input."""
 
 import json
+import random
 import signal
 import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import beit_here, beit_torchrun, kill_when
+from helpers import beit_here, beit_torchrun, kill_when, signal_when
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint, save_checkpoint
+from beit.shared.preempt import PREEMPTED
 from beit.train.model import BeitForMIM, ModelConfig
 from beit.train.scaffold import layer_decay_groups
 from beit.train.segment.trainer import poly_lr_at
@@ -41,7 +43,7 @@ def data(tmp_path_factory):
     return root / "scenes", pretrained
 
 
-def test_trains_evaluates_predicts_and_resumes_after_sigkill(data, tmp_path):
+def test_trains_evaluates_predicts_and_resumes_after_sigterm_and_sigkill(data, tmp_path):
     scenes, pretrained = data
     args = [*ARGS, "--iters", "12", "--set", "eval_every=6", "--set", "checkpoint_every=3"]
     whole = tmp_path / "whole"
@@ -57,11 +59,18 @@ def test_trains_evaluates_predicts_and_resumes_after_sigkill(data, tmp_path):
     assert meta["kind"] == "segment" and meta["class_names"][0] == "background" and len(meta["class_names"]) == 11
     assert meta["best_miou"] == max(r["eval_mIoU"] for r in evals)
 
+    # stopped by SIGTERM at a random step (no periodic checkpoint due): exit 75 and the checkpoint
+    # at the step in flight; resumed, then SIGKILLed past the next periodic checkpoint; resumed
     cut = tmp_path / "cut"
     command = [sys.executable, "-m", "beit", "segment", "train", scenes, "--init", pretrained, "--out", cut, *args]
+    drawn = random.randint(1, 4)
+    code, stderr = signal_when([*command, "--set", "checkpoint_every=1000"], lambda: len(metrics(cut)) >= drawn)
+    assert code == PREEMPTED and "preempted: stopped by SIGTERM at step " in stderr, (drawn, code, stderr[-3000:])
+    stopped = json.loads((cut / "checkpoint.json").read_text())["step"]
+    assert drawn <= stopped < 12 and max(r["step"] for r in metrics(cut)) == stopped, (drawn, stopped)
 
     def past_a_checkpoint() -> bool:
-        return json.loads((cut / "checkpoint.json").read_text())["step"] >= 3
+        return json.loads((cut / "checkpoint.json").read_text())["step"] > stopped
 
     assert kill_when(command, past_a_checkpoint) == -signal.SIGKILL
     result = beit_here("segment", "train", scenes, "--init", pretrained, "--out", cut, *args)

@@ -36,6 +36,7 @@ import os
 import pickle
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from torch import nn
 
 from beit.shared import hf_format
 from beit.shared.safe_pickle import unsafe_globals
+from beit.shared.space import no_room, out_of_space
 
 FORMAT = "beit-checkpoint"
 VERSION = 1
@@ -68,15 +70,80 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------- this project's format
 
 
-def save_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Atomically write `state` (state dicts of tensors and numbers) plus JSON `meta` to `path`."""
+def save_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any], keep_previous: bool = False) -> Path:
+    """Atomically write `state` (state dicts of tensors and numbers) plus JSON `meta` to `path`,
+    with a checksum of every tensor (`checksum`, checked when it is read). `keep_previous`: the
+    checkpoint `path` held until now stays, as `previous(path)` (a resume falls back to it when
+    the newest is damaged)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_text = json.dumps(meta, indent=2, sort_keys=True, default=str)
-    payload = {"format": FORMAT, "version": VERSION, "meta": meta_text, **state}
-    _atomic_write(path, lambda f: torch.save(payload, f))
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(meta_text.encode() + b"\n"))
+    payload = {"format": FORMAT, "version": VERSION, "meta": meta_text, "checksum": checksum(state), **state}
+    kept = keep_previous and path.exists()
+    before = previous(path)
+    if kept:
+        os.replace(path, before)  # one rename: at every moment one of the two holds a whole checkpoint
+        if path.with_suffix(".json").exists():
+            os.replace(path.with_suffix(".json"), before.with_suffix(".json"))
+    try:
+        _atomic_write(path, lambda f: torch.save(payload, f))
+        _atomic_write(path.with_suffix(".json"), lambda f: f.write(meta_text.encode() + b"\n"))
+    except OSError as error:
+        if kept:  # the last whole checkpoint back in its place
+            os.replace(before, path)
+            if before.with_suffix(".json").exists():
+                os.replace(before.with_suffix(".json"), path.with_suffix(".json"))
+        if not out_of_space(error):
+            raise
+        raise CheckpointError(
+            no_room(
+                path, f"the checkpoint ({meta.get('kind', 'run')} at step {meta.get('step', '?')})", tensor_bytes(state)
+            )
+            + (" The checkpoint before it is untouched." if path.exists() else "")
+        ) from None
     return path
+
+
+def tensor_bytes(state: Any) -> int:
+    """The bytes of every tensor in `state` (what a checkpoint of it takes on disk, about)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
+
+
+def previous(path: Path) -> Path:
+    """Where `save_checkpoint(..., keep_previous=True)` keeps the checkpoint before `path`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def checksum(state: Any) -> str:
+    """A crc32 of every tensor's bytes (and every number and string) in `state`, in a fixed order:
+    what a checkpoint records of itself, so that one changed on disk is refused, not trained on."""
+    crc = 0
+
+    def walk(value: Any) -> None:
+        nonlocal crc
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous()
+            crc = zlib.crc32(str((tuple(data.shape), str(data.dtype))).encode(), crc)
+            crc = zlib.crc32(data.reshape(-1).view(torch.uint8).numpy(), crc)  # its bytes, not copied
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                crc = zlib.crc32(str(key).encode(), crc)
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        else:
+            crc = zlib.crc32(repr(value).encode(), crc)
+
+    walk(state)
+    return f"crc32:{crc:08x}"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -85,20 +152,49 @@ def _atomic_write(path: Path, write) -> None:
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    f = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as raw:
+            f = _Writes(raw)
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        if f is not None and f.error is not None:  # torch's writer reports a failed write as its own error
+            raise f.error from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class _Writes:
+    """A file's writes, remembering the OSError of one that failed (a full disk): torch.save's zip
+    writer turns it into a RuntimeError of its own ("unexpected pos"), which says nothing."""
+
+    def __init__(self, raw):
+        self.raw, self.error = raw, None
+
+    def write(self, data) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.raw.flush()
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -121,6 +217,12 @@ def _opened(data: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str,
     data = dict(data)
     meta = json.loads(data.pop("meta"))
     data.pop("format"), data.pop("version")
+    recorded = data.pop("checksum", None)  # checkpoints written before checksums have none
+    if recorded is not None and checksum(data) != recorded:
+        raise CheckpointError(
+            f"{path} is damaged: its tensors no longer match the checksum written with them (a bad disk or a partial "
+            "copy); copy it again, or resume from the previous checkpoint."
+        )
     return data, meta
 
 

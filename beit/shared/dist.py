@@ -111,6 +111,16 @@ class Dist:
                 f"has {seen[0][0]!r}: every rank must read the same files, so put them on storage every node shares."
             )
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` holds on some rank; every rank must call it (one small all-reduce: on
+        the GPU under NCCL, else on the CPU)."""
+        if self.world == 1:
+            return flag
+        nccl = torch.distributed.get_backend() == "nccl"
+        value = torch.tensor([int(flag)], device=torch.device("cuda", self.local_rank) if nccl else "cpu")
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
     def resume_from(self, checkpoint: Path, resume: bool) -> bool:
         """Whether the run resumes from `checkpoint`: rank 0 decides; a rank that cannot see the
         file rank 0 resumes from is refused."""

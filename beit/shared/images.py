@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from beit.shared.object_storage import ObjectStorageError, ShortRead, configure, retrying, transient
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 # Image formats a photo folder may hold that this project does not read: listed as failed
 # entries of a tokenized source ("unsupported format"), never silently left out.
@@ -99,6 +101,7 @@ def join(root: Path | str, key: str) -> Path | str:
 def _filesystem(url: str):
     import fsspec
 
+    configure()  # its requests tried again by this project's loop alone (`object_storage`)
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as error:  # an unknown scheme, or its package (s3fs, gcsfs) missing
@@ -106,6 +109,8 @@ def _filesystem(url: str):
 
 
 def _url_error(url: str, error: BaseException) -> ValueError:
+    if isinstance(error, ObjectStorageError):
+        return error
     if isinstance(error, FileNotFoundError):
         return ValueError(f"{url} does not exist: check the URL (bucket and prefix).")
     if isinstance(error, PermissionError):
@@ -119,7 +124,9 @@ def file_size(path: Path | str) -> int:
     if is_url(path):
         fs, inner = _filesystem(path)
         try:
-            info = fs.info(inner)
+            info = retrying(path, "reading its size", lambda left: fs.info(inner, timeout=left))
+        except ObjectStorageError:
+            raise
         except (OSError, ValueError):
             return -1
         return int(info.get("size") or 0) if info.get("type") == "file" else -1
@@ -132,7 +139,8 @@ def file_size(path: Path | str) -> int:
 
 def fetch(items: list) -> dict:
     """Each URL's (or tar member's) bytes, fetched together (concurrently on object storage), or
-    why it could not be read ("unreadable: ...")."""
+    why it could not be read ("unreadable: ..."). A fault of the object storage that outlasts the
+    retries (`object_storage`) raises `ObjectStorageError`: it says nothing of the image."""
     out: dict = {}
     members = [item for item in items if isinstance(item, TarMember)]
     remote = [m for m in members if is_url(str(m.shard)) and not m.missing]
@@ -140,28 +148,27 @@ def fetch(items: list) -> dict:
         if member not in remote:
             out[member] = _read_member(member)
     if remote:  # ranged reads of shards on object storage, concurrently
-        fs, _ = _filesystem(str(remote[0].shard))
-        paths = [fs._strip_protocol(str(m.shard)) for m in remote]
-        try:
-            got = fs.cat_ranges(
-                paths, [m.offset for m in remote], [m.offset + m.size for m in remote], on_error="return"
-            )
-        except Exception as error:
-            got = [error] * len(remote)
-        for member, value in zip(remote, got, strict=True):
+
+        def read_ranges(todo: list[TarMember], left: float) -> list:
+            fs, _ = _filesystem(str(todo[0].shard))
+            paths = [fs._strip_protocol(str(m.shard)) for m in todo]
+            ends = [m.offset + m.size for m in todo]
+            return fs.cat_ranges(paths, [m.offset for m in todo], ends, on_error="return", timeout=left)
+
+        for member, value in _read_together(remote, read_ranges, lambda m: m.size).items():
             bad = isinstance(value, BaseException)
             out[member] = f"unreadable: {type(value).__name__}: {value}" if bad else bytes(value)
     urls = [item for item in items if is_url(item)]
     if not urls:
         return out
-    fs, _ = _filesystem(urls[0])
-    paths = [fs._strip_protocol(url) for url in urls]
-    try:
-        got = fs.cat(paths, on_error="return")
-    except Exception as error:  # the whole request failed (no such bucket, no access)
-        got = dict.fromkeys(paths, error)
-    for url, path in zip(urls, paths, strict=True):
-        value = got.get(path, FileNotFoundError(path))
+
+    def read_objects(todo: list[str], left: float) -> list:
+        fs, _ = _filesystem(todo[0])
+        paths = [fs._strip_protocol(url) for url in todo]
+        got = fs.cat(paths, on_error="return", timeout=left)
+        return [got.get(path, FileNotFoundError(path)) for path in paths]
+
+    for url, value in _read_together(urls, read_objects).items():
         if isinstance(value, BaseException):
             why = "no such object" if isinstance(value, FileNotFoundError) else f"{type(value).__name__}: {value}"
             out[url] = f"unreadable: {why}"
@@ -170,14 +177,42 @@ def fetch(items: list) -> dict:
     return out
 
 
+def _read_together(items: list, read, size=None) -> dict:
+    """{item: its bytes, or the error that is its answer (no such object, access denied)}, from
+    `read(items, seconds left)` (bytes or an error each, in order): the items that met a fault of
+    the object storage, or whose bytes are fewer than `size(item)` (a body cut short), are read
+    again (`object_storage.retrying`) until none is left or the tries run out."""
+    out: dict = {}
+    failing: list = []
+
+    def attempt(left: float) -> dict:
+        todo = [item for item in items if item not in out]
+        try:
+            got = read(todo, left)
+        except Exception as error:  # the whole request failed (a timeout, no such bucket, no access)
+            got = [error] * len(todo)
+        fault = None
+        for item, value in zip(todo, got, strict=True):
+            if size is not None and not isinstance(value, BaseException) and len(value) != size(item):
+                value = ShortRead(f"{len(value)} of its {size(item)} bytes came")
+            if isinstance(value, BaseException) and transient(value):
+                fault = fault or (item, value)
+            else:
+                out[item] = value
+        if fault is not None:
+            failing[:] = [fault[0]]
+            raise fault[1]
+        return out
+
+    return retrying(lambda: str(failing[0]) if failing else str(items[0]), "reading it", attempt)
+
+
 def _read_member(member: TarMember) -> bytes | str:
-    """A tar member's bytes (one ranged read), or why not."""
+    """A local tar member's bytes (one ranged read), or why not (members on object storage are
+    read together, by `fetch`)."""
     if member.missing:
         return member.missing
     try:
-        if is_url(str(member.shard)):
-            fs, inner = _filesystem(str(member.shard))
-            return bytes(fs.cat_file(inner, start=member.offset, end=member.offset + member.size))
         with open(member.shard, "rb") as f:
             return os.pread(f.fileno(), member.size, member.offset)
     except OSError as error:
@@ -340,19 +375,20 @@ def _read_url(url: str, every_entry: bool) -> Source:
     """A folder or list file at an fsspec URL: listed once (sizes come with the listing)."""
     fs, path = _filesystem(url)
     try:
-        info = fs.info(path)
+        info = retrying(url, "looking it up", lambda left: fs.info(path, timeout=left))
     except Exception as error:
         raise _url_error(url, error) from None
     if info.get("type") != "directory":
         if not url.lower().endswith(tuple(LIST_SUFFIXES)):
             raise ValueError(f"{url} is neither a folder of images nor a .txt file listing them: check the URL.")
         try:
-            text = fs.cat_file(path).decode()
+            text = retrying(url, "reading it", lambda left: fs.cat_file(path, timeout=left)).decode()
         except Exception as error:
             raise _url_error(url, error) from None
         return _list_source(text, url, source_root(url))
     try:
-        found = fs.find(path, detail=True)
+        # a listing of millions of objects may take longer than one read may: its pages are bounded
+        found = retrying(url, "listing it", lambda _left: fs.find(path, detail=True))
     except Exception as error:
         raise _url_error(url, error) from None
     base = path.rstrip("/") + "/"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from beit.shared.space import out_of_space
 from beit.shared.store import StoreError
 
 if TYPE_CHECKING:
@@ -73,9 +74,10 @@ def _write(store: TokenStore, folder: Path, identity: dict) -> None:
         _fill(store, work, identity)
     except OSError as error:
         shutil.rmtree(work, ignore_errors=True)
+        room = f"; it needs about {need / 2**20:.1f} MiB, {shutil.disk_usage(folder.parent).free / 2**20:.1f} MiB free"
         raise StoreError(
-            f"could not write the node's copy of {store.location} in {folder.parent} ({error.strerror or error}): "
-            "set data_cache to a local folder with room."
+            f"could not write the node's copy of {store.location} in {folder.parent} ({error.strerror or error}"
+            f"{room if out_of_space(error) else ''}): set data_cache to a local folder with room."
         ) from None
     try:
         os.rename(work, folder)
@@ -88,7 +90,14 @@ def _write(store: TokenStore, folder: Path, identity: dict) -> None:
 def _fill(store: TokenStore, work: Path, identity: dict) -> None:
     n, views, (gh, gw) = len(store), store.views_per_image, store.grid
     work.mkdir()
-    open_memmap = np.lib.format.open_memmap
+
+    def open_memmap(path: Path, mode: str, dtype, shape):  # noqa: ARG001 (mode is always w+)
+        # the file's blocks taken now: a disk that fills up later is an error here, not a SIGBUS in a write
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        return array
+
     tokens = open_memmap(work / "tokens.npy", mode="w+", dtype=np.uint16, shape=(n, views, gh, gw))
     params = open_memmap(work / "views.npy", mode="w+", dtype=np.float32, shape=(n, views, 8))
     status = open_memmap(work / "status.npy", mode="w+", dtype=np.uint8, shape=(n,))
@@ -100,14 +109,19 @@ def _fill(store: TokenStore, work: Path, identity: dict) -> None:
     offsets[0] = 0
     with open(work / "keys.bin", "wb") as blob:
         for start, stop in store.chunks():
-            tokens[start:stop] = store.group["tokens"][start:stop]
-            params[start:stop] = store.group["views"][start:stop]
-            status[start:stop] = store.group["status"][start:stop]
+            span = np.arange(start, stop)
+
+            def read(name: str, start=start, stop=stop, span=span):  # a damaged chunk: one sentence naming it
+                return store._checked(name, span, lambda: store.group[name][start:stop])
+
+            tokens[start:stop] = read("tokens")
+            params[start:stop] = read("views")
+            status[start:stop] = read("status")
             if sizes is not None:
-                sizes[start:stop] = store.group["sizes"][start:stop]
+                sizes[start:stop] = read("sizes")
             if members is not None:
-                members[start:stop] = store.group["members"][start:stop]
-            encoded = [str(k).encode() for k in store.group["keys"][start:stop]]
+                members[start:stop] = read("members")
+            encoded = [str(k).encode() for k in read("keys")]
             offsets[start + 1 : stop + 1] = offsets[start] + np.cumsum([len(k) for k in encoded])
             blob.write(b"".join(encoded))
     for array in (tokens, params, status, sizes, members, offsets):

@@ -6,12 +6,18 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
+
+CLOSE_WAIT = 10.0  # seconds a closed generator waits for its thread's item in flight
 
 
 def ahead(items: Iterable, make: Callable, depth: int = 2) -> Iterator:
     """make(item) for each of `items`, in order, computed up to `depth` ahead in a thread; an
-    error in the thread is raised in the caller. Closing the generator stops the thread."""
+    error in the thread is raised in the caller. Closing the generator stops the thread: it waits
+    up to `CLOSE_WAIT` seconds for the item in flight, then leaves a thread still busy (one waiting
+    out failing object storage, say, while the caller stops on an error) to end by itself, a
+    daemon that does not hold the process open."""
     out: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     end = object()
@@ -38,7 +44,8 @@ def ahead(items: Iterable, make: Callable, depth: int = 2) -> Iterator:
             yield value
     finally:
         stop.set()
-        while thread.is_alive():
+        deadline = time.monotonic() + CLOSE_WAIT
+        while thread.is_alive() and time.monotonic() < deadline:
             try:
                 out.get_nowait()
             except queue.Empty:

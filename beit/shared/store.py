@@ -19,6 +19,10 @@ One Zarr group per tokenization, N images with V views each and a gh x gw token 
                                       is self-contained; sharded (a shard per chunk of images,
                                       an inner chunk per image) so one image is read alone
 
+Every chunk of every array ends in a crc32c checksum (zarr v3's codec; the attribute `checksums`
+says so; stores made before it have none and still open): a chunk changed on disk is an error
+naming the array and its images (`TokenStore.damaged`, `repair`), never other values.
+
 All arrays are chunked along N in chunks of `chunk_images` images, the unit of work: one writer
 (rank) owns a whole chunk, writes its tokens, views, errors (and images), and its status last.
 `keys` and `labels`, written once when the store is made, are chunked 16 work chunks at a time.
@@ -36,7 +40,7 @@ Group attributes (everything needed to know what a store is without the command 
     tokenizer_precision   {body, tf32, device}: how the tokenizer ran (`dvae.Precision`)
     class_names [...]
     chunk_images (images per chunk: the configured chunk_images, or N when N is smaller),
-    grid [gh, gw], counts {images, done, failed} (when complete)
+    grid [gh, gw], counts {images, done, failed} (when complete), checksums "crc32c" (new stores)
     complete    true, written last
 
 `TokenStore.open` refuses a store of another format or version, or an incomplete one, naming
@@ -63,6 +67,8 @@ import numpy as np
 
 from beit.shared.config import differences
 from beit.shared.images import TarMember, exists, is_url, join, read_source
+from beit.shared.object_storage import ObjectStorageError, retrying_store
+from beit.shared.space import no_room, out_of_space
 
 if TYPE_CHECKING:
     from beit.shared.node_copy import KeyTable, NodeCopy
@@ -71,6 +77,9 @@ FORMAT = "beit-token-store"
 VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
 LISTING_CHUNKS = 16  # work chunks per zarr chunk of `keys` and `labels` (written once, by rank 0)
+CHECKSUMS = "crc32c"  # what every chunk of a new store carries (zarr v3's crc32c codec, last)
+WORK_ARRAYS = ("tokens", "views", "status", "errors", "sizes", "images")  # written whole per work chunk
+LISTING_ARRAYS = ("keys", "labels", "members")  # written once, from the source's listing
 
 
 class StoreError(ValueError):
@@ -85,14 +94,14 @@ def _zarr():
 
 
 def _open_group(location: str, mode: str):
-    """zarr.open_group for a local path or an fsspec URL (file:// gets its folders made)."""
+    """zarr.open_group for a local path or an fsspec URL (file:// gets its folders made; object
+    storage's reads and writes are tried again, `object_storage.retrying_store`)."""
     zarr = _zarr()
-    options = {"auto_mkdir": True} if location.startswith("file://") else None
-    return (
-        zarr.open_group(location, mode=mode, storage_options=options)
-        if options
-        else zarr.open_group(location, mode=mode)
-    )
+    if location.startswith("file://"):
+        return zarr.open_group(location, mode=mode, storage_options={"auto_mkdir": True})
+    if is_url(location):
+        return zarr.open_group(retrying_store(location, read_only=mode == "r"), mode=mode)
+    return zarr.open_group(location, mode=mode)
 
 
 def chunk_length(chunk_images: int, images: int) -> int:
@@ -135,25 +144,30 @@ def create(location: str, identity: dict, keys, labels, class_names, chunk_image
     gh, gw = identity["grid"]
     views = identity["views"]["count"]
     chunk = (chunk_length(chunk_images, n),)
-    compressors = [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+    # every chunk ends in a crc32c checksum: a chunk changed on disk is an error, never other tokens
+    crc = zarr.codecs.Crc32cCodec()
+    plain = dict(compressors=[zarr.codecs.ZstdCodec(level=0), crc])  # zarr's default compression, checked
+    blosc = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
     group.create_array(
         "tokens", shape=(n, views, gh, gw), chunks=chunk + (views, gh, gw), dtype="uint16", fill_value=0,
-        compressors=compressors,
+        compressors=[blosc, crc],
     )  # fmt: skip
-    group.create_array("views", shape=(n, views, 8), chunks=chunk + (views, 8), dtype="float32", fill_value=0.0)
+    group.create_array(
+        "views", shape=(n, views, 8), chunks=chunk + (views, 8), dtype="float32", fill_value=0.0, **plain
+    )
     # keys and labels are written once, here: 16 work chunks a zarr chunk (a tenth of the files to write)
     listing = (min(n, chunk[0] * LISTING_CHUNKS),) if n else chunk
-    group.create_array("labels", shape=(n,), chunks=listing, dtype="int32", fill_value=-1)
-    group.create_array("keys", shape=(n,), chunks=listing, dtype=str)
-    group.create_array("status", shape=(n,), chunks=chunk, dtype="uint8", fill_value=PENDING)
-    group.create_array("errors", shape=(n,), chunks=chunk, dtype=str)
-    group.create_array("sizes", shape=(n, 2), chunks=chunk + (2,), dtype="int32", fill_value=0)
+    group.create_array("labels", shape=(n,), chunks=listing, dtype="int32", fill_value=-1, **plain)
+    group.create_array("keys", shape=(n,), chunks=listing, dtype=str, **plain)
+    group.create_array("status", shape=(n,), chunks=chunk, dtype="uint8", fill_value=PENDING, **plain)
+    group.create_array("errors", shape=(n,), chunks=chunk, dtype=str, **plain)
+    group.create_array("sizes", shape=(n, 2), chunks=chunk + (2,), dtype="int32", fill_value=0, **plain)
     if embed_images:  # one inner chunk per image: training reads them one at a time
-        group.create_array("images", shape=(n,), chunks=(1,), shards=chunk, dtype="variable_length_bytes")
+        group.create_array("images", shape=(n,), chunks=(1,), shards=chunk, dtype="variable_length_bytes", **plain)
     group["labels"][:] = np.asarray(labels, dtype=np.int32)
     group["keys"][:] = np.asarray(keys, dtype=object)
     if members is not None:  # where each image is in its shard (key: shard/member): one ranged read
-        group.create_array("members", shape=(n, 2), chunks=chunk + (2,), dtype="int64", fill_value=-1)
+        group.create_array("members", shape=(n, 2), chunks=chunk + (2,), dtype="int64", fill_value=-1, **plain)
         group["members"][:] = np.asarray(members, dtype=np.int64)
     from beit import __version__
 
@@ -167,6 +181,7 @@ def create(location: str, identity: dict, keys, labels, class_names, chunk_image
             "class_names": list(class_names),
             "chunk_images": chunk[0],
             "embedded_images": embed_images,
+            "checksums": CHECKSUMS,
             "complete": False,
             "creating": False,
         }
@@ -184,6 +199,7 @@ class TokenStore:
         self._keys: list[str] | KeyTable | None = None
         self._members: np.ndarray | None = None
         self._source_root: Path | str | None = None
+        self.reopened = False  # `prepare` found it made already (to finish or repair), not new
 
     # ---------------------------------------------------------------- opening and creating
 
@@ -192,6 +208,8 @@ class TokenStore:
         location = str(location)
         try:
             group = _open_group(location, mode)
+        except ObjectStorageError:
+            raise
         except Exception as error:
             raise StoreError(
                 f"{location} is not a token store ({error}): pass a folder written by `beit tokenize`."
@@ -232,6 +250,8 @@ class TokenStore:
         location = str(location)
         try:
             existing = _open_group(location, "r")
+        except ObjectStorageError:
+            raise  # a store that could not be read is not made again
         except Exception:
             existing = None
         if existing is not None and not overwrite:
@@ -239,7 +259,9 @@ class TokenStore:
             ours_unfinished = attrs.get("format") == FORMAT and attrs.get("creating") is not False
             if not ours_unfinished and (attrs or list(existing.keys())):  # else a creation killed half-way: again
                 refuse_another(location, attrs, identity, chunk_images, len(keys))
-                return cls(_open_group(location, "r+"), location)
+                store = cls(_open_group(location, "r+"), location)
+                store.reopened = True
+                return store
         group = create(location, identity, keys, labels, class_names, chunk_images, embed_images, members)
         return cls(group, location)
 
@@ -396,11 +418,13 @@ class TokenStore:
         """Whether a chunk has no pending image. A chunk whose status a crash left unreadable is pending."""
         try:
             return bool(np.all(self.group["status"][start:stop] != PENDING))
+        except ObjectStorageError:
+            raise
         except Exception:
             return False
 
     def status(self) -> np.ndarray:
-        return self.group["status"][:]
+        return self._checked("status", None, lambda: self.group["status"][:])
 
     def pending_chunks(self) -> list[tuple[int, int]]:
         """(start, stop) of every chunk that still has a pending image, from one read of `status`
@@ -410,10 +434,14 @@ class TokenStore:
         try:
             if self.group["status"].nchunks_initialized == 0:
                 return self.chunks()
+        except ObjectStorageError:
+            raise
         except Exception:
             pass
         try:
             pending = self.status() == PENDING
+        except ObjectStorageError:
+            raise
         except Exception:
             return [chunk for chunk in self.chunks() if not self.chunk_done(*chunk)]
         starts = np.arange(0, len(pending), self.chunk_images)
@@ -432,16 +460,23 @@ class TokenStore:
         images: list[bytes] | None = None,
         sizes: np.ndarray | None = None,
     ) -> None:
-        """Write one whole chunk (all arrays), its status last. `sizes`: [n, 2] (height, width)."""
+        """Write one whole chunk (all arrays), its status last. `sizes`: [n, 2] (height, width). A
+        full disk stops it with one sentence; the chunk stays pending (its status is written last)."""
         stop = start + len(status)
-        self.group["tokens"][start:stop] = tokens.astype(np.uint16)
-        self.group["views"][start:stop] = views.astype(np.float32)
-        if sizes is not None and "sizes" in self.group:
-            self.group["sizes"][start:stop] = sizes.astype(np.int32)
-        self.group["errors"][start:stop] = np.asarray(errors, dtype=object)
-        if images is not None and "images" in self.group:
-            self.group["images"][start:stop] = np.asarray(images, dtype=object)
-        self.group["status"][start:stop] = status.astype(np.uint8)
+        try:
+            self.group["tokens"][start:stop] = tokens.astype(np.uint16)
+            self.group["views"][start:stop] = views.astype(np.float32)
+            if sizes is not None and "sizes" in self.group:
+                self.group["sizes"][start:stop] = sizes.astype(np.int32)
+            self.group["errors"][start:stop] = np.asarray(errors, dtype=object)
+            if images is not None and "images" in self.group:
+                self.group["images"][start:stop] = np.asarray(images, dtype=object)
+            self.group["status"][start:stop] = status.astype(np.uint8)
+        except OSError as error:
+            if not out_of_space(error):
+                raise
+            needed = tokens.nbytes + views.nbytes + sum(len(i) for i in images or [])
+            raise StoreError(no_room(self.location, f"the chunk of images {start}-{stop - 1}", needed)) from None
 
     def mark_complete(self) -> dict:
         status = self.status()
@@ -454,6 +489,94 @@ class TokenStore:
         self.group.update_attributes({"complete": True})  # last, on its own
         self.attrs = dict(self.group.attrs)
         return counts
+
+    # ---------------------------------------------------------------- damage
+
+    @property
+    def has_checksums(self) -> bool:
+        """Whether every chunk carries a checksum (stores made before them do not)."""
+        return self.attrs.get("checksums") == CHECKSUMS
+
+    def damaged(self, arrays: tuple[str, ...] | None = None, start: int = 0, stop: int | None = None) -> list[dict]:
+        """Every chunk (of `arrays`, default all; within images [start, stop)) that cannot be read
+        back as written: {array, start, stop, why}, in array order, then image order. A checksum
+        that does not match is the usual why; a chunk that does not decode is the other."""
+        found = []
+        n = len(self)
+        stop = n if stop is None else stop
+        for name in arrays or WORK_ARRAYS + LISTING_ARRAYS:
+            if name not in self.group:
+                continue
+            array = self.group[name]
+            step = self.chunk_images if name == "images" else array.chunks[0]  # images: one shard a chunk
+            for a in range(start - start % step, stop, step):
+                b = min(a + step, n)
+                try:
+                    array[a:b]
+                except ObjectStorageError:
+                    raise  # not a damaged chunk: one that could not be read now
+                except Exception as error:  # zarr raises what the codec raises: ValueError, RuntimeError, ...
+                    why = (
+                        "its crc32c checksum does not match"
+                        if "checksum" in str(error)
+                        else f"it does not decode ({error})"
+                    )
+                    found.append({"array": name, "start": a, "stop": b, "why": why})
+        return found
+
+    def damage_error(self, name: str, start: int, stop: int, error: Exception) -> StoreError:
+        """The one sentence for a read of `name` images [start, stop) that failed: the damaged
+        chunks named (when the failure is one), and what to do."""
+        damage = self.damaged((name,), start, stop)
+        if not damage:
+            return StoreError(f"{self.location}: reading {name} failed ({error}).")
+        first = damage[0]
+        more = f", and {len(damage) - 1} more chunks of it" if len(damage) > 1 else ""
+        return StoreError(
+            f"{self.location}: the chunk of {name} holding images {first['start']}-{first['stop'] - 1} is damaged "
+            f"({first['why']}){more}: `beit store verify --full` lists every damaged chunk, and running the same "
+            "`beit tokenize` command again redoes them."
+        )
+
+    def repair(self, keys=None, labels=None, members=None) -> list[dict]:
+        """Find every damaged chunk (`damaged`) and undo it: a work chunk's images are marked
+        pending (its status rewritten whole) so that tokenizing again redoes them; a listing chunk
+        is rewritten from `keys`, `labels`, `members` (the source's listing, which the store's
+        fingerprint has already matched), or refused without them. The store is no longer
+        complete when anything was damaged. Returns what was found."""
+        damage = self.damaged()
+        if not damage:
+            return []
+        for entry in damage:
+            a, b = entry["start"], entry["stop"]
+            if entry["array"] in WORK_ARRAYS:
+                self.group["status"][a:b] = np.full(b - a, PENDING, dtype=np.uint8)
+                continue
+            given = {"keys": keys, "labels": labels, "members": members}[entry["array"]]
+            if given is None:
+                raise StoreError(
+                    f"{self.location}: the chunk of {entry['array']} holding images {a}-{b - 1} is damaged "
+                    f"({entry['why']}), and only `beit tokenize` with the store's source can write it again."
+                )
+            dtype = {"keys": object, "labels": np.int32, "members": np.int64}[entry["array"]]
+            self.group[entry["array"]][a:b] = np.asarray(given[a:b], dtype=dtype)
+        if self.attrs.get("complete"):
+            self.group.update_attributes({"complete": False})
+            self.attrs = dict(self.group.attrs)
+        return damage
+
+    def _checked(self, name: str, indices, read):  # noqa: ANN001
+        """`read()`, or when it fails on a damaged chunk of `name`, the sentence naming that chunk."""
+        try:
+            return read()
+        except (StoreError, ObjectStorageError):
+            raise
+        except Exception as error:
+            picked = np.asarray(indices if indices is not None else [0, len(self) - 1], dtype=np.int64)
+            start, stop = (int(picked.min()), int(picked.max()) + 1) if len(picked) else (0, 0)
+            if not self.damaged((name,), start, stop):
+                raise
+            raise self.damage_error(name, start, stop, error) from None
 
     # ---------------------------------------------------------------- reading
 
@@ -475,11 +598,11 @@ class TokenStore:
     def tokens(self, indices: np.ndarray | None = None) -> np.ndarray:
         """The tokens of the images `indices` (sorted store indices; None: all), [n, V, gh, gw]
         uint16, in memory."""
-        return _select(self.group["tokens"], indices)
+        return self._checked("tokens", indices, lambda: _select(self.group["tokens"], indices))
 
     def view_params(self, indices: np.ndarray | None = None) -> np.ndarray:
         """The views' parameters of the images `indices` (sorted; None: all), [n, V, 8] float32."""
-        return _select(self.group["views"], indices)
+        return self._checked("views", indices, lambda: _select(self.group["views"], indices))
 
     def labels(self) -> np.ndarray:
         """[N] int32 class indices, -1 = none."""
@@ -487,12 +610,14 @@ class TokenStore:
 
     def keys(self, indices: np.ndarray | None = None) -> list[str]:
         """The images' keys (paths relative to the source root, or as listed)."""
-        return [str(k) for k in _select(self.group["keys"], indices)]
+        return [str(k) for k in self._checked("keys", indices, lambda: _select(self.group["keys"], indices))]
 
     def image_sizes(self, indices: np.ndarray | None = None) -> np.ndarray | None:
         """[n, 2] int32 (height, width) of the images `indices` (sorted; None: all) as stage 1 read
         them, or None for a store made before they were recorded."""
-        return _select(self.group["sizes"], indices) if "sizes" in self.group else None
+        if "sizes" not in self.group:
+            return None
+        return self._checked("sizes", indices, lambda: _select(self.group["sizes"], indices))
 
     def source_items(self, indices, root: Path | str | None = None) -> list:
         """The source's own file for each of the images `indices`, under `root` (default: the
@@ -522,7 +647,7 @@ class TokenStore:
         if not self.has_embedded_images:
             return self.source_items(indices)
         order = np.argsort(indices, kind="stable")
-        picked = _select(self.group["images"], indices[order])
+        picked = self._checked("images", indices, lambda: _select(self.group["images"], indices[order]))
         out: list = [b""] * len(indices)
         for position, blob in zip(order, picked, strict=True):
             out[position] = bytes(blob)

@@ -41,6 +41,8 @@ from beit.shared.images import (
     read_source,
     source_root,
 )
+from beit.shared.object_storage import retrying
+from beit.shared.preempt import Preempted, StopSignals
 from beit.shared.prefetch import ahead
 from beit.shared.progress import progress_bar
 from beit.shared.store import DONE, FAILED, TokenStore
@@ -68,6 +70,7 @@ class TokenizeConfig:
     # strict fp32 is measured by bench/speed/dvae.py for exactly this policy
     tf32: bool = True
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 prepares
+    stop_signal: str = "SIGUSR1"  # stops the run cleanly, as SIGTERM does (SLURM --signal); none: SIGTERM only
 
 
 RENDERER = {
@@ -105,6 +108,7 @@ def tokenize(
     agree on the source's listing, load the tokenizer and check the grids, make or reopen the store,
     tokenize this rank's pending chunks, then (rank 0) mark the store complete."""
     require_dali()  # before any work: every image goes through DALI
+    stops = StopSignals(cfg.stop_signal)  # a bad stop_signal is refused here, before any work
     entered = time.perf_counter()
     dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
     device = dist.device(cfg.device)
@@ -126,6 +130,15 @@ def tokenize(
             members,
         )  # fmt: skip
         store.record_run(src.root, tokenizer_path, {**asdict(precision), "device": device.type})
+        # a complete store run again: every chunk read back, a damaged one done again (or its listing
+        # rewritten); a store being finished is not read back (a resume stays quick at any size)
+        damage = store.repair(src.keys, src.labels, members) if store.reopened and store.complete else []
+        for entry in damage:
+            print(
+                f"{store_path}: the chunk of {entry['array']} holding images {entry['start']}-{entry['stop'] - 1} "
+                f"was damaged ({entry['why']}): doing it again",
+                flush=True,
+            )
         return store.complete, store.pending_chunks()
 
     complete, pending = dist.on_main(start)
@@ -139,18 +152,29 @@ def tokenize(
     chunks = ChunkTokenizer(store, root, cfg, view_cfg, token_side, tokenizer, precision, device)
     label = f"tokenize[{dist.rank}]" if dist.world > 1 else "tokenize"
     setup = time.perf_counter() - entered  # listing, tokenizer, store, pipelines: before the first batch
-    summary = {"store": str(store_path), **chunks.run(pending[dist.rank :: dist.world], progress, label)}
-    dist.barrier()
+    with stops:  # SIGTERM or the stop_signal: the chunk in flight is finished, then the command stops
+        summary = {"store": str(store_path), **chunks.run(pending[dist.rank :: dist.world], progress, label, stops)}
+        dist.barrier()
+        stopped = dist.any(stops.received is not None)
+    if stopped:
+        dist.close()
+        raise Preempted(
+            f"stopped by {stops.received or 'a stop signal on another rank'}; every chunk written is recorded in "
+            f"{store_path}, which is not complete: run the same command again to finish it."
+        )
     summary["setup_seconds"] = setup
     summary |= {"time": chunks.timing, "device": str(device), "world_size": dist.world}
     if dist.main:
         counts = store.mark_complete()
         summary.update(counts)
         summary["failures"] = store.failures()
-        with fsspec.open(  # a local path or the store's own URL scheme: the metrics sit beside the store
-            f"{str(store_path).rstrip('/')}.metrics.json", "w"
-        ) as f:
-            f.write(json.dumps(summary, indent=2) + "\n")
+        metrics = f"{str(store_path).rstrip('/')}.metrics.json"  # beside the store, on its filesystem
+
+        def write_metrics(_seconds_left: float) -> None:
+            with fsspec.open(metrics, "w") as f:
+                f.write(json.dumps(summary, indent=2) + "\n")
+
+        retrying(metrics, "writing it", write_metrics)
     dist.close()
     return summary
 
@@ -333,9 +357,10 @@ class ChunkTokenizer:
         self.store.write_chunk(chunk.start, chunk.tokens, chunk.params, chunk.status, errors, images, chunk.sizes)
         self.timing["write"] += time.perf_counter() - t3
 
-    def run(self, mine: list[tuple[int, int]], progress: bool, label: str) -> dict:
+    def run(self, mine: list[tuple[int, int]], progress: bool, label: str, stops: StopSignals | None = None) -> dict:
         """Tokenize these chunks; returns this rank's counts and rates. The rate after the first
-        chunk, once the pipelines run warm, is the steady state (none with a single chunk)."""
+        chunk, once the pipelines run warm, is the steady state (none with a single chunk). Once
+        `stops` received a signal, the chunk in flight is the last."""
         cfg = self.cfg
         work = [(start, stop, b0) for start, stop in mine for b0 in range(0, stop - start, cfg.batch_size)]
         done_images = failed_images = 0
@@ -371,6 +396,9 @@ class ChunkTokenizer:
                 views_s=f"{done_images * cfg.views / elapsed:.0f}",
                 failed=failed_images,
             )
+            if stops is not None and stops.received is not None:
+                prepared.close()  # the batches made ahead are dropped; their chunks stay pending
+                break
         bar.close()
         elapsed = time.perf_counter() - started
         return {

@@ -18,22 +18,31 @@ Data modules prepare batches ahead in a thread with `beit.shared.prefetch`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from beit.shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from beit.shared.checkpoint import CheckpointError, load_checkpoint, previous, save_checkpoint
 from beit.shared.config import ConfigError, differences, resume_fields, to_dict, to_toml
 from beit.shared.decode import require_dali
 from beit.shared.dist import dali_device_id, init_dist
+from beit.shared.inputs import SkippedLog
+from beit.shared.preempt import Preempted, StopSignals, clear_marker, write_marker
 from beit.shared.progress import progress_bar
+from beit.shared.space import DiskFull, no_room, out_of_space
 
 # Config keys of how a run runs, not what it computes: every trainer's resumed run may change them.
-RUN_SETTINGS = ("log_every", "checkpoint_every", "threads", "device", "dist_timeout_minutes", "tensorboard")
+RUN_SETTINGS = (
+    "log_every", "checkpoint_every", "threads", "device", "dist_timeout_minutes", "tensorboard", "stop_signal",
+    "max_skipped_fraction",
+)  # fmt: skip
 
 
 def lr_at(step: int, base: float, minimum: float, warmup: int, total: int) -> float:
@@ -149,7 +158,11 @@ class StepEnd:
             self.bar.set_postfix(loss=f"{row['loss']:.3f}")
 
     def checkpoint(self, step: int, evaluating: bool, saving: bool, evaluate, save, **extra: Any) -> None:
-        """`evaluate()` gives the result; `save(path, rng)` writes a checkpoint."""
+        """`evaluate()` gives the result; `save(path, rng)` writes a checkpoint. When a stop signal
+        came (on any rank), the checkpoint is written at this step (after an evaluation due here,
+        as an uninterrupted run would make it) and Preempted is raised."""
+        stopping = self.run.stopping()
+        saving = saving or stopping
         rng = self.run.dist.rng_states(self.run.device) if saving else []  # every rank's
         if evaluating and self.run.dist.main:
             self.last = evaluate()
@@ -160,6 +173,9 @@ class StepEnd:
         if saving:
             save(self.run.checkpoint, rng)
             self.run.dist.barrier()
+        if stopping and step < self.total:  # at the last step the run is done: it ends as usual
+            self.bar.close()
+            self.run.preempted(step)
 
 
 def changed_keys(theirs: Any, ours: Any) -> list[str]:
@@ -186,10 +202,38 @@ class Run:
         self.origins: dict[str, str] = {}  # dotted key -> where its value came from, for config.toml
         if getattr(cfg, "tensorboard", False):
             tensorboard_writer(None, 0)  # every rank refuses a missing package at once, before any work
+        # SIGTERM and the config's stop_signal: stop at a step every rank agrees on, saved (`stopping`)
+        self.stops = StopSignals(getattr(cfg, "stop_signal", "SIGUSR1")).install()
 
     @property
     def main(self) -> bool:
         return self.dist.main
+
+    def skipped_log(self, resume: bool) -> SkippedLog:
+        """The run folder's skipped.jsonl: the inputs that could not be read, and why; a fresh run
+        (rank 0) starts it empty, a resumed one adds to it."""
+        fresh = self.main and not (resume and self.checkpoint.exists())
+        return SkippedLog(self.out / "skipped.jsonl", fresh)
+
+    def stopping(self) -> bool:
+        """Whether the run stops after this step: a stop signal came to some rank (every rank must
+        ask at the same step; one small all-reduce under torchrun)."""
+        return self.dist.any(self.stops.received is not None)
+
+    def preempted(self, step: int, saved: bool = True) -> None:
+        """After the checkpoint at `step` is written (every rank): the marker (rank 0), the run
+        closed, and Preempted raised with the sentence the command prints. `saved=False`: a run
+        that writes no checkpoint (a benchmark) stops there and says so."""
+        signal = self.stops.received or "a stop signal on another rank"
+        self.close()
+        if not saved:
+            raise Preempted(f"stopped by {signal} at step {step}; this run writes no checkpoint.")
+        if self.main:
+            write_marker(self.out, signal=signal, step=step, checkpoint=str(self.checkpoint))
+        raise Preempted(
+            f"stopped by {signal} at step {step}; {self.checkpoint} holds that step: run the same command again "
+            "to resume."
+        )
 
     def autocast(self):
         """bf16 autocast on a GPU; nothing on the CPU."""
@@ -218,9 +262,27 @@ class Run:
         `elastic`: identity keys (dotted, as `changed_keys` names them) that may differ, such as
         "world_size" for a trainer that re-shards its data; a rank the checkpoint has no random
         state for gets one seeded by (config seed, step, rank)."""
+        before = previous(self.checkpoint)
+        if resume and self.main and not self.checkpoint.exists() and before.exists():
+            # stopped between keeping the previous checkpoint and writing the next: the previous is the newest
+            os.replace(before, self.checkpoint)
+            if before.with_suffix(".json").exists():
+                os.replace(before.with_suffix(".json"), self.checkpoint.with_suffix(".json"))
+        self.dist.barrier()
         if not self.dist.resume_from(self.checkpoint, resume):
             return None
-        state, meta = load_checkpoint(self.checkpoint)
+        try:
+            state, meta = load_checkpoint(self.checkpoint)
+        except CheckpointError as error:
+            if not before.exists():
+                raise
+            state, meta = load_checkpoint(before)  # the one before it; if it is damaged too, that is said
+            if self.main:
+                print(
+                    f"{self.checkpoint} cannot be used ({error}); resuming from the previous checkpoint, {before}, "
+                    f"at step {meta['step']}",
+                    flush=True,
+                )
         theirs = {key: meta.get(key) for key in self.fields}
         theirs["config"] = resume_fields(type(self.cfg), theirs["config"])
         changed = [key for key in changed_keys(theirs, self.fields) if key not in elastic]
@@ -244,13 +306,22 @@ class Run:
         past `step` (on resume)."""
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.toml").write_text(to_toml(self.cfg, self.origins))
-            if step == 0:
-                (self.out / "metrics.jsonl").write_text("")
-            else:
-                truncate_metrics(self.out / "metrics.jsonl", step)
+            clear_marker(self.out)  # a stopped attempt's, now resumed
+            text = to_toml(self.cfg, self.origins)
+            try:
+                (self.out / "config.toml").write_text(text)
+                if step == 0:
+                    (self.out / "metrics.jsonl").write_text("")
+                else:
+                    truncate_metrics(self.out / "metrics.jsonl", step)
+            except OSError as error:
+                if not out_of_space(error):
+                    raise
+                raise DiskFull(no_room(self.out, "the run's config.toml and metrics.jsonl", len(text) + 4096)) from None
             if getattr(self.cfg, "tensorboard", False):
-                self.board = tensorboard_writer(self.out / "tensorboard", step)
+                with self._board_room(4096):
+                    self.board = tensorboard_writer(self.out / "tensorboard", step)
+                quiet_full_disk_in_threads()
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` under DistributedDataParallel when there are several ranks, else itself."""
@@ -267,31 +338,79 @@ class Run:
     def log(self, row: dict) -> None:
         """Append one row to metrics.jsonl (rank 0), and its numbers to TensorBoard at its step."""
         if self.main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            line = json.dumps(row) + "\n"
+            try:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(line)
+            except OSError as error:  # a row cut in half is dropped on resume (`truncate_metrics`)
+                if not out_of_space(error):
+                    raise
+                raise DiskFull(no_room(self.out / "metrics.jsonl", "a metrics row", len(line))) from None
             if self.board is not None:
-                for key, value in row.items():
-                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers = {
+                    key: value
+                    for key, value in row.items()
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+                }
+                with self._board_room(64 * len(numbers)):
+                    for key, value in numbers.items():
                         self.board.add_scalar(key, value, row["step"])
+
+    @contextlib.contextmanager
+    def _board_room(self, needed: int):
+        """TensorBoard's writes (its events are written by a thread of its own, whose error shows
+        at the next call): a full disk stops the run in one sentence; the events written before stay
+        readable, and a resumed run purges any past its checkpoint."""
+        try:
+            yield
+        except OSError as error:
+            if not out_of_space(error):
+                raise
+            self.board = None  # its writer thread has stopped: nothing more to flush or close
+            raise DiskFull(no_room(self.out / "tensorboard", "TensorBoard's event file", needed)) from None
 
     def picture(self, tag: str, image, step: int) -> None:
         """An HWC uint8 picture to TensorBoard at `step` (rank 0; nothing without TensorBoard)."""
         if self.main and self.board is not None:
-            self.board.add_image(tag, image, step, dataformats="HWC")
+            with self._board_room(image.nbytes):
+                self.board.add_image(tag, image, step, dataformats="HWC")
 
     def save(self, path: Path, model: torch.nn.Module, optimizer, rng: list[dict], meta: dict) -> None:
         """Write a checkpoint (rank 0): model and optimizer state, every rank's `rng`, and `meta`
         with the run's kind and identity."""
         if self.main:
             if self.board is not None:  # the event files hold every row up to the checkpoint, whatever comes next
-                self.board.flush()
+                with self._board_room(4096):
+                    self.board.flush()
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}
-            save_checkpoint(path, state, {"kind": self.kind, **meta, **self.fields})
+            # the run's checkpoint keeps the one before it (a damaged newest one falls back to it)
+            save_checkpoint(
+                path, state, {"kind": self.kind, **meta, **self.fields}, keep_previous=path == self.checkpoint
+            )
 
     def close(self) -> None:
+        self.stops.uninstall()
         if self.board is not None:
-            self.board.close()
+            board, self.board = self.board, None
+            with self._board_room(4096):
+                board.close()
         self.dist.close()
+
+
+def quiet_full_disk_in_threads() -> None:
+    """TensorBoard's writer thread ends on a full disk with a traceback of its own, and the run's
+    next TensorBoard call raises the same error, which `Run._board_room` turns into one sentence:
+    the thread's traceback is left unprinted (any other error of any thread still prints)."""
+    hook = threading.excepthook
+    if getattr(hook, "quiet_full_disk", False):
+        return
+
+    def quiet(args) -> None:
+        if not out_of_space(args.exc_value):
+            hook(args)
+
+    quiet.quiet_full_disk = True
+    threading.excepthook = quiet
 
 
 def tensorboard_writer(folder: Path | None, step: int):

@@ -26,6 +26,7 @@ import torch
 from beit.shared.counter import counter_key
 from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder, require_dali
 from beit.shared.images import Source, read_source
+from beit.shared.inputs import MAX_SKIPPED_FRACTION, Inputs, SkippedLog, source_name
 from beit.shared.prefetch import prefetch
 from beit.shared.store import DONE, StoreItems, TokenStore
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
@@ -156,6 +157,18 @@ def classification_builder(size: int, train: bool, randaugment: bool, threads: i
     return pipeline_builder(graph, threads, conditionals=train and randaugment)
 
 
+def classify_inputs(
+    source: Source,
+    split: str = "",
+    limit: float = MAX_SKIPPED_FRACTION,
+    log: SkippedLog | None = None,
+    setting: str = "--set max_skipped_fraction=F",
+) -> Inputs:
+    """The `Inputs` of a split: named by its folder, skipped files into `log`."""
+    names = source_name(source.files, source.keys)
+    return Inputs(str(source.root), len(source.files), names, limit, setting, split, log)
+
+
 class ClassificationData:
     """Batches of (pixels, labels) of `source` in a deterministic per-epoch order, sharded by rank
     (`train`: random views, whole batches only; else: evaluation views, every image once)."""
@@ -172,8 +185,11 @@ class ClassificationData:
         rank: int = 0,
         world: int = 1,
         device_id: int | None = None,
+        inputs: Inputs | None = None,
     ):
         self.source, self.batch_size, self.train = source, batch_size, train
+        # what was read and skipped (`classify_inputs` makes one with a limit and a file)
+        self.inputs = inputs or classify_inputs(source)
         self.seed, self.rank, self.world = seed, rank, world
         self.batches = ImageBatches(
             classification_builder(size, train, randaugment, threads), batch_size, device_id, seed + rank
@@ -198,7 +214,11 @@ class ClassificationData:
         chosen = self.indices(step)
         if not len(chosen):
             return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
-        outputs, kept = self.batches.run(self.source.take(chosen))
+        files = self.source.take(chosen)
+        outputs, kept = self.batches.run(files)
+        self.inputs.account(chosen, files, kept, self.batches.failed)  # a file that fails is skipped, not fatal
+        if self.train and not kept:
+            self.inputs.refuse_empty_batch(len(chosen))
         pin = self.batches.device_id is not None  # a GPU trainer's non-blocking copy needs page-locked memory
         labels = as_tensor(np.asarray([self.source.labels[chosen[k]] for k in kept], dtype=np.int64), pin)
         return (as_tensor(outputs[0], pin) if kept else torch.zeros(0, 3, 1, 1)), labels

@@ -1,7 +1,10 @@
 """`beit evaluate`: top-1, top-5, loss and per-class accuracy of a fine-tuned classifier on a
 labelled split, and the evaluation fine-tuning runs after its epochs.
 
-    beit evaluate runs/ft/best.pt DATA/val --per-class
+    beit evaluate runs/ft/best.pt DATA/val --per-class [--json figures.json]
+
+A file that cannot be read is skipped and counted: the figures say what they were computed over,
+and with --json the skipped files and their reasons go beside it (figures.skipped.jsonl).
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ import torch.nn.functional as F
 from beit.shared.checkpoint import load_checkpoint
 from beit.shared.dist import choose_device, dali_device_id
 from beit.shared.images import read_source
-from beit.train.classify.data import ClassificationData, relabel
+from beit.shared.inputs import MAX_SKIPPED_FRACTION, SkippedLog
+from beit.train.classify.data import ClassificationData, classify_inputs, relabel
 from beit.train.model import BeitClassifier, ModelConfig
 
 
 @torch.no_grad()
 def evaluate_classifier(model: BeitClassifier, data: ClassificationData, device: torch.device, classes: int) -> dict:
-    """Top-1, top-5, loss and per-class [hits, images] over a whole (unsharded) split."""
+    """Top-1, top-5, loss and per-class [hits, images] over a whole (unsharded) split; "images"
+    were read, "skipped" (of the split's listed) could not be."""
     model.eval()
     correct1 = correct5 = total = 0
     loss_sum = 0.0
@@ -48,15 +53,23 @@ def evaluate_classifier(model: BeitClassifier, data: ClassificationData, device:
         "top5": correct5 / max(total, 1),
         "loss": loss_sum / max(total, 1),
         "images": total,
+        "skipped": len(data.inputs.skipped),
         "per_class": per_class.tolist(),
     }
 
 
 def evaluate_classifier_checkpoint(
-    checkpoint: Path, data: Path, batch_size: int = 64, device: str = "auto", threads: int = 0
+    checkpoint: Path,
+    data: Path,
+    batch_size: int = 64,
+    device: str = "auto",
+    threads: int = 0,
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
+    skipped_file: Path | None = None,
 ) -> dict:
     """`evaluate` of a fine-tuned checkpoint on an ImageFolder tree (or folder) whose classes
-    the checkpoint knows; adds "class_names" to the result."""
+    the checkpoint knows; adds "class_names", "inputs" (listed, read, skipped; the skipped files
+    in `skipped_file` when given, else in the result) and "basis" (what the figures are over)."""
     state, meta = load_checkpoint(checkpoint)
     if meta.get("kind") != "finetune":
         raise ValueError(f"{checkpoint} is a {meta.get('kind')} checkpoint: evaluate a fine-tuned one.")
@@ -66,7 +79,13 @@ def evaluate_classifier_checkpoint(
     names = meta["class_names"]
     relabel(source, names)
     torch_device = choose_device(device)
+    log = SkippedLog(skipped_file) if skipped_file is not None else None
+    inputs = classify_inputs(source, "", max_skipped_fraction, log, "--max-skipped-fraction F")
     loader = ClassificationData(
-        source, model.cfg.image_size, batch_size, False, threads=threads, device_id=dali_device_id(torch_device)
-    )
-    return {**evaluate_classifier(model.to(torch_device), loader, torch_device, len(names)), "class_names": names}
+        source, model.cfg.image_size, batch_size, False, threads=threads, device_id=dali_device_id(torch_device),
+        inputs=inputs,
+    )  # fmt: skip
+    result = evaluate_classifier(model.to(torch_device), loader, torch_device, len(names))
+    if not result["images"]:
+        raise ValueError(f"none of the {inputs.listed} images of {data} could be read: check the path and the files.")
+    return {**result, "class_names": names, "inputs": inputs.summary(), "basis": inputs.basis()}

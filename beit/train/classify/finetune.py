@@ -14,7 +14,8 @@ layer-wise lr decay (the released layer ids: patch embed and cls 0, block i -> i
 depth + 1; scale = decay ^ (depth + 1 - id)), warm-up + cosine, drop path, bf16 on a GPU.
 RUN_DIR: config.toml, metrics.jsonl (train rows and eval rows), checkpoint.pt (the latest: every
 `checkpoint_every` steps, after each evaluation and at the end; the same command resumes from it,
-in the same image order) and best.pt (best top-1).
+in the same image order), best.pt (best top-1) and skipped.jsonl (the images that could not be
+read, and why: a run stops when more than `max_skipped_fraction` of those tried are unreadable).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from beit.shared.checkpoint import load_pretrained
 from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
-from beit.train.classify.data import ClassificationData, read_splits
+from beit.shared.inputs import MAX_SKIPPED_FRACTION, SkippedLog
+from beit.train.classify.data import ClassificationData, classify_inputs, read_splits
 from beit.train.classify.evaluate import evaluate_classifier
 from beit.train.model import ARCHITECTURE, BeitClassifier, ModelConfig
 from beit.train.scaffold import (
@@ -82,7 +84,10 @@ class FinetuneConfig:
     threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     device: str = "auto"
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 works alone
+    stop_signal: str = "SIGUSR1"  # stops the run cleanly, as SIGTERM does (SLURM --signal); none: SIGTERM only
     tensorboard: bool = False  # also write TensorBoard event files into the run folder's tensorboard/
+    # stop when more of the images tried than this share cannot be read (once 10 are): a wrong path or mount
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION
 
 
 # ---------------------------------------------------------------- recipe pieces
@@ -160,12 +165,15 @@ def check_same_splits(dist, data_dir, train_source, val_source) -> None:
         dist.check_same_listing(f"the {split} images of {data_dir}", source.fingerprint(), source.entries)
 
 
-def build_data(train_source, val_source, size: int, cfg: FinetuneConfig, run: Run) -> tuple:
-    """This rank's share of the training images (augmented) and the validation images."""
+def build_data(train_source, val_source, size: int, cfg: FinetuneConfig, run: Run, log: SkippedLog) -> tuple:
+    """This rank's share of the training images (augmented) and the validation images, each
+    counting what it read and skipped (the skipped into `log`)."""
     views = {"seed": cfg.seed, "randaugment": cfg.randaugment, "threads": cfg.threads, "device_id": run.device_id}
     world = {"rank": run.dist.rank, "world": run.dist.world}
-    train = ClassificationData(train_source, size, cfg.batch_size, True, **world, **views)
-    return train, ClassificationData(val_source, size, cfg.batch_size, False, **views)
+    inputs = {split: classify_inputs(source, split, cfg.max_skipped_fraction, log)
+              for split, source in (("train", train_source), ("val", val_source))}  # fmt: skip
+    train = ClassificationData(train_source, size, cfg.batch_size, True, **world, **views, inputs=inputs["train"])
+    return train, ClassificationData(val_source, size, cfg.batch_size, False, **views, inputs=inputs["val"])
 
 
 def resumed(meta: dict | None) -> tuple[int, float, dict]:
@@ -188,7 +196,7 @@ def finetune(data_dir: Path | str, out: Path, cfg: FinetuneConfig, resume: bool 
     model, notes = build_model(cfg, classes, data_dir)
     model_cfg = model.cfg
     model.to(device)
-    train, val = build_data(train_source, val_source, model_cfg.image_size, cfg, run)
+    train, val = build_data(train_source, val_source, model_cfg.image_size, cfg, run, run.skipped_log(resume))
     effective_batch = cfg.batch_size * dist.world
     lr = cfg.lr if cfg.lr is not None else cfg.blr * effective_batch / 1024
     total = cfg.epochs * train.steps_per_epoch
@@ -204,7 +212,7 @@ def finetune(data_dir: Path | str, out: Path, cfg: FinetuneConfig, resume: bool 
     trained = run.wrap(model)
     stream = train.stream(step)
     bar = run.bar(total, step)
-    metrics = ("top1", "top5", "loss")
+    metrics = ("top1", "top5", "loss", "images", "skipped")
     ending = StepEnd(run, LossMeter(device, step), optimizer, bar, total, cfg.log_every, "top1", metrics, best, result)
 
     def save(path: Path, rng: list[dict]) -> None:
@@ -251,4 +259,6 @@ def finetune(data_dir: Path | str, out: Path, cfg: FinetuneConfig, resume: bool 
         "notes": notes,
         "effective_lr": lr,
         "checkpoint": str(run.checkpoint),
+        "inputs": {"train": train.inputs.summary(), "val": val.inputs.summary()},
+        "basis": val.inputs.basis(),
     }

@@ -7,7 +7,8 @@ Features of every image of DATA/train and DATA/val (evaluation view: shorter sid
 size / 0.875, centre crop) are taken once from the frozen backbone: at the output of the chosen
 block, the concatenation of the cls token and the mean of the patch tokens (as the BEiT paper's
 probe). Each layer's features are standardised with the training set's statistics and a linear
-classifier is trained on them (AdamW, full batch, cosine lr); top-1 on val is reported.
+classifier is trained on them (AdamW, full batch, cosine lr); top-1 on val is reported. An image
+that cannot be read is skipped and named with its reason (the probe writes no file).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 
 from beit.shared.checkpoint import load_pretrained
 from beit.shared.dist import choose_device, dali_device_id
-from beit.train.classify.data import ClassificationData, read_splits
+from beit.shared.inputs import MAX_SKIPPED_FRACTION
+from beit.train.classify.data import ClassificationData, classify_inputs, read_splits
 from beit.train.model import ARCHITECTURE, BeitClassifier, ModelConfig
 
 
@@ -32,6 +34,8 @@ class ProbeConfig:
     ARCHITECTURE_FROM_INIT: ClassVar[tuple[str, ...]] = ("image_size", *ARCHITECTURE)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="base"))
     device: str = "auto"
+    # stop when more of the images tried than this share cannot be read (once 10 are): a wrong path or mount
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION
 
 
 @torch.no_grad()
@@ -90,8 +94,10 @@ def probe(
     epochs: int = 300,
     threads: int = 0,
     device: str = "auto",
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
 ) -> dict:
-    """{layer (1-based block): val top-1}; `layers` None = every block."""
+    """{layer (1-based block): val top-1}; `layers` None = every block. "inputs": each split's
+    counts and skipped images."""
     train_source, val_source = read_splits(data_dir)
     classes = len(train_source.class_names)
     model = BeitClassifier(ModelConfig(**{**model_cfg.__dict__, "num_classes": classes}))
@@ -104,9 +110,20 @@ def probe(
     if bad:
         raise ValueError(f"--layer {bad[0]} is outside the model's blocks 1..{depth}.")
     size, device_id = model.cfg.image_size, dali_device_id(torch_device)
-    train = ClassificationData(train_source, size, batch_size, False, threads=threads, device_id=device_id)
-    val = ClassificationData(val_source, size, batch_size, False, threads=threads, device_id=device_id)
+    train, val = (
+        ClassificationData(
+            source, size, batch_size, False, threads=threads, device_id=device_id,
+            inputs=classify_inputs(source, split, max_skipped_fraction),
+        )
+        for split, source in (("train", train_source), ("val", val_source))
+    )  # fmt: skip
     train_x, train_y = layer_features(model, train, torch_device)
     val_x, val_y = layer_features(model, val, torch_device)
     accuracy = {k: train_linear(train_x[k - 1], train_y, val_x[k - 1], val_y, classes, epochs) for k in chosen}
-    return {"accuracy": accuracy, "notes": notes, "train_images": len(train_y), "val_images": len(val_y)}
+    return {
+        "accuracy": accuracy,
+        "notes": notes,
+        "train_images": len(train_y),
+        "val_images": len(val_y),
+        "inputs": {"train": train.inputs.summary(), "val": val.inputs.summary()},
+    }

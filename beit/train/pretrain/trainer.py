@@ -86,6 +86,7 @@ class PretrainConfig:
     source_root: str = ""  # the store's source files under another folder ("": where they were tokenized)
     device: str = "auto"
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 works alone
+    stop_signal: str = "SIGUSR1"  # stops the run cleanly, as SIGTERM does (SLURM --signal); none: SIGTERM only
     tensorboard: bool = False  # also write TensorBoard event files into the run folder's tensorboard/
 
 
@@ -321,7 +322,8 @@ def pretrain(
                 img_s=f"{row['images_per_s']:.0f}",
                 wait=f"{row['data_wait']:.2f}",
             )
-        if save and (step % cfg.checkpoint_every == 0 or step == total):
+        stopping = run.stopping()  # a stop signal: save this step and stop (every rank at the same step)
+        if save and (step % cfg.checkpoint_every == 0 or step == total or stopping):
             rng = dist.rng_states(device)  # every rank's: each draws its own drop path
             meta = {
                 **data_position(step, origin, data, cfg),
@@ -334,9 +336,17 @@ def pretrain(
             run.save(run.checkpoint, model, optimizer, rng, meta)
             if run.board is not None and cfg.targets == "cached":
                 batch = meter.last
-                picture = mim_picture(model, batch.pixels, batch.mask, batch.tokens, picture_tokenizer(data.store))
+                # building the picture's tokenizer draws its initial weights: from a fork of the
+                # random state, so a run with TensorBoard goes on as its checkpoint's resume does
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    tokenizer = picture_tokenizer(data.store)
+                    picture = mim_picture(model, batch.pixels, batch.mask, batch.tokens, tokenizer)
                 run.picture("predictions (view, masked, right/wrong, targets, predicted)", picture, step)
             dist.barrier()
+        if stopping and step < total:  # at the last step the run is done: it ends as usual
+            bar.close()
+            stream.close()
+            run.preempted(step, saved=save)
     bar.close()
     stream.close()
     run.close()

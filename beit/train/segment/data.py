@@ -10,7 +10,8 @@ the GPU when there is one) and turned into training or evaluation views by mmseg
         ...
 
 Every random draw comes from np.random.default_rng([seed, epoch, image index]): any rank, restart
-or resumed run draws the same views of an image.
+or resumed run draws the same views of an image. What was listed, read and skipped (at listing or
+when decoded) is counted in `inputs` (`beit.shared.inputs`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder, require_dali
+from beit.shared.inputs import MAX_SKIPPED_FRACTION, Inputs, SkippedLog
 from beit.shared.prefetch import ahead, prefetch
 from beit.train.segment.augment import eval_view, train_view
 from beit.train.segment.datasets import SegmentationSource
@@ -34,6 +36,18 @@ def decode_builder(threads: int = 0):
     from nvidia.dali import fn
 
     return pipeline_builder(lambda images, device_id: fn.pad(images, axes=(0, 1), fill_value=0), threads)
+
+
+def segmentation_inputs(
+    source: SegmentationSource,
+    limit: float = MAX_SKIPPED_FRACTION,
+    log: SkippedLog | None = None,
+    split: str = "",
+    setting: str = "--set max_skipped_fraction=F",
+) -> Inputs:
+    """The `Inputs` of a split: its images unreadable at listing counted, the skipped into `log`."""
+    names = [str(path) for path in source.images]
+    return Inputs(str(source.root), len(names), names.__getitem__, limit, setting, split, log, source.unreadable)
 
 
 class SegmentationData:
@@ -55,6 +69,7 @@ class SegmentationData:
         world: int = 1,
         device_id: int | None = None,
         photometric: bool = True,
+        inputs: Inputs | None = None,
     ):
         self.source, self.crop, self.batch_size, self.train = source, crop, batch_size, train
         self.seed, self.scale, self.ratio_range, self.cat_max_ratio = (
@@ -65,6 +80,8 @@ class SegmentationData:
         )
         self.rank, self.world, self.photometric = rank, world, photometric
         self.batches = ImageBatches(decode_builder(threads), batch_size, device_id, seed)  # .failed: files set aside
+        self.inputs = inputs or segmentation_inputs(source)
+        self.inputs.check()  # images unreadable already at listing: a wrong path stops here
         self._order: tuple[int, np.ndarray] = (-1, np.arange(0))
         self._stream = None
         n = len(source.images)
@@ -86,7 +103,9 @@ class SegmentationData:
 
     def _decoded(self, indices: np.ndarray) -> list[tuple[int, torch.Tensor]]:
         """(index, image [H, W, 3] uint8) of each of `indices` that decodes, on DALI's device."""
-        outputs, kept = self.batches.run([self.source.images[i] for i in indices])
+        files = [self.source.images[i] for i in indices]
+        outputs, kept = self.batches.run(files)
+        self.inputs.account(indices, files, kept, self.batches.failed)  # a file that fails is skipped, not fatal
         if not kept:
             return []
         padded = as_tensor(outputs[0])
@@ -112,13 +131,13 @@ class SegmentationData:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training batch `step`: (pixels [B, 3, crop, crop] float32 on DALI's device, labels
         [B, crop, crop] int64 on the CPU, page-locked for a GPU trainer). B is less than batch_size
-        only when files fail to decode (`batches.failed`)."""
+        only when files fail to decode (`inputs.skipped`); a batch of none stops the run."""
         chosen = self.indices(step)
         epoch = step // self.steps_per_epoch
         decoded = self._decoded(chosen)
         pin = self.batches.device_id is not None
         if not decoded:
-            return torch.zeros(0, 3, self.crop, self.crop), torch.zeros(0, self.crop, self.crop, dtype=torch.long)
+            self.inputs.refuse_empty_batch(len(chosen))
         pixels, labels = [], []
         device = decoded[0][1].device
         with self._side_stream(device):

@@ -14,7 +14,8 @@ Layouts (DATA is the folder named first, or one that holds it):
                 {"classes": [...], "ignore_index": 255, "reduce_zero_label": false}
 
 A mask holds one class index a pixel; the ignore index (255) counts in neither loss nor metrics.
-Masks are read with PIL.
+Masks are read with PIL. An image (or its mask) whose header cannot be read is left out of the
+split and kept in `unreadable` with the reason; a missing mask or one of another size is an error.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from beit.shared.decode import precheck
 from beit.shared.images import IMAGE_SUFFIXES
 
 ADE20K_CLASSES = (
@@ -86,6 +88,7 @@ class SegmentationSource:
     reduce_zero_label: bool  # mask value 0 is "unlabelled": ignored, and k -> k - 1
     ignore_index: int
     sizes: list[tuple[int, int]] = field(default_factory=list)  # each image's (height, width), EXIF applied
+    unreadable: dict[str, str] = field(default_factory=dict)  # listed images left out: path -> why
 
     def load_mask(self, path: Path) -> np.ndarray:
         """The mask at `path` as class indices [H, W] uint8 (palette PNGs read as indices,
@@ -170,8 +173,18 @@ def read_segmentation(
         raise ValueError(
             f"the ignore index {ignore} must lie in {len(names)}-255, outside the {len(names)} classes: 255 is usual."
         )
-    sizes = [_pair_size(image, mask, format) for image, mask in zip(images, masks, strict=True)]
-    return SegmentationSource(format, root, images, masks, keys, len(names), list(names), reduce, ignore, sizes)
+    pairs, sizes, unreadable = [], [], {}
+    for pair in zip(images, masks, keys, strict=True):
+        size = _pair_size(pair[0], pair[1], format)
+        if isinstance(size, str):
+            unreadable[str(pair[0])] = size
+        else:
+            pairs.append(pair)
+            sizes.append(size)
+    images, masks, keys = (list(column) for column in zip(*pairs, strict=True)) if pairs else ([], [], [])
+    return SegmentationSource(
+        format, root, images, masks, keys, len(names), list(names), reduce, ignore, sizes, unreadable
+    )
 
 
 def _root(data: Path, format: str, detecting: bool) -> Path | None:
@@ -250,25 +263,34 @@ def _folder_classes(root: Path, num_classes: int) -> tuple[list[str], bool, int]
     return names, bool(settings.get("reduce_zero_label", False)), int(settings.get("ignore_index", 255))
 
 
-def _header_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image from its header alone, EXIF orientation applied as the decoder does."""
+def _header_size(path: Path) -> tuple[int, int] | str:
+    """(height, width) of an image from its header alone, EXIF orientation applied as the decoder
+    does; or why it cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
+    reason = precheck(path)
+    if reason is not None:
+        return reason
     try:
         with Image.open(path) as image:
             width, height = image.size
             if image.format in ("JPEG", "MPO") and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 width, height = height, width
     except (OSError, UnidentifiedImageError) as error:
-        raise ValueError(f"{path} is not a readable image ({error}): replace or remove it.") from None
+        return f"cannot be read: {error}"
     return height, width
 
 
-def _pair_size(image: Path, mask: Path, format: str) -> tuple[int, int]:
+def _pair_size(image: Path, mask: Path, format: str) -> tuple[int, int] | str:
+    """The (height, width) an image shares with its mask, or why the pair cannot be read."""
     if not mask.is_file():
         hint = f"; {TRAIN_IDS_HINT}" if format == "cityscapes" else ""
         raise ValueError(f"{image} has no mask: {mask} does not exist; add it or remove the image{hint}.")
     size, mask_size = _header_size(image), _header_size(mask)
+    if isinstance(size, str):
+        return size
+    if isinstance(mask_size, str):
+        return f"its mask {mask}: {mask_size}"
     if size != mask_size:
         raise ValueError(
             f"{mask} is {mask_size[1]}x{mask_size[0]} but its image {image} is {size[1]}x{size[0]}: "

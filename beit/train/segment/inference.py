@@ -185,12 +185,14 @@ def predict(model: Model, image: torch.Tensor, num_classes: int, **options: Any)
 def evaluate_segmenter(
     model, data: SegmentationData, mode: str, stride: int, scales=(1.0,), flip=False, keep: int = 0
 ) -> dict:
-    """mIoU, mAcc, aAcc and per-class IoU over `data`'s images at their original size; with
+    """mIoU, mAcc, aAcc and per-class IoU over `data`'s images at their original size ("images"
+    read, "skipped" of those listed could not be); with
     `keep`, also "examples": the first `keep` (key, pixels [3, h, w] as fed, labels, prediction)."""
     model.eval()
     classes, crop = model.cfg.num_classes, model.cfg.image_size
-    total, examples = None, []
+    total, examples, images = None, [], 0
     for key, pixels, labels in data.images():
+        images += 1
         scores = predict_logits(model, pixels, classes, mode=mode, crop=crop, stride=stride, scales=scales, flip=flip)
         scores = torch.nn.functional.interpolate(scores, size=labels.shape, mode="bilinear", align_corners=False)
         prediction = scores.argmax(1)[0]
@@ -199,4 +201,14 @@ def evaluate_segmenter(
         if len(examples) < keep:
             examples.append((key, pixels[0].cpu(), labels.cpu(), prediction.cpu()))
     model.train()
-    return {**segmentation_metrics(total, data.source.class_names), **({"examples": examples} if keep else {})}
+    if total is None:
+        raise ValueError(
+            f"none of the {data.inputs.listed} images of {data.source.root} could be read: check the files."
+        )
+    figures = segmentation_metrics(total, data.source.class_names)
+    return {
+        **figures,
+        "images": images,
+        "skipped": len(data.inputs.skipped),
+        **({"examples": examples} if keep else {}),
+    }

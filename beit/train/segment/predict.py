@@ -3,21 +3,27 @@
 
     beit segment evaluate runs/seg/best.pt DATA --mode slide --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip
     beit segment predict runs/seg/best.pt a.jpg b.jpg -o masks/ --overlay
+
+An image that cannot be read is skipped and counted: evaluation's figures say what they are over
+(the skipped files beside its --json file), prediction writes OUT/skipped.jsonl.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from beit.shared.checkpoint import CheckpointError, load_checkpoint, load_weights
+from beit.shared.decode import precheck
 from beit.shared.dist import choose_device, dali_device_id
+from beit.shared.inputs import MAX_SKIPPED_FRACTION, Inputs, SkippedLog
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
 from beit.train.model import ModelConfig
 from beit.train.segment.augment import eval_view
-from beit.train.segment.data import SegmentationData
+from beit.train.segment.data import SegmentationData, segmentation_inputs
 from beit.train.segment.datasets import read_segmentation
 from beit.train.segment.inference import evaluate_segmenter, predict_logits
 from beit.train.segment.model import BeitSegmenter
@@ -51,9 +57,12 @@ def evaluate_segmenter_checkpoint(
     device: str = "auto",
     picture: Path | None = None,
     examples: int = 6,
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
+    skipped_file: Path | None = None,
 ) -> dict:
-    """The checkpoint's metrics on DATA's `split`, read as the training data was read; with
-    `picture`, a PNG of the first `examples` images beside their ground truth and prediction."""
+    """The checkpoint's metrics on DATA's `split`, read as the training data was read, with
+    "inputs" (listed, read, skipped; the skipped in `skipped_file` when given, else in the result)
+    and "basis"; with `picture`, a PNG of the first `examples` images beside their ground truth and prediction."""
     model, meta = load_segmenter(checkpoint)
     reading = meta.get("data", {})
     source = read_segmentation(data, split, **reading)
@@ -62,15 +71,17 @@ def evaluate_segmenter_checkpoint(
     torch_device = choose_device(device)
     model.to(torch_device)
     crop = model.cfg.image_size
+    log = SkippedLog(skipped_file) if skipped_file is not None else None
+    inputs = segmentation_inputs(source, max_skipped_fraction, log, setting="--max-skipped-fraction F")
     images = SegmentationData(
-        source, crop, 1, False, scale=tuple(meta["scale"]), device_id=dali_device_id(torch_device)
+        source, crop, 1, False, scale=tuple(meta["scale"]), device_id=dali_device_id(torch_device), inputs=inputs
     )
     result = evaluate_segmenter(
         model, images, mode, stride or meta["stride"], scales, flip, keep=examples if picture else 0
     )
     if picture:
         comparison_picture(result.pop("examples"), model.cfg.num_classes, source.ignore_index, picture)
-    return result
+    return {**result, "inputs": inputs.summary(), "basis": inputs.basis()}
 
 
 def comparison_picture(examples: list, classes: int, ignore_index: int, out: Path, height: int = 160) -> None:
@@ -117,12 +128,33 @@ def palette(classes: int) -> np.ndarray:
     return colours
 
 
+def read_rgb(path: Path) -> np.ndarray | str:
+    """An image file as RGB [H, W, 3] uint8 (a writable copy: torch takes it as is), or why it cannot be read."""
+    from PIL import Image
+
+    reason = precheck(path)
+    if reason is not None:
+        return reason
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        return f"cannot be decoded: {error}"
+
+
 @torch.no_grad()
 def predict_files(
-    checkpoint: Path, images: list[Path], out: Path, overlay: bool = False, mode: str = "slide", device: str = "auto"
-) -> list[dict]:
+    checkpoint: Path,
+    images: list[Path],
+    out: Path,
+    overlay: bool = False,
+    mode: str = "slide",
+    device: str = "auto",
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
+) -> tuple[list[dict], Inputs]:
     """For each image: OUT/<stem>.png, a palette PNG of class indices at the image's size (and
-    OUT/<stem>_overlay.jpg, the colours over the image). Returns each image's class shares."""
+    OUT/<stem>_overlay.jpg, the colours over the image). Returns each image's class shares, and
+    the inputs read and skipped (the skipped in OUT/skipped.jsonl)."""
     from PIL import Image
 
     model, meta = load_segmenter(checkpoint)
@@ -131,12 +163,19 @@ def predict_files(
     colours = palette(model.cfg.num_classes)
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
-    for path in images:
-        try:
-            with Image.open(path) as image:
-                rgb = np.array(image.convert("RGB"))  # a writable copy: torch takes it as is
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{path} cannot be read as an image ({error}): pass JPEG or PNG files.") from None
+    names = [str(path) for path in images]
+    folder = os.path.commonpath([os.path.abspath(path.parent) for path in images]) if images else "."
+    inputs = Inputs(
+        folder, len(images), names.__getitem__, max_skipped_fraction, "--max-skipped-fraction F",
+        log=SkippedLog(out / "skipped.jsonl"),
+    )  # fmt: skip
+    for index, path in enumerate(images):
+        inputs.tried([index])
+        rgb = read_rgb(path)
+        if isinstance(rgb, str):
+            inputs.skip(index, rgb)
+            inputs.check()
+            continue
         pixels = eval_view(torch.from_numpy(rgb).to(torch_device), tuple(meta["scale"]))
         classes, crop = model.cfg.num_classes, model.cfg.image_size
         scores = predict_logits(model, pixels, classes, mode=mode, crop=crop, stride=meta["stride"])
@@ -151,4 +190,4 @@ def predict_files(
         shares = np.bincount(labels.ravel(), minlength=model.cfg.num_classes) / labels.size
         top = np.argsort(shares)[::-1][:3]
         summaries.append({"image": str(path), "top": [(meta["class_names"][c], float(shares[c])) for c in top]})
-    return summaries
+    return summaries, inputs

@@ -16,7 +16,9 @@ checkpoint the released intermediate-fine-tuning values apply instead, unless se
 layer decay 0.9, crop 640; from scratch (`--init none`) no layer decay. BatchNorm in the heads
 is synchronised across GPUs under torchrun. Every `eval_every` iterations (and at the end) rank 0
 evaluates on val by sliding window (stride 2/3 of the crop) and keeps best.pt by mIoU;
-checkpoint.pt is the latest, and running the same command again resumes from it.
+checkpoint.pt is the latest, and running the same command again resumes from it. An image that
+cannot be read is skipped and written with its reason to skipped.jsonl; a run stops when more
+than `max_skipped_fraction` of those tried are unreadable.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ import torch
 from beit.shared.checkpoint import adapt_state_dict, load_weights, read_state_dict
 from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
+from beit.shared.inputs import MAX_SKIPPED_FRACTION
 from beit.train.model import ARCHITECTURE, ModelConfig
 from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, StepEnd, layer_decay_groups, set_lr
-from beit.train.segment.data import SegmentationData
+from beit.train.segment.data import SegmentationData, segmentation_inputs
 from beit.train.segment.datasets import read_segmentation
 from beit.train.segment.inference import evaluate_segmenter
 from beit.train.segment.model import BeitSegmenter, segmentation_loss
@@ -94,7 +97,10 @@ class SegmentConfig:
     threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     device: str = "auto"
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES  # torchrun: how long ranks wait while rank 0 evaluates
+    stop_signal: str = "SIGUSR1"  # stops the run cleanly, as SIGTERM does (SLURM --signal); none: SIGTERM only
     tensorboard: bool = False  # also write TensorBoard event files into the run folder's tensorboard/
+    # stop when more of the images tried than this share cannot be read (once 10 are): a wrong path or mount
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION
 
 
 def poly_lr_at(step: int, base: float, total: int, warmup: int, warmup_ratio: float, power: float, minimum: float):
@@ -212,8 +218,11 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
     crop, stride = model_cfg.image_size, cfg.stride or round(model_cfg.image_size * 2 / 3)
     shared = dict(seed=cfg.seed, scale=cfg.scale, threads=cfg.threads, device_id=run.device_id)
     augment = dict(ratio_range=cfg.ratio_range, cat_max_ratio=cfg.cat_max_ratio, rank=dist.rank, world=dist.world)
-    train = SegmentationData(train_source, crop, cfg.batch_size, True, **shared, **augment)
-    val = SegmentationData(val_source, crop, 1, False, **shared)
+    log = run.skipped_log(resume)
+    inputs = {split: segmentation_inputs(source, cfg.max_skipped_fraction, log, split)
+              for split, source in (("train", train_source), ("val", val_source))}  # fmt: skip
+    train = SegmentationData(train_source, crop, cfg.batch_size, True, **shared, **augment, inputs=inputs["train"])
+    val = SegmentationData(val_source, crop, 1, False, **shared, inputs=inputs["val"])
     groups = layer_decay_groups(model, lr, cfg.weight_decay, layer_decay)
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=device.type == "cuda")
@@ -230,7 +239,7 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
     stream = train.stream(step)
     bar = run.bar(cfg.iters, step)
     ending = StepEnd(run, LossMeter(device, step), optimizer, bar, cfg.iters, cfg.log_every, "mIoU",
-                     ("mIoU", "mAcc", "aAcc"), best, result)  # fmt: skip
+                     ("mIoU", "mAcc", "aAcc", "images", "skipped"), best, result)  # fmt: skip
 
     def save(path: Path, rng: list[dict]) -> None:
         meta = {
@@ -277,4 +286,8 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
     bar.close()
     run.close()
     best, last = ending.best, ending.last
-    return {"steps": step, "best_miou": best, "last": last, "notes": notes, "recipe": recipe, "lr": lr}
+    counts = {"train": train.inputs.summary(), "val": val.inputs.summary()}
+    return {
+        "steps": step, "best_miou": best, "last": last, "notes": notes, "recipe": recipe, "lr": lr,
+        "inputs": counts, "basis": val.inputs.basis(),
+    }  # fmt: skip

@@ -22,7 +22,9 @@ warm-up over `warmup_steps`, cosine to `min_lr`), and `checkpoint.pt` written at
 `checkpoint_every` steps with the random state; running the same command again resumes from it
 (refused when the images or a setting that changes the result differ). At the end the tokenizer
 is written to OUT with a JSON sidecar holding its codebook use (perplexity and dead codes) and
-PSNR on held-out crops against the PSNR of each crop's own mean colour. The held-out images (`held_out`) and their
+PSNR on held-out crops against the PSNR of each crop's own mean colour; the images that could not
+be read, and why, are in the run folder's skipped.jsonl (a run stops when more than
+`max_skipped_fraction` of those tried are unreadable). The held-out images (`held_out`) and their
 `eval_batches` batches of crops are drawn from `split_seed`, not from `seed`, so that runs with
 different seeds are compared on the same crops.
 """
@@ -38,11 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from beit.shared.checkpoint import previous
 from beit.shared.config import to_dict
 from beit.shared.decode import ImageBatches, as_tensor, pipeline_builder, require_dali
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES, dali_device_id
 from beit.shared.dvae import DVAE, DVAEConfig, check_grid, map_pixels, save_tokenizer, unmap_pixels
 from beit.shared.images import list_images
+from beit.shared.inputs import MAX_SKIPPED_FRACTION, Inputs, SkippedLog
 from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, lr_at, set_lr
 
 
@@ -87,7 +91,10 @@ class DVAETrainConfig:
     threads: int = 0  # DALI's CPU threads per rank; 0: the machine's cores shared among its local ranks
     device: str = "auto"
     dist_timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+    stop_signal: str = "SIGUSR1"  # stops the run cleanly, as SIGTERM does (SLURM --signal); none: SIGTERM only
     tensorboard: bool = False  # also write TensorBoard event files into the run folder's tensorboard/
+    # stop when more of the images tried than this share cannot be read (once 10 are): a wrong path or mount
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION
 
 
 def temperature_at(step: int, cfg: DVAETrainConfig) -> float:
@@ -149,17 +156,25 @@ def crop_builder(cfg: DVAETrainConfig):
 class CropStream:
     """Batches of crops in a deterministic order: a fresh permutation of the files every epoch
     (from seed and epoch), batch k always the k-th slice of that stream, so a resumed run
-    continues where it stopped. Files that fail to decode are skipped and recorded."""
+    continues where it stopped. Files that fail to decode are skipped and recorded (`inputs`)."""
 
-    def __init__(self, files: list[Path], cfg: DVAETrainConfig, seed: int, device: torch.device, start_batch: int = 0):
+    def __init__(
+        self,
+        files: list[Path],
+        cfg: DVAETrainConfig,
+        seed: int,
+        device: torch.device,
+        start_batch: int = 0,
+        inputs: Inputs | None = None,
+    ):
         self.files, self.cfg, self.seed, self.device = files, cfg, seed, device
         self.batches = ImageBatches(crop_builder(cfg), cfg.batch_size, dali_device_id(device), seed + start_batch)
         self.position = start_batch * cfg.batch_size
+        self.inputs = inputs or Inputs("the images", len(files), lambda i: str(files[i]), cfg.max_skipped_fraction)
 
-    def _file_at(self, position: int) -> Path:
+    def _index_at(self, position: int) -> int:
         epoch, index = divmod(position, len(self.files))
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
-        return self.files[order[index]]
+        return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.files))[index])
 
     def next(self) -> torch.Tensor:
         arrays: list[np.ndarray] = []
@@ -168,17 +183,25 @@ class CropStream:
                 raise ValueError("none of the images could be decoded: " + _failures(self.batches.failed))
             wanted = []
             while len(wanted) < self.cfg.batch_size - len(arrays):
-                path = self._file_at(self.position)
+                index = self._index_at(self.position)
                 self.position += 1
-                if path not in self.batches.failed:
-                    wanted.append(path)
+                if self.files[index] not in self.batches.failed:
+                    wanted.append(index)
+            files = [self.files[i] for i in wanted]
             before = set(self.batches.failed)
-            outputs, kept = self.batches.run(wanted)
+            outputs, kept = self.batches.run(files)
             for path in set(self.batches.failed) - before:
                 print(f"skipping {path}: {self.batches.failed[path]}", flush=True)
+            self.inputs.account(wanted, files, kept, self.batches.failed)
             if kept:
                 arrays.extend(as_tensor(outputs[0]))
         return torch.stack(arrays).to(self.device)
+
+
+def stream_inputs(images: Path, files: list[Path], split: str, cfg: DVAETrainConfig, log: SkippedLog) -> Inputs:
+    """The `Inputs` of one split of the images: its skipped files into the run's `log`."""
+    names = [str(f) for f in files]
+    return Inputs(str(images), len(files), names.__getitem__, cfg.max_skipped_fraction, split=split, log=log)
 
 
 def _failures(failed: dict[Path, str], limit: int = 3) -> str:
@@ -289,7 +312,9 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
     meta = run.resume(resume, model, optimizer, cfg.steps)
     step = meta["step"] if meta else 0
     run.start(step)
-    stream = CropStream(train_files, cfg, cfg.seed, run.device, start_batch=step)
+    log = run.skipped_log(resume)
+    inputs = stream_inputs(images, train_files, "train", cfg, log)
+    stream = CropStream(train_files, cfg, cfg.seed, run.device, start_batch=step, inputs=inputs)
 
     bar, meter = run.bar(cfg.steps, step), LossMeter(run.device, step)
     stats = TrainingStats(cfg.model.vocab_size, run.device)
@@ -308,15 +333,21 @@ def train_dvae(images: Path, out: Path, cfg: DVAETrainConfig, resume: bool = Tru
             run.log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", psnr=f"{row['psnr']:.1f}", ppl=f"{row['perplexity']:.0f}")
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        stopping = run.stopping()  # a stop signal: save this step and stop
+        if (step % cfg.checkpoint_every == 0 or stopping) and step < cfg.steps:
             run.save(run.checkpoint, model, optimizer, run.dist.rng_states(run.device), {"step": step})
+        if stopping and step < cfg.steps:
+            bar.close()
+            run.preempted(step)
     bar.close()
-    report = finish(model, run, out, stream, held_files, images, cfg)
+    report = finish(model, run, out, stream, held_files, images, cfg, log)
     run.close()
     return report
 
 
-def finish(model: DVAE, run: Run, out: Path, stream: CropStream, held_files: list[Path], images: Path, cfg) -> dict:
+def finish(
+    model: DVAE, run: Run, out: Path, stream: CropStream, held_files: list[Path], images: Path, cfg, log: SkippedLog
+) -> dict:
     """Measure the model on the held-out crops (logged as the run's last row), write the tokenizer
     to the file beside the run folder and drop the run's checkpoint; the report."""
     report = {
@@ -324,11 +355,14 @@ def finish(model: DVAE, run: Run, out: Path, stream: CropStream, held_files: lis
         "train_images": len(stream.files),
         "held_out_images": len(held_files),
         "failed_images": {str(k): v for k, v in stream.batches.failed.items()},
+        "inputs": {"train": stream.inputs.summary()},
     }
     if held_files:
         # random crops of the held-out images, as the model saw in training, from a fixed seed
-        held_stream = CropStream(held_files, cfg, cfg.split_seed + 12345, run.device)
+        inputs = stream_inputs(images, held_files, "held_out", cfg, log)
+        held_stream = CropStream(held_files, cfg, cfg.split_seed + 12345, run.device, inputs=inputs)
         report["held_out"] = held_out_quality(model, held_stream, cfg.eval_batches)
+        report["inputs"]["held_out"] = held_stream.inputs.summary()
         run.log({"step": cfg.steps, **{f"eval_{k}": v for k, v in report["held_out"].items()}})
     info = save_tokenizer(
         model.cpu(),
@@ -336,6 +370,7 @@ def finish(model: DVAE, run: Run, out: Path, stream: CropStream, held_files: lis
         input_size=cfg.input_size,
         extra={"trained_on": str(images), "train_config": to_dict(cfg), "report": report},
     )
-    run.checkpoint.unlink(missing_ok=True)
-    run.checkpoint.with_suffix(".json").unlink(missing_ok=True)
+    for path in (run.checkpoint, previous(run.checkpoint)):
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
     return {**report, "sha256": info["sha256"]}
