@@ -193,7 +193,7 @@ def object_storage(work: Path, source: Path, tokenizer: Path, record) -> None:
                     for k in ("tokens", "views", "labels", "keys", "status")
                 )
             )  # fmt: skip
-            said = stderr.strip().splitlines()[-1] if process.returncode else ""
+            said = next((line[line.index("error:") :] for line in stderr.splitlines() if "error:" in line), "")
             record(f"object storage, 503 SlowDown {outage} s", f"every request from chunk {at} of 12 on, {outage} s",
                    ("0 chunks (waited it out)" if not process.returncode else
                     f"the chunk in flight (stopped with exit {process.returncode}, {kept} chunks kept; run again)"),
@@ -205,6 +205,13 @@ def object_storage(work: Path, source: Path, tokenizer: Path, record) -> None:
         server.wait(timeout=30)
         for key in settings:
             os.environ.pop(key, None)
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -349,7 +356,7 @@ def main() -> None:
 
     import torch as _torch
 
-    report = {"machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+    report = {"machine": f"{os.cpu_count()} cores, {cpu_name()}",
               "date": time.strftime("%Y-%m-%d"), "torch": _torch.__version__, "command": shlex.join(sys.argv),
               "uninterrupted": {"tokenize_s": t_tokenize, "pretrain_s": t_pretrain, "step_s": step_s},
               "faults": results}  # fmt: skip
