@@ -263,6 +263,19 @@ def test_fine_tune_from_a_token_store_and_with_two_processes(data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     state, meta = load_checkpoint(tmp_path / "from-store" / "best.pt")
     assert meta["class_names"] == ["colour", "grey"]
-    result = beit_torchrun(2, "finetune", folder, "--init", pretrained, "--out", tmp_path / "ddp", *ARGS, "--epochs", 1)
+    # two ranks, SIGUSR1 (the default stop_signal) to one of them at a random step, no periodic
+    # checkpoint due: both stop at that step (the checkpoint's), exit 75; the resume runs every step once
+    run = tmp_path / "ddp"
+    args = ["finetune", folder, "--init", pretrained, "--out", run, *ARGS, "--epochs", 4]
+    args += ["--set", "randaugment=false", "--set", "eval_every=4"]  # 1 step an epoch; one evaluation
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", *args]
+    drawn = random.randint(1, 2)
+    stop = [*command, "--set", "checkpoint_every=1000"]
+    code, stderr = signal_when(stop, lambda: len(_losses(run)) >= drawn, signal.SIGUSR1, worker=True)
+    assert code != 0 and "exitcode  : 75" in stderr, (drawn, code, stderr[-3000:])  # torchrun reports its ranks' 75
+    stopped = json.loads((run / "checkpoint.json").read_text())["step"]
+    assert drawn <= stopped < 4 and _losses(run)[-1]["step"] == stopped, (drawn, stopped)
+    result = beit_torchrun(2, *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")[1]["world_size"] == 2
+    state, meta = load_checkpoint(run / "checkpoint.pt")
+    assert meta["world_size"] == 2 and [r["step"] for r in _losses(run)] == list(range(1, meta["step"] + 1))

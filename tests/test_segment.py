@@ -99,12 +99,25 @@ def test_trains_evaluates_predicts_and_resumes_after_sigterm_and_sigkill(data, t
         assert np.asarray(mask).max() < 11 and (tmp_path / "masks" / f"{image.stem}_overlay.jpg").exists()
 
 
-def test_two_torchrun_ranks_train(data, tmp_path):
+def test_two_torchrun_ranks_train_stop_together_on_a_signal_to_one_and_resume(data, tmp_path):
+    """Two ranks, SIGUSR1 (the default stop_signal) to one of them at a random step, no periodic
+    checkpoint due: both stop at the same step, which the checkpoint holds, and exit 75; the same
+    command resumes there and runs every remaining step once."""
     scenes, pretrained = data
     run = tmp_path / "ddp"
-    result = beit_torchrun(2, "segment", "train", scenes, "--init", pretrained, "--out", run, *ARGS, "--iters", "3")
+    args = ["segment", "train", scenes, "--init", pretrained, "--out", run, *ARGS, "--iters", "8"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", *args]
+    drawn = random.randint(1, 4)
+    stop = [*command, "--set", "checkpoint_every=1000"]
+    code, stderr = signal_when(stop, lambda: len(metrics(run)) >= drawn, signal.SIGUSR1, worker=True)
+    assert code != 0 and "exitcode  : 75" in stderr, (drawn, code, stderr[-3000:])  # torchrun reports its ranks' 75
+    stopped = json.loads((run / "checkpoint.json").read_text())["step"]
+    assert drawn <= stopped < 8 and max(r["step"] for r in metrics(run)) == stopped, (drawn, stopped)
+    assert json.loads((run / "preempted.json").read_text())["step"] == stopped
+    result = beit_torchrun(2, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_checkpoint(run / "checkpoint.pt")[1]["world_size"] == 2
+    assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, 9))
     assert all(np.isfinite(r["loss"]) for r in metrics(run) if "loss" in r)
 
 

@@ -2,17 +2,28 @@
 
 import functools
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import STAGE1_SMALL, arrays, assert_same_store, beit_here, beit_torchrun, copy_photos, kill_when
+from helpers import (
+    STAGE1_SMALL,
+    arrays,
+    assert_same_store,
+    beit_here,
+    beit_torchrun,
+    copy_photos,
+    kill_when,
+    signal_when,
+)
 from PIL import Image
 
-from beit.shared.store import DONE, FAILED, TokenStore
+from beit.shared.store import DONE, FAILED, PENDING, TokenStore
 
 # Every test here makes or reads a zarr store: without zarr the module skips rather than failing to import.
 zarr = pytest.importorskip("zarr")
@@ -39,9 +50,26 @@ def test_resume_after_sigkill_at_several_points_equals_an_uninterrupted_run(data
     assert_same_store(store, reference[0])
 
 
-def test_two_ranks_make_the_same_store_as_one(data, reference, tmp_path):
+def test_two_ranks_stopped_by_a_signal_to_one_make_the_same_store_as_one(data, reference, tmp_path):
+    """Two ranks under torchrun, SIGUSR1 (the default stop_signal) to one of them once a random
+    number of chunks is done: the ranks finish their chunks in flight and exit 75 (torchrun stops
+    the other); the same command run again finishes the store one process makes."""
     source, tokenizer = data
     store = tmp_path / "store"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", "tokenize"]
+    command += [source, store, "--tokenizer", tokenizer, *SMALL]
+    chunks = random.randint(1, 3)  # of 6
+
+    def written() -> bool:
+        try:
+            status = zarr.open_group(str(store), mode="r")["status"][:]
+        except (KeyError, OSError):  # the store is being made
+            return False
+        return int((status != PENDING).sum()) >= 2 * chunks
+
+    code, stderr = signal_when(command, written, signal.SIGUSR1, worker=True)
+    assert code != 0 and "exitcode  : 75" in stderr, (chunks, code, stderr[-3000:])
+    assert not zarr.open_group(str(store), mode="r").attrs.get("complete")
     result = beit_torchrun(2, "tokenize", source, store, "--tokenizer", tokenizer, *SMALL, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_store(store, reference[0])

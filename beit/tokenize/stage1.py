@@ -108,75 +108,80 @@ def tokenize(
     agree on the source's listing, load the tokenizer and check the grids, make or reopen the store,
     tokenize this rank's pending chunks, then (rank 0) mark the store complete."""
     require_dali()  # before any work: every image goes through DALI
-    stops = StopSignals(cfg.stop_signal)  # a bad stop_signal is refused here, before any work
-    entered = time.perf_counter()
-    dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
-    device = dist.device(cfg.device)
-    precision = Precision.resolve(cfg.precision, cfg.tf32, device)
-    listing: list = []  # rank 0's listing of the source: the only one
-    root = agree_on_listing(dist, source, listing)
-    tokenizer = load_tokenizer(tokenizer_path, device)
-    view_cfg, token_side = check_grids(cfg, tokenizer)
-    identity = store_identity(cfg, tokenizer, view_cfg, token_side)
+    # a bad stop_signal is refused here, before any work; the handlers hold from here to the end (a
+    # signal while the ranks set up stops the command after its first chunk, never by the default action)
+    stops = StopSignals(cfg.stop_signal).install()
+    try:
+        entered = time.perf_counter()
+        dist = init_dist(timeout_minutes=cfg.dist_timeout_minutes)
+        device = dist.device(cfg.device)
+        precision = Precision.resolve(cfg.precision, cfg.tf32, device)
+        listing: list = []  # rank 0's listing of the source: the only one
+        root = agree_on_listing(dist, source, listing)
+        tokenizer = load_tokenizer(tokenizer_path, device)
+        view_cfg, token_side = check_grids(cfg, tokenizer)
+        identity = store_identity(cfg, tokenizer, view_cfg, token_side)
 
-    def start() -> tuple[bool, list[tuple[int, int]]]:
-        """On rank 0 alone: make the store from its listing or reopen it to finish it (its `keys`
-        are the listing every rank reads), and find its pending chunks in one read of `status`."""
-        src = listing.pop()
-        made = {**identity, "source": {k: v for k, v in src.describe().items() if k != "root"}}
-        members = [(m.offset, m.size) for m in src.files] if src.kind == "shards" else None
-        store = TokenStore.prepare(
-            store_path, made, src.keys, src.labels, src.class_names, cfg.chunk_images, cfg.embed_images, overwrite,
-            members,
-        )  # fmt: skip
-        store.record_run(src.root, tokenizer_path, {**asdict(precision), "device": device.type})
-        # a complete store run again: every chunk read back, a damaged one done again (or its listing
-        # rewritten); a store being finished is not read back (a resume stays quick at any size)
-        damage = store.repair(src.keys, src.labels, members) if store.reopened and store.complete else []
-        for entry in damage:
-            print(
-                f"{store_path}: the chunk of {entry['array']} holding images {entry['start']}-{entry['stop'] - 1} "
-                f"was damaged ({entry['why']}): doing it again",
-                flush=True,
-            )
-        return store.complete, store.pending_chunks()
+        def start() -> tuple[bool, list[tuple[int, int]]]:
+            """On rank 0 alone: make the store from its listing or reopen it to finish it (its `keys`
+            are the listing every rank reads), and find its pending chunks in one read of `status`."""
+            src = listing.pop()
+            made = {**identity, "source": {k: v for k, v in src.describe().items() if k != "root"}}
+            members = [(m.offset, m.size) for m in src.files] if src.kind == "shards" else None
+            store = TokenStore.prepare(
+                store_path, made, src.keys, src.labels, src.class_names, cfg.chunk_images, cfg.embed_images, overwrite,
+                members,
+            )  # fmt: skip
+            store.record_run(src.root, tokenizer_path, {**asdict(precision), "device": device.type})
+            # a complete store run again: every chunk read back, a damaged one done again (or its listing
+            # rewritten); a store being finished is not read back (a resume stays quick at any size)
+            damage = store.repair(src.keys, src.labels, members) if store.reopened and store.complete else []
+            for entry in damage:
+                print(
+                    f"{store_path}: the chunk of {entry['array']} holding images {entry['start']}-{entry['stop'] - 1} "
+                    f"was damaged ({entry['why']}): doing it again",
+                    flush=True,
+                )
+            return store.complete, store.pending_chunks()
 
-    complete, pending = dist.on_main(start)
-    store = TokenStore.open(store_path, mode="r+", require_complete=False)
-    if complete:
-        dist.close()
-        summary = {"store": str(store_path), "already_complete": True, **store.counts}
-        if dist.main:
-            print(f"{store_path} is already complete ({summary.get('done', 0)} images tokenized): nothing to do.")
-        return summary
-    chunks = ChunkTokenizer(store, root, cfg, view_cfg, token_side, tokenizer, precision, device)
-    label = f"tokenize[{dist.rank}]" if dist.world > 1 else "tokenize"
-    setup = time.perf_counter() - entered  # listing, tokenizer, store, pipelines: before the first batch
-    with stops:  # SIGTERM or the stop_signal: the chunk in flight is finished, then the command stops
+        complete, pending = dist.on_main(start)
+        store = TokenStore.open(store_path, mode="r+", require_complete=False)
+        if complete:
+            dist.close()
+            summary = {"store": str(store_path), "already_complete": True, **store.counts}
+            if dist.main:
+                print(f"{store_path} is already complete ({summary.get('done', 0)} images tokenized): nothing to do.")
+            return summary
+        chunks = ChunkTokenizer(store, root, cfg, view_cfg, token_side, tokenizer, precision, device)
+        label = f"tokenize[{dist.rank}]" if dist.world > 1 else "tokenize"
+        setup = time.perf_counter() - entered  # listing, tokenizer, store, pipelines: before the first batch
+        # SIGTERM or the stop_signal, from the start on: the chunk in flight is finished, then the command stops
         summary = {"store": str(store_path), **chunks.run(pending[dist.rank :: dist.world], progress, label, stops)}
         dist.barrier()
         stopped = dist.any(stops.received is not None)
-    if stopped:
+        if stopped:
+            dist.close()
+            raise Preempted(
+                f"stopped by {stops.received or 'a stop signal on another rank'}; every chunk written is recorded in "
+                f"{store_path}, which is not complete: run the same command again to finish it."
+            )
+        summary["setup_seconds"] = setup
+        summary |= {"time": chunks.timing, "device": str(device), "world_size": dist.world}
+        if dist.main:
+            counts = store.mark_complete()
+            summary.update(counts)
+            summary["failures"] = store.failures()
+            metrics = f"{str(store_path).rstrip('/')}.metrics.json"  # beside the store, on its filesystem
+
+            def write_metrics(_seconds_left: float) -> None:
+                with fsspec.open(metrics, "w") as f:
+                    f.write(json.dumps(summary, indent=2) + "\n")
+
+            retrying(metrics, "writing it", write_metrics)
         dist.close()
-        raise Preempted(
-            f"stopped by {stops.received or 'a stop signal on another rank'}; every chunk written is recorded in "
-            f"{store_path}, which is not complete: run the same command again to finish it."
-        )
-    summary["setup_seconds"] = setup
-    summary |= {"time": chunks.timing, "device": str(device), "world_size": dist.world}
-    if dist.main:
-        counts = store.mark_complete()
-        summary.update(counts)
-        summary["failures"] = store.failures()
-        metrics = f"{str(store_path).rstrip('/')}.metrics.json"  # beside the store, on its filesystem
-
-        def write_metrics(_seconds_left: float) -> None:
-            with fsspec.open(metrics, "w") as f:
-                f.write(json.dumps(summary, indent=2) + "\n")
-
-        retrying(metrics, "writing it", write_metrics)
-    dist.close()
-    return summary
+        return summary
+    finally:
+        stops.uninstall()
 
 
 def agree_on_listing(dist, source: Path | str, listing: list) -> Path | str:
