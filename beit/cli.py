@@ -117,22 +117,9 @@ def _run(ctx: typer.Context, cls: type, stage, *args, renames: dict[str, str] | 
             _architecture_from_init(ctx, cfg, cfg.init, renames)
         return cfg, stage(*args, cfg, **kwargs)
     except ValueError as error:
-        _let_go(error)
         _fail(error)
     finally:
         release_all()  # the stop signals' handlers of a run that ended early, given back
-
-
-def _let_go(error: BaseException) -> None:
-    """Free what the frames of a command that stopped on `error` still hold (DALI pipelines, the
-    threads reading ahead), now rather than at exit, where DALI's own exit hook finds pipelines
-    still alive and prints a traceback after the one-sentence error."""
-    import gc
-    import traceback
-
-    traceback.clear_frames(error.__traceback__)
-    error.__traceback__ = None
-    gc.collect()
 
 
 def _skipped_beside(json_out: Path | None) -> Path | None:
@@ -798,6 +785,5 @@ def main() -> None:
     try:
         app(prog_name="beit")
     except Preempted as stop:
-        _let_go(stop)
         typer.echo(f"preempted: {stop}", err=True)
         raise SystemExit(PREEMPTED) from None
