@@ -186,6 +186,19 @@ def signal_when(command: list, condition, sig: int = signal.SIGTERM, timeout: fl
         return code, err.read()
 
 
+def stop_two_ranks(args: list, run: Path, trained, drawn: int) -> int:
+    """`beit *args` on two torchrun ranks with no periodic checkpoint due, SIGUSR1 (the default
+    stop_signal) to one rank once `trained()` counts `drawn` training rows: torchrun reports its
+    ranks' exit 75; returns the step of the checkpoint they saved in `run`."""
+    import json
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", *args]
+    stop = [*command, "--set", "checkpoint_every=1000"]
+    code, stderr = signal_when(stop, lambda: trained() >= drawn, signal.SIGUSR1, worker=True)
+    assert code != 0 and "exitcode  : 75" in stderr, (drawn, code, stderr[-3000:])
+    return json.loads((run / "checkpoint.json").read_text())["step"]
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()

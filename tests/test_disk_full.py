@@ -57,6 +57,19 @@ def beit_line(*args, log: Path) -> str:
     return f"{command} > /dev/null 2> {shlex.quote(str(log))}; echo $? > {shlex.quote(str(log))}.rc"
 
 
+def full_then_freed(args: list, target: Path, logs: Path, copies: Path) -> list[str]:
+    """Shell steps: `beit *args` on the full disk (its log `logs`/full), `target` copied to
+    `copies`/after-full; the filler removed; the same command again (`logs`/freed), `target` copied
+    to `copies`/after-freed."""
+    steps = []
+    for name in ("full", "freed"):
+        steps += [
+            beit_line(*args, log=logs / name),
+            f"cp -a {shlex.quote(str(target))} {shlex.quote(str(copies / f'after-{name}'))}",
+        ]
+    return [*steps[:2], "rm $FILLER", *steps[2:]]
+
+
 def rc(log: Path) -> int:
     return int(Path(f"{log}.rc").read_text())
 
@@ -75,13 +88,7 @@ def test_a_checkpoint_that_finds_no_room_leaves_the_last_one_and_the_run_resumes
     logs.mkdir()
     # room for the first checkpoint and a half: the second finds none (the first, kept as the
     # previous one, and the new one would not both fit)
-    steps = [
-        beit_line("pretrain", store, "--out", run, *args, log=logs / "full"),
-        f"cp -a {shlex.quote(str(run))} {shlex.quote(str(tmp_path / 'after-full'))}",
-        "rm $FILLER",
-        beit_line("pretrain", store, "--out", run, *args, log=logs / "freed"),
-        f"cp -a {shlex.quote(str(run))} {shlex.quote(str(tmp_path / 'after-freed'))}",
-    ]
+    steps = full_then_freed(["pretrain", store, "--out", run, *args], run, logs, tmp_path)
     result = in_small_disk(mount, 64, int(size * 1.5) + 64 * 1024, steps)
     assert result.returncode == 0, result.stderr[-3000:]
     stderr = (logs / "full").read_text()
@@ -103,13 +110,7 @@ def test_a_store_chunk_that_finds_no_room_is_left_pending_and_the_store_finishes
     size = sum(f.stat().st_size + 4096 for f in whole.rglob("*") if f.is_file())  # tmpfs takes pages
     mount, store, logs = tmp_path / "small", tmp_path / "small" / "store", tmp_path / "logs"
     logs.mkdir()
-    steps = [
-        beit_line("tokenize", source, store, *args, log=logs / "full"),
-        f"cp -a {shlex.quote(str(store))} {shlex.quote(str(tmp_path / 'after-full'))}",
-        "rm $FILLER",
-        beit_line("tokenize", source, store, *args, log=logs / "freed"),
-        f"cp -a {shlex.quote(str(store))} {shlex.quote(str(tmp_path / 'after-freed'))}",
-    ]
+    steps = full_then_freed(["tokenize", source, store, *args], store, logs, tmp_path)
     result = in_small_disk(mount, 64, size * 2 // 3, steps)
     assert result.returncode == 0, result.stderr[-3000:]
     stderr = (logs / "full").read_text()
@@ -147,13 +148,7 @@ def test_a_metrics_row_or_tensorboard_file_that_finds_no_room_stops_the_run_and_
     logs.mkdir()
     # TensorBoard's folder is a small disk of its own, full after its first page: metrics.jsonl
     # (on the roomy disk) keeps its rows; TensorBoard's events find no room some steps in
-    steps = [
-        beit_line("pretrain", store, "--out", run, *args, log=logs / "full"),
-        f"cp -a {shlex.quote(str(run))} {shlex.quote(str(tmp_path / 'after-full'))}",
-        "rm $FILLER",
-        beit_line("pretrain", store, "--out", run, *args, log=logs / "freed"),
-        f"cp -a {shlex.quote(str(run))} {shlex.quote(str(tmp_path / 'after-freed'))}",
-    ]
+    steps = full_then_freed(["pretrain", store, "--out", run, *args], run, logs, tmp_path)
     result = in_small_disk(run / "tensorboard", 1, 4096, steps)
     assert result.returncode == 0, result.stderr[-3000:]
     stderr = (logs / "full").read_text()

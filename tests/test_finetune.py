@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import COLOUR, GREY, beit_here, beit_torchrun, copy_photos, kill_when, signal_when
+from helpers import COLOUR, GREY, beit_here, beit_torchrun, copy_photos, kill_when, signal_when, stop_two_ranks
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
@@ -268,12 +268,8 @@ def test_fine_tune_from_a_token_store_and_with_two_processes(data, tmp_path):
     run = tmp_path / "ddp"
     args = ["finetune", folder, "--init", pretrained, "--out", run, *ARGS, "--epochs", 4]
     args += ["--set", "randaugment=false", "--set", "eval_every=4"]  # 1 step an epoch; one evaluation
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", *args]
     drawn = random.randint(1, 2)
-    stop = [*command, "--set", "checkpoint_every=1000"]
-    code, stderr = signal_when(stop, lambda: len(_losses(run)) >= drawn, signal.SIGUSR1, worker=True)
-    assert code != 0 and "exitcode  : 75" in stderr, (drawn, code, stderr[-3000:])  # torchrun reports its ranks' 75
-    stopped = json.loads((run / "checkpoint.json").read_text())["step"]
+    stopped = stop_two_ranks(args, run, lambda: len(_losses(run)), drawn)
     assert drawn <= stopped < 4 and _losses(run)[-1]["step"] == stopped, (drawn, stopped)
     result = beit_torchrun(2, *args)
     assert result.returncode == 0, result.stderr[-3000:]

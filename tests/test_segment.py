@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import beit_here, beit_torchrun, kill_when, signal_when
+from helpers import beit_here, beit_torchrun, kill_when, signal_when, stop_two_ranks
 from PIL import Image
 
 from beit.shared.checkpoint import load_checkpoint, save_checkpoint
@@ -106,12 +106,8 @@ def test_two_torchrun_ranks_train_stop_together_on_a_signal_to_one_and_resume(da
     scenes, pretrained = data
     run = tmp_path / "ddp"
     args = ["segment", "train", scenes, "--init", pretrained, "--out", run, *ARGS, "--iters", "8"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "beit", *args]
     drawn = random.randint(1, 4)
-    stop = [*command, "--set", "checkpoint_every=1000"]
-    code, stderr = signal_when(stop, lambda: len(metrics(run)) >= drawn, signal.SIGUSR1, worker=True)
-    assert code != 0 and "exitcode  : 75" in stderr, (drawn, code, stderr[-3000:])  # torchrun reports its ranks' 75
-    stopped = json.loads((run / "checkpoint.json").read_text())["step"]
+    stopped = stop_two_ranks(args, run, lambda: len(metrics(run)), drawn)
     assert drawn <= stopped < 8 and max(r["step"] for r in metrics(run)) == stopped, (drawn, stopped)
     assert json.loads((run / "preempted.json").read_text())["step"] == stopped
     result = beit_torchrun(2, *args)
