@@ -21,8 +21,11 @@ setup: $(VENV)/.setup-dev
 demo: $(VENV)/.setup-demo
 	bash scripts/demo.sh
 
+# two workers (pytest-xdist), one core each (tests/conftest.py): CI's machine has two cores; with
+# one thread a worker the suite took half the time of one process on two threads (bench/RESULTS.md)
+TEST_WORKERS ?= 2
 test: $(VENV)/.setup-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(VENV)/.setup-dev
 	$(VENV)/bin/ruff check .

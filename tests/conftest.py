@@ -1,5 +1,14 @@
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist (`-n 2`, as `make test` runs) each worker gets one of the cores: torch in the
+# worker, and every command a test starts (they inherit the environment), compute on one thread,
+# so two workers never fight over the same two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 from helpers import COLOUR, GREY, STAGE1_SMALL, beit_here, copy_photos, save_jpeg, tiny_tokenizer
 
 
