@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import COLOUR, GREY, beit_here, copy_photos, save_jpeg
+from helpers import COLOUR, GREY, beit_here, beit_torchrun, copy_photos, save_jpeg
 from PIL import Image
 
 from beit.shared.checkpoint import save_checkpoint
@@ -138,6 +138,43 @@ def test_a_folder_of_unreadable_files_stops_with_one_sentence(folders, finetuned
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
     assert "none of the 4 images of a training batch of" in result.stderr
     assert "empty file" in (tmp_path / "r" / "skipped.jsonl").read_text()
+
+
+def test_a_rank_that_meets_unreadable_images_stops_every_rank_with_it(folders, tmp_path):
+    """Under torchrun each rank reads its own share of the training images, and rank 0 alone
+    evaluates. A rank that stops alone leaves the others waiting in an all-reduce for it: every rank
+    must stop at the same step, each with one sentence and nothing else."""
+    from beit.train.classify.data import ClassificationData, read_splits
+
+    data, _, pretrained = folders
+    args = [*MODEL_ARGS, "--batch-size", "2", "--epochs", "1", "--set", "randaugment=false"]
+
+    def two_ranks(folder):
+        result = beit_torchrun(2, "finetune", folder, "--init", pretrained, "--out", folder / "run", *args, timeout=300)
+        errors = re.findall(r"error: [^\n]*", result.stderr)  # (a progress bar may stand before one)
+        assert result.returncode != 0 and len(errors) == 2, result.stderr[-3000:]
+        assert "Error: " not in result.stderr.replace("ChildFailedError", ""), result.stderr[-3000:]  # no other
+        return errors
+
+    # rank 1's first training batch is all unreadable, rank 0's all readable: both stop at step 1
+    shutil.copytree(data, tmp_path / "train")
+    train, _ = read_splits(tmp_path / "train")
+    good = next(f for f in train.files if f.suffix == ".jpg" and f.stat().st_size > 1000).read_bytes()
+    for rank in (0, 1):
+        for index in ClassificationData(train, 32, 2, True, rank=rank, world=2).indices(0):
+            train.files[index].write_bytes(b"" if rank else good)
+    errors = two_ranks(tmp_path / "train")
+    assert any(e.startswith("error: none of the 2 images of a training batch of") for e in errors), errors
+    assert "error: rank 1 stopped the run: too many of its training images could not be read" in errors[0] + errors[1]
+    assert "loss" not in (tmp_path / "train" / "run" / "metrics.jsonl").read_text()  # no step was logged
+    # every validation image is unreadable: rank 0's evaluation stops both ranks, with its sentence
+    shutil.copytree(data, tmp_path / "val")
+    for name in BROKEN:
+        (tmp_path / "val" / "train" / "grey" / name).unlink()  # training reads every image
+    for path in (tmp_path / "val" / "val").rglob("*.*"):
+        path.write_bytes(b"")
+    errors = two_ranks(tmp_path / "val")
+    assert errors[0] == errors[1] and "7 of the 7 images of" in errors[0] and "(100%" in errors[0], errors
 
 
 def test_probe_names_the_images_it_skipped(folders):

@@ -121,6 +121,18 @@ class Dist:
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
         return bool(value.item())
 
+    def first(self, flag: bool) -> int | None:
+        """The lowest rank where `flag` holds, or None; every rank must call it (one small all-reduce)."""
+        if self.world == 1:
+            return 0 if flag else None
+        nccl = torch.distributed.get_backend() == "nccl"
+        value = torch.tensor(
+            [self.rank if flag else self.world], device=torch.device("cuda", self.local_rank) if nccl else "cpu"
+        )
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        rank = int(value.item())
+        return None if rank == self.world else rank
+
     def resume_from(self, checkpoint: Path, resume: bool) -> bool:
         """Whether the run resumes from `checkpoint`: rank 0 decides; a rank that cannot see the
         file rank 0 resumes from is refused."""

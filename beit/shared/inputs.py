@@ -8,6 +8,11 @@ each skipped file with its reason, and a limit on the share that may be skipped.
     inputs.counts()                       # {"listed": 22, "read": 20, "skipped": 2, "not_reached": 0}
     inputs.basis()                        # "over 20 of 22 listed images (2 unreadable, see FILE)"
 
+Under torchrun each rank counts its own share of the training images, in its read-ahead thread, so
+the ranks would pass the limit at different steps. A trainer's training `Inputs` there has `defer`
+set: a check that fails (or a batch of none) notes its sentence in `stop` instead of raising, and
+`Run.check_inputs` stops every rank at the same step with it (`beit.train.scaffold`).
+
 A `SkippedLog` is the file the skipped inputs go to, one JSON line each, as they are found (a run
 that dies keeps what it found): {"path", "reason"} and, where a command reads two splits, "split".
 A fresh run starts it empty; a resumed one appends, without writing a path twice.
@@ -83,6 +88,8 @@ class Inputs:
         for path, reason in (unreadable_at_listing or {}).items():
             self._record(path, reason)
         self._at_listing = len(self.skipped)
+        self.defer = False  # note a failed check in `stop` rather than raise (torchrun's training ranks)
+        self.stop: str | None = None  # the first such sentence
 
     @property
     def listed(self) -> int:
@@ -143,7 +150,7 @@ class Inputs:
             return
         where = f" (every one is in {self.log.path})" if self.log is not None else ""
         example = next(iter(self.skipped.items()))
-        raise ValueError(
+        self._stop(
             f"{skipped} of the {tried} images of {self.where} tried so far could not be read ({skipped / tried:.0%}, "
             f"more than max_skipped_fraction {self.limit:g}; the first: {example[0]}: {example[1]}{where}): check "
             f"the path and that its disk or mount is reachable, or raise the limit with {self.setting}."
@@ -151,12 +158,18 @@ class Inputs:
 
     def refuse_empty_batch(self, size: int) -> None:
         """A training batch none of whose `size` images could be read stops the run, in one sentence
-        (an update on no images is no update, and ranks must agree on every step)."""
+        (an update on no images is no update, and ranks must agree on every step). With `defer`, the
+        caller hands on an empty batch, which `Run.check_inputs` stops before it is used."""
         path, reason = next(reversed(self.skipped.items()))
-        raise ValueError(
+        self._stop(
             f"none of the {size} images of a training batch of {self.where} could be read (the last: {path}: "
             f"{reason}): check the path and that its disk or mount is reachable."
         )
+
+    def _stop(self, sentence: str) -> None:
+        if not self.defer:
+            raise ValueError(sentence)
+        self.stop = self.stop or sentence
 
     def basis(self) -> str:
         """What a metric over these inputs was computed over: "over 20 of 22 listed images (2 unreadable,

@@ -33,7 +33,7 @@ from beit.shared.checkpoint import CheckpointError, load_checkpoint, previous, s
 from beit.shared.config import ConfigError, differences, resume_fields, to_dict, to_toml
 from beit.shared.decode import require_dali
 from beit.shared.dist import dali_device_id, init_dist
-from beit.shared.inputs import SkippedLog
+from beit.shared.inputs import Inputs, SkippedLog
 from beit.shared.preempt import Preempted, StopSignals, clear_marker, write_marker
 from beit.shared.progress import progress_bar
 from beit.shared.space import DiskFull, no_room, out_of_space
@@ -164,8 +164,9 @@ class StepEnd:
         stopping = self.run.stopping()
         saving = saving or stopping
         rng = self.run.dist.rng_states(self.run.device) if saving else []  # every rank's
+        if evaluating:  # rank 0 evaluates; an unreadable validation set stops every rank, together
+            self.last = self.run.dist.on_main(evaluate)
         if evaluating and self.run.dist.main:
-            self.last = evaluate()
             self.run.log({"step": step, **extra, **{f"eval_{k}": self.last[k] for k in self.keys}})
             if self.last[self.metric] > self.best:
                 self.best = self.last[self.metric]
@@ -204,6 +205,7 @@ class Run:
             tensorboard_writer(None, 0)  # every rank refuses a missing package at once, before any work
         # SIGTERM and the config's stop_signal: stop at a step every rank agrees on, saved (`stopping`)
         self.stops = StopSignals(getattr(cfg, "stop_signal", "SIGUSR1")).install()
+        self._watched: list[Inputs] = []  # this rank's training inputs (`watch_inputs`)
 
     @property
     def main(self) -> bool:
@@ -219,6 +221,31 @@ class Run:
         """Whether the run stops after this step: a stop signal came to some rank (every rank must
         ask at the same step; one small all-reduce under torchrun)."""
         return self.dist.any(self.stops.received is not None)
+
+    def watch_inputs(self, inputs: Inputs) -> Inputs:
+        """`inputs` of this rank's training images. Under torchrun a rank whose share passes
+        max_skipped_fraction (or that meets a batch of none) must not stop alone, while the others
+        wait in the next all-reduce until the distributed timeout: it notes its sentence
+        (`Inputs.defer`), and `check_inputs` after each batch stops every rank there."""
+        inputs.defer = self.dist.world > 1
+        self._watched.append(inputs)
+        return inputs
+
+    def check_inputs(self) -> None:
+        """After taking a training batch, before using it (every rank, under torchrun: one small
+        all-reduce): a ValueError on every rank when some rank's watched inputs noted a stop; that
+        rank's sentence, and on the others one naming it."""
+        if self.dist.world == 1:
+            return
+        sentence = next((inputs.stop for inputs in self._watched if inputs.stop), None)
+        rank = self.dist.first(sentence is not None)
+        if rank is not None:
+            self.dist.leave()
+            raise ValueError(
+                sentence
+                or f"rank {rank} stopped the run: too many of its training images could not be read (its "
+                "error says which; every rank stopped at this step)."
+            )
 
     def preempted(self, step: int, saved: bool = True) -> None:
         """After the checkpoint at `step` is written (every rank): the marker (rank 0), the run

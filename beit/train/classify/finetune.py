@@ -172,6 +172,7 @@ def build_data(train_source, val_source, size: int, cfg: FinetuneConfig, run: Ru
     world = {"rank": run.dist.rank, "world": run.dist.world}
     inputs = {split: classify_inputs(source, split, cfg.max_skipped_fraction, log)
               for split, source in (("train", train_source), ("val", val_source))}  # fmt: skip
+    run.watch_inputs(inputs["train"])  # under torchrun, a share of unreadable images stops every rank together
     train = ClassificationData(train_source, size, cfg.batch_size, True, **world, **views, inputs=inputs["train"])
     return train, ClassificationData(val_source, size, cfg.batch_size, False, **views, inputs=inputs["val"])
 
@@ -232,6 +233,7 @@ def finetune(data_dir: Path | str, out: Path, cfg: FinetuneConfig, resume: bool 
     while step < total:
         set_lr(optimizer, lr_at(step, lr, cfg.min_lr, warmup, total))
         pixels, labels = next(stream)
+        run.check_inputs()
         labels = labels.to(device, non_blocking=True)  # a blocking copy would wait for the GPU
         generator = np.random.default_rng([cfg.seed, dist.rank, step])
         pixels = pixels.to(device, non_blocking=True)

@@ -136,8 +136,9 @@ class SegmentationData:
         epoch = step // self.steps_per_epoch
         decoded = self._decoded(chosen)
         pin = self.batches.device_id is not None
-        if not decoded:
+        if not decoded:  # stops the run (under torchrun, every rank at `Run.check_inputs`, before it is used)
             self.inputs.refuse_empty_batch(len(chosen))
+            return torch.zeros(0, 3, self.crop, self.crop), torch.zeros(0, self.crop, self.crop, dtype=torch.int64)
         pixels, labels = [], []
         device = decoded[0][1].device
         with self._side_stream(device):

@@ -221,6 +221,7 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
     log = run.skipped_log(resume)
     inputs = {split: segmentation_inputs(source, cfg.max_skipped_fraction, log, split)
               for split, source in (("train", train_source), ("val", val_source))}  # fmt: skip
+    run.watch_inputs(inputs["train"])  # under torchrun, a share of unreadable images stops every rank together
     train = SegmentationData(train_source, crop, cfg.batch_size, True, **shared, **augment, inputs=inputs["train"])
     val = SegmentationData(val_source, crop, 1, False, **shared, inputs=inputs["val"])
     groups = layer_decay_groups(model, lr, cfg.weight_decay, layer_decay)
@@ -274,6 +275,7 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
     while step < cfg.iters:
         set_lr(optimizer, poly_lr_at(step, lr, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.power, cfg.min_lr))
         pixels, labels = next(stream)
+        run.check_inputs()
         pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with run.autocast():
             loss, _ = segmentation_loss(trained, pixels, labels, cfg.ignore_index)
