@@ -50,7 +50,25 @@ SourceRoot = Annotated[
 ]
 
 
+def _end_bars() -> None:
+    """End the progress bars still open before a command's last sentence: they write nothing more
+    (a bar closed at exit would add its last line after the sentence), and the sentence starts on
+    a line of its own."""
+    import sys
+
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
+        bar.disable = True
+    if bars:
+        sys.stderr.write("\n")
+
+
 def _fail(error: Exception) -> None:
+    _end_bars()
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(1)
 
@@ -785,5 +803,6 @@ def main() -> None:
     try:
         app(prog_name="beit")
     except Preempted as stop:
+        _end_bars()
         typer.echo(f"preempted: {stop}", err=True)
         raise SystemExit(PREEMPTED) from None

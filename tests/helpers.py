@@ -87,6 +87,15 @@ def beit_here(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["beit", *map(str, args)], result.exit_code, result.stdout, stderr)
 
 
+def the_error(stderr: str) -> str:
+    """The one sentence of a command that failed: the last line of its stderr, "error: ...", with
+    nothing before it but its progress bars (no traceback, no other message) and nothing after it."""
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), stderr[-3000:]
+    assert all("%|" in line for line in lines[:-1]), stderr[-3000:]
+    return lines[-1]
+
+
 def beit_torchrun(processes: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node PROCESSES -m beit ARGS` (as python -m torch.distributed.run), output captured."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "beit"]

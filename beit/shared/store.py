@@ -200,6 +200,8 @@ class TokenStore:
         self._members: np.ndarray | None = None
         self._source_root: Path | str | None = None
         self.reopened = False  # `prepare` found it made already (to finish or repair), not new
+        self._arrays: dict = {}  # `_array`: opened once each
+        self._held: dict[str, bool] = {}  # `holds`: asked once each (on object storage, requests)
 
     # ---------------------------------------------------------------- opening and creating
 
@@ -370,9 +372,24 @@ class TokenStore:
     def class_names(self) -> list[str]:
         return list(self.attrs.get("class_names") or [])
 
+    def holds(self, name: str) -> bool:
+        """Whether the store has the array `name` (the optional ones: images, members, sizes). Every
+        array is made with the store, so this is asked once: on object storage, `name in group` costs a
+        HEAD and a listing, which per batch or per chunk added four requests to each."""
+        if name not in self._held:
+            self._held[name] = name in self.group
+        return self._held[name]
+
+    def _array(self, name: str):
+        """The array `name`, opened once (its metadata is fixed when the store is made; on object
+        storage each opening is a request, and stage 1 writes six arrays a chunk)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
     @property
     def has_embedded_images(self) -> bool:
-        return "images" in self.group
+        return self.holds("images")
 
     @property
     def tokenizer_precision(self) -> dict | None:
@@ -464,14 +481,14 @@ class TokenStore:
         full disk stops it with one sentence; the chunk stays pending (its status is written last)."""
         stop = start + len(status)
         try:
-            self.group["tokens"][start:stop] = tokens.astype(np.uint16)
-            self.group["views"][start:stop] = views.astype(np.float32)
-            if sizes is not None and "sizes" in self.group:
-                self.group["sizes"][start:stop] = sizes.astype(np.int32)
-            self.group["errors"][start:stop] = np.asarray(errors, dtype=object)
-            if images is not None and "images" in self.group:
-                self.group["images"][start:stop] = np.asarray(images, dtype=object)
-            self.group["status"][start:stop] = status.astype(np.uint8)
+            self._array("tokens")[start:stop] = tokens.astype(np.uint16)
+            self._array("views")[start:stop] = views.astype(np.float32)
+            if sizes is not None and self.holds("sizes"):
+                self._array("sizes")[start:stop] = sizes.astype(np.int32)
+            self._array("errors")[start:stop] = np.asarray(errors, dtype=object)
+            if images is not None and self.holds("images"):
+                self._array("images")[start:stop] = np.asarray(images, dtype=object)
+            self._array("status")[start:stop] = status.astype(np.uint8)
         except OSError as error:
             if not out_of_space(error):
                 raise
@@ -505,7 +522,7 @@ class TokenStore:
         n = len(self)
         stop = n if stop is None else stop
         for name in arrays or WORK_ARRAYS + LISTING_ARRAYS:
-            if name not in self.group:
+            if not self.holds(name):
                 continue
             array = self.group[name]
             step = self.chunk_images if name == "images" else array.chunks[0]  # images: one shard a chunk
@@ -615,7 +632,7 @@ class TokenStore:
     def image_sizes(self, indices: np.ndarray | None = None) -> np.ndarray | None:
         """[n, 2] int32 (height, width) of the images `indices` (sorted; None: all) as stage 1 read
         them, or None for a store made before they were recorded."""
-        if "sizes" not in self.group:
+        if not self.holds("sizes"):
             return None
         return self._checked("sizes", indices, lambda: _select(self.group["sizes"], indices))
 
@@ -627,7 +644,7 @@ class TokenStore:
         root = self.source_root if root is None else root
         # the node's key table when mapped, else only the chunks holding `indices`
         keys = [self._keys[i] for i in indices] if self._keys is not None else _read(self.group["keys"], indices)
-        if "members" not in self.group:
+        if not self.holds("members"):
             return [join(root, str(key)) for key in keys]
         members = self._members[indices] if self._members is not None else _read(self.group["members"], indices)
         out = []
