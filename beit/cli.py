@@ -522,13 +522,15 @@ def evaluate_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Top-1 / top-5 accuracy and loss of a fine-tuned checkpoint on a labelled set."""
+    from beit.shared.preempt import OnePass
     from beit.train.classify.evaluate import evaluate_classifier_checkpoint
 
     try:
-        result = evaluate_classifier_checkpoint(
-            checkpoint, data, batch_size, device, max_skipped_fraction=max_skipped_fraction,
-            skipped_file=_skipped_beside(json_out),
-        )  # fmt: skip
+        with OnePass("beit evaluate"):  # SIGTERM or SIGUSR1: stop at the next batch, exit 75
+            result = evaluate_classifier_checkpoint(
+                checkpoint, data, batch_size, device, max_skipped_fraction=max_skipped_fraction,
+                skipped_file=_skipped_beside(json_out),
+            )  # fmt: skip
     except ValueError as error:  # CheckpointError is a ValueError
         _fail(error)
     typer.echo(
@@ -608,6 +610,7 @@ def probe_command(
     set_: Overrides = None,
 ) -> None:
     """Linear probe of a frozen backbone: cls + mean patch token of a block, a linear classifier."""
+    from beit.shared.preempt import OnePass
     from beit.train.classify.probe import ProbeConfig, probe
 
     try:
@@ -615,10 +618,11 @@ def probe_command(
         _architecture_from_init(ctx, cfg, init)
         model_cfg = cfg.model.resolved()
         layers = None if all_layers else [layer or model_cfg.depth]
-        result = probe(
-            data, init, model_cfg, layers, batch_size=batch_size, epochs=epochs, device=cfg.device,
-            max_skipped_fraction=cfg.max_skipped_fraction,
-        )  # fmt: skip
+        with OnePass("beit probe"):  # SIGTERM or SIGUSR1: stop at the next batch or epoch, exit 75
+            result = probe(
+                data, init, model_cfg, layers, batch_size=batch_size, epochs=epochs, device=cfg.device,
+                max_skipped_fraction=cfg.max_skipped_fraction,
+            )  # fmt: skip
     except ValueError as error:  # ConfigError, CheckpointError are ValueErrors
         _fail(error)
     for split, counts in result["inputs"].items():
@@ -744,14 +748,16 @@ def segment_evaluate_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """mIoU, mAcc and aAcc of a segmentation checkpoint, by sliding window, multi-scale and flip."""
+    from beit.shared.preempt import OnePass
     from beit.train.segment.predict import evaluate_segmenter_checkpoint
 
     try:
         factors = tuple(float(x) for x in scales.split(","))
-        result = evaluate_segmenter_checkpoint(
-            checkpoint, data, split, mode, stride, factors, flip, device, picture,
-            max_skipped_fraction=max_skipped_fraction, skipped_file=_skipped_beside(json_out),
-        )  # fmt: skip
+        with OnePass("beit segment evaluate"):  # SIGTERM or SIGUSR1: stop at the next image, exit 75
+            result = evaluate_segmenter_checkpoint(
+                checkpoint, data, split, mode, stride, factors, flip, device, picture,
+                max_skipped_fraction=max_skipped_fraction, skipped_file=_skipped_beside(json_out),
+            )  # fmt: skip
     except ValueError as error:
         _fail(error)
     typer.echo(
@@ -780,12 +786,14 @@ def segment_predict_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Palette PNG masks (class indices) for images, and overlays to look at."""
+    from beit.shared.preempt import OnePass
     from beit.train.segment.predict import predict_files
 
     try:
-        summaries, inputs = predict_files(
-            checkpoint, images, out, overlay, device=device, max_skipped_fraction=max_skipped_fraction
-        )
+        with OnePass("beit segment predict"):  # SIGTERM or SIGUSR1: stop at the next image, exit 75
+            summaries, inputs = predict_files(
+                checkpoint, images, out, overlay, device=device, max_skipped_fraction=max_skipped_fraction
+            )
     except ValueError as error:
         _fail(error)
     for row in summaries:

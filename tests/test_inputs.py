@@ -6,6 +6,10 @@ reasons, state what a metric is over, and stop a run whose images are mostly unr
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from PIL import Image
 
 from beit.shared.checkpoint import save_checkpoint
 from beit.shared.inputs import MAX_SKIPPED_FRACTION
+from beit.shared.preempt import PREEMPTED
 from beit.train.model import BeitForMIM, ModelConfig
 
 MODEL = dict(preset="tiny", image_size=32, width=48, heads=2, depth=1, vocab_size=64)
@@ -175,6 +180,46 @@ def test_a_rank_that_meets_unreadable_images_stops_every_rank_with_it(folders, t
         path.write_bytes(b"")
     errors = two_ranks(tmp_path / "val")
     assert errors[0] == errors[1] and "7 of the 7 images of" in errors[0] and "(100%" in errors[0], errors
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` now (its SigCgt mask in /proc)."""
+    status = open(f"/proc/{pid}/status").read()
+    return bool(int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16) & (1 << (sig - 1)))
+
+
+def stopped_by(sig: int, *args) -> tuple[int, str]:
+    """`beit ARGS` in a process, `sig` sent once the command has taken its stop signals: (exit code, stderr)."""
+    process = subprocess.Popen([sys.executable, "-m", "beit", *map(str, args)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while process.poll() is None and not catches(process.pid, sig) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr
+
+
+def test_evaluate_and_probe_stop_at_the_next_batch_on_a_signal(folders, finetuned, tmp_path):
+    """Commands that keep nothing between runs still stop inside a scheduler's grace period: at the
+    next batch (or epoch of the probe's classifier), with exit 75 and one sentence."""
+    data, _, pretrained = folders
+    run, _ = finetuned
+    photo = next((data / "val" / "grey").iterdir()).read_bytes()
+    for name in ("colour", "grey"):
+        (tmp_path / "many" / "train" / name).mkdir(parents=True)
+        (tmp_path / "many" / "val" / name).mkdir(parents=True)
+        for i in range(20):
+            (tmp_path / "many" / "val" / name / f"{i}.jpg").write_bytes(photo)
+            (tmp_path / "many" / "train" / name / f"{i}.jpg").write_bytes(photo)
+    code, stderr = stopped_by(signal.SIGTERM, "evaluate", run / "best.pt", tmp_path / "many" / "val", "--batch-size", 1)
+    assert code == PREEMPTED and "received SIGTERM: stopping at the next batch" in stderr, stderr[-3000:]
+    assert re.search(r"stopped by SIGTERM after \d+ of the 40 images; beit evaluate keeps nothing between runs: run "
+                     "the same command again", stderr), stderr[-3000:]  # fmt: skip
+    args = ["probe", tmp_path / "many", "--init", pretrained, *MODEL_ARGS, "--layer", "1", "--epochs", "100000"]
+    code, stderr = stopped_by(signal.SIGUSR1, *args)
+    assert code == PREEMPTED and "beit probe keeps nothing between runs" in stderr, stderr[-3000:]
+    assert re.search(r"stopped by SIGUSR1 (after \d+ of the 40 images|at epoch \d+ of 100000)", stderr), stderr
 
 
 def test_probe_names_the_images_it_skipped(folders):

@@ -56,6 +56,8 @@ class StopSignals:
     (REPEAT seconds later or more) stops the process at once. Handlers are installed only from the
     main thread (elsewhere Python cannot, and the command keeps the default actions)."""
 
+    notice = "finishing the work in flight, saving it"  # what the command does now, in the message
+
     def __init__(self, extra: str = "SIGUSR1"):
         chosen = signal_number(extra)
         self.signals = [signal.SIGTERM] + ([chosen] if chosen not in (None, signal.SIGTERM) else [])
@@ -94,14 +96,55 @@ class StopSignals:
             return
         self.received, self.at = name, time.monotonic()
         print(
-            f"\nreceived {name}: finishing the work in flight, saving it, then exiting with code {PREEMPTED} "
-            f"(send it again to stop at once)",
+            f"\nreceived {name}: {self.notice}, then exiting with code {PREEMPTED} (send it again to stop at once)",
             file=sys.stderr,
             flush=True,
         )
 
 
 _INSTALLED: list[StopSignals] = []  # installed and not yet uninstalled, newest last
+
+
+class OnePass(StopSignals):
+    """A command that keeps nothing between runs (evaluate, probe, segment evaluate and predict):
+    SIGTERM or SIGUSR1 ends it at the next batch (`stop_point`), with PREEMPTED and a sentence
+    saying so, well inside a scheduler's grace period.
+
+        with OnePass("beit evaluate"):
+            for batch in ...:
+                stop_point(f"at batch {i} of {n}")
+
+    `stop_point` acts only inside such a command: a trainer's own evaluation goes on, and the
+    trainer stops at the end of its step with its checkpoint."""
+
+    notice = "stopping at the next batch"
+
+    def __init__(self, command: str):
+        super().__init__("SIGUSR1")
+        self.command = command
+
+    def install(self) -> OnePass:
+        super().install()
+        _PASSES.append(self)
+        return self
+
+    def uninstall(self) -> None:
+        super().uninstall()
+        if self in _PASSES:
+            _PASSES.remove(self)
+
+
+_PASSES: list[OnePass] = []
+
+
+def stop_point(where: str) -> None:
+    """Between two batches of a one-pass command: Preempted when a stop signal came (`OnePass`)."""
+    if _PASSES and _PASSES[-1].received:
+        stops = _PASSES[-1]
+        raise Preempted(
+            f"stopped by {stops.received} {where}; {stops.command} keeps nothing between runs: run the same command "
+            "again."
+        )
 
 
 def release_all() -> None:

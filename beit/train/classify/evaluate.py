@@ -19,6 +19,7 @@ from beit.shared.checkpoint import load_checkpoint
 from beit.shared.dist import choose_device, dali_device_id
 from beit.shared.images import read_source
 from beit.shared.inputs import MAX_SKIPPED_FRACTION, SkippedLog
+from beit.shared.preempt import stop_point
 from beit.train.classify.data import ClassificationData, classify_inputs, relabel
 from beit.train.model import BeitClassifier, ModelConfig
 
@@ -33,6 +34,7 @@ def evaluate_classifier(model: BeitClassifier, data: ClassificationData, device:
     per_class = np.zeros((classes, 2), dtype=np.int64)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step in range(data.steps_per_epoch):
+        stop_point(f"after {data.inputs.tried_count} of the {data.inputs.listed} images")  # `beit evaluate` alone
         pixels, labels = data.batch(step)
         if not len(labels):
             continue

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from beit.shared.checkpoint import load_pretrained
 from beit.shared.dist import choose_device, dali_device_id
 from beit.shared.inputs import MAX_SKIPPED_FRACTION
+from beit.shared.preempt import stop_point
 from beit.train.classify.data import ClassificationData, classify_inputs, read_splits
 from beit.train.model import ARCHITECTURE, BeitClassifier, ModelConfig
 
@@ -46,6 +47,7 @@ def layer_features(
     model.eval()
     features, labels = [], []
     for step in range(data.steps_per_epoch):
+        stop_point(f"after {data.inputs.tried_count} of the {data.inputs.listed} images of {data.source.root}")
         pixels, y = data.batch(step)
         if not len(y):
             continue
@@ -75,6 +77,7 @@ def train_linear(
     torch.nn.init.zeros_(head.bias)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     for epoch in range(epochs):
+        stop_point(f"at epoch {epoch} of {epochs} of the linear classifier")
         for entry in optimizer.param_groups:
             entry["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         loss = F.cross_entropy(head(train_x), train_y)

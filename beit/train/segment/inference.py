@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from beit.shared.preempt import stop_point
+
 if TYPE_CHECKING:
     from beit.train.segment.data import SegmentationData
 
@@ -192,6 +194,7 @@ def evaluate_segmenter(
     classes, crop = model.cfg.num_classes, model.cfg.image_size
     total, examples, images = None, [], 0
     for key, pixels, labels in data.images():
+        stop_point(f"after {images} of the {data.inputs.listed} images")  # `beit segment evaluate` alone
         images += 1
         scores = predict_logits(model, pixels, classes, mode=mode, crop=crop, stride=stride, scales=scales, flip=flip)
         scores = torch.nn.functional.interpolate(scores, size=labels.shape, mode="bilinear", align_corners=False)

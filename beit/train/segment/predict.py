@@ -20,6 +20,7 @@ from beit.shared.checkpoint import CheckpointError, load_checkpoint, load_weight
 from beit.shared.decode import precheck
 from beit.shared.dist import choose_device, dali_device_id
 from beit.shared.inputs import MAX_SKIPPED_FRACTION, Inputs, SkippedLog
+from beit.shared.preempt import stop_point
 from beit.shared.views import IMAGENET_MEAN, IMAGENET_STD
 from beit.train.model import ModelConfig
 from beit.train.segment.augment import eval_view
@@ -170,6 +171,7 @@ def predict_files(
         log=SkippedLog(out / "skipped.jsonl"),
     )  # fmt: skip
     for index, path in enumerate(images):
+        stop_point(f"after {index} of the {len(images)} images (their masks are in {out})")
         inputs.tried([index])
         rgb = read_rgb(path)
         if isinstance(rgb, str):
