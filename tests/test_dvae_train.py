@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import COLOUR, GREY, beit_here, copy_photos, kill_when, save_jpeg, signal_when
+from helpers import COLOUR, GREY, beit_here, beit_torchrun, copy_photos, kill_when, save_jpeg, signal_when
 from PIL import Image
 
 from beit.shared.preempt import MARKER, PREEMPTED
@@ -144,6 +144,10 @@ def test_bad_inputs(tmp_path, photos):
     assert result.returncode == 1 and "unknown config key n_hid: it is model.n_hid" in result.stderr
     result = beit_here("tokenizer", "reconstruct", tmp_path / "missing.safetensors", photos / "coffee-00.jpg")
     assert result.returncode == 1 and "does not exist" in result.stderr
+    # it trains as one process: two torchrun ranks are refused on both, before any work
+    result = beit_torchrun(2, "tokenizer", "train", photos, "-o", tmp_path / "t.safetensors", *SMALL, timeout=300)
+    assert result.returncode != 0 and result.stderr.count("error: beit tokenizer train runs as one process") == 2
+    assert not (tmp_path / "t.safetensors").exists() and not (tmp_path / "t.run" / "checkpoint.pt").exists()
 
 
 def test_bad_image_files_are_skipped_and_recorded(photos, tmp_path):
