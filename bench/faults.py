@@ -136,7 +136,8 @@ def read_rc(log: Path) -> tuple[int, float]:
 def object_storage(work: Path, source: Path, tokenizer: Path, record) -> None:
     """Stage 1 from s3:// into s3:// on a moto server on 127.0.0.1, through the tests' fault-injecting
     proxy: every request answered 503 SlowDown for 10 s from the fifth chunk on (waited out), then
-    for 60 s (outlasts BEIT_STORAGE_SECONDS=30: the command stops, then runs again to the end)."""
+    for 60 s (outlasts BEIT_STORAGE_SECONDS=30: the command stops, then runs again to the end); then
+    pre-training from that store with its photos' GETs failing for 60 s mid-run."""
     sys.path.insert(0, str(ROOT / "tests"))
     import s3fs
     import zarr
@@ -199,6 +200,37 @@ def object_storage(work: Path, source: Path, tokenizer: Path, record) -> None:
                     f"the chunk in flight (stopped with exit {process.returncode}, {kept} chunks kept; run again)"),
                    0.0 if not process.returncode else t_clean / 12, first + t_again - t_clean, equal,
                    exit_code=process.returncode, proxy_hits=proxy.hits, sentence=said)  # fmt: skip
+
+        # pre-training from that store, its photos in the bucket: every photo's GET answered 503 for
+        # 60 s from step 20 on, checkpoints every 8 steps (outlasts the 30 s: stops, then resumes)
+        cmd = ["pretrain", "s3://stores/clean", *PRETRAIN, "--set", "checkpoint_every=8"]
+        clean_run, cut_run = work / "pretrain-s3-whole", work / "pretrain-s3-outage"
+        _, t_clean_pt = beit(*cmd[:2], "--out", clean_run, *cmd[2:])
+        start = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "beit", *cmd[:2], "--out", str(cut_run), *map(str, cmd[2:])],
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        at = 0
+        while process.poll() is None:
+            try:
+                at = len(rows(cut_run))
+            except (OSError, ValueError):  # not there yet, or a row half-written
+                pass
+            if at >= 20:
+                break
+            time.sleep(0.005)
+        proxy.inject("slowdown", seconds=60, method="GET", path=r"^/photos/")
+        _, stderr = process.communicate(timeout=600)
+        first = time.perf_counter() - start
+        proxy.clear()
+        saved = checkpoint_step(cut_run) or 0
+        reached = len(rows(cut_run))
+        _, t_again = beit(*cmd[:2], "--out", cut_run, *cmd[2:])
+        said = next((line[line.index("error:") :] for line in stderr.splitlines() if "error:" in line), "")
+        lost = reached - saved
+        record("object storage, pretrain", f"503 SlowDown to every photo's GET for 60 s, after step {at} of {STEPS}",
+               f"{lost} steps since the checkpoint at step {saved} (stopped with exit {process.returncode}; run "
+               "again)", lost * t_clean_pt / STEPS, first + t_again - t_clean_pt, same_losses(clean_run, cut_run),
+               exit_code=process.returncode, proxy_hits=proxy.hits, sentence=said)  # fmt: skip
     finally:
         proxy.close()
         server.terminate()

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+from helpers import beit_here
+
 
 def run(*args):
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
@@ -17,14 +19,12 @@ def test_help_lists_the_stages():
 
 
 def test_explicit_options_are_config_keys_and_win_over_set():
-    beit = str(__import__("pathlib").Path(sys.executable).parent / "beit")
     # --set alone: its value is checked as the config key
-    result = run(beit, "finetune", "/nowhere", "--init", "none", "--out", "/nowhere/run", "--set", "epochs=0")
+    result = beit_here("finetune", "/nowhere", "--init", "none", "--out", "/nowhere/run", "--set", "epochs=0")
     assert result.returncode == 1 and "config key epochs: 0 is below 1" in result.stderr
     # the explicit option is the same key and comes after --set: the run gets as far as its data
-    result = run(
-        beit, "finetune", "/nowhere", "--init", "none", "--out", "/nowhere/run", "--set", "epochs=0", "--epochs", "2"
-    )
+    args = ["--init", "none", "--out", "/nowhere/run", "--set", "epochs=0", "--epochs", "2"]
+    result = beit_here("finetune", "/nowhere", *args)
     assert result.returncode == 1 and "/nowhere does not exist" in result.stderr
-    result = run(beit, "tokenize", "/nowhere", "/nowhere/store", "--tokenizer", "/nowhere/t", "--views", "0")
+    result = beit_here("tokenize", "/nowhere", "/nowhere/store", "--tokenizer", "/nowhere/t", "--views", "0")
     assert result.returncode == 1 and "config key views: 0 is below 1" in result.stderr
