@@ -67,8 +67,22 @@ def _end_bars() -> None:
         sys.stderr.write("\n")
 
 
+def _let_go(error: BaseException) -> None:
+    """Free what the frames of a command that stopped on `error` still hold (DALI pipelines, the
+    threads reading ahead) now, rather than at exit, where DALI's own exit hook could find a
+    pipeline still alive and print a traceback after the sentence. Its bars are ended first
+    (`_end_bars`), so nothing they own writes as it goes."""
+    import gc
+    import traceback
+
+    traceback.clear_frames(error.__traceback__)  # (the frames still running are left as they are)
+    error.__traceback__ = None
+    gc.collect()
+
+
 def _fail(error: Exception) -> None:
     _end_bars()
+    _let_go(error)
     typer.echo(f"error: {error}", err=True)
     raise typer.Exit(1)
 
@@ -812,5 +826,6 @@ def main() -> None:
         app(prog_name="beit")
     except Preempted as stop:
         _end_bars()
+        _let_go(stop)
         typer.echo(f"preempted: {stop}", err=True)
         raise SystemExit(PREEMPTED) from None
