@@ -114,12 +114,7 @@ class Dist:
     def any(self, flag: bool) -> bool:
         """Whether `flag` holds on some rank; every rank must call it (one small all-reduce: on
         the GPU under NCCL, else on the CPU)."""
-        if self.world == 1:
-            return flag
-        nccl = torch.distributed.get_backend() == "nccl"
-        value = torch.tensor([int(flag)], device=torch.device("cuda", self.local_rank) if nccl else "cpu")
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-        return bool(value.item())
+        return self.first(flag) is not None
 
     def first(self, flag: bool) -> int | None:
         """The lowest rank where `flag` holds, or None; every rank must call it (one small all-reduce)."""

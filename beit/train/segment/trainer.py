@@ -33,7 +33,7 @@ import torch
 from beit.shared.checkpoint import adapt_state_dict, load_weights, read_state_dict
 from beit.shared.config import to_dict
 from beit.shared.dist import DEFAULT_TIMEOUT_MINUTES
-from beit.shared.inputs import MAX_SKIPPED_FRACTION
+from beit.shared.inputs import MAX_SKIPPED_FRACTION, SkippedLog
 from beit.train.model import ARCHITECTURE, ModelConfig
 from beit.train.scaffold import RUN_SETTINGS, LossMeter, Run, StepEnd, layer_decay_groups, set_lr
 from beit.train.segment.data import SegmentationData, segmentation_inputs
@@ -202,6 +202,20 @@ def build_segmenter(model_cfg: ModelConfig, cfg: SegmentConfig, init: dict | Non
     return model, notes
 
 
+def build_data(train_source, val_source, crop: int, cfg: SegmentConfig, run: Run, log: SkippedLog) -> tuple:
+    """This rank's share of the training images (augmented crops) and the validation images, each
+    counting what it read and skipped (the skipped into `log`)."""
+    shared = dict(seed=cfg.seed, scale=cfg.scale, threads=cfg.threads, device_id=run.device_id)
+    augment = dict(
+        ratio_range=cfg.ratio_range, cat_max_ratio=cfg.cat_max_ratio, rank=run.dist.rank, world=run.dist.world
+    )
+    inputs = {split: segmentation_inputs(source, cfg.max_skipped_fraction, log, split)
+              for split, source in (("train", train_source), ("val", val_source))}  # fmt: skip
+    run.watch_inputs(inputs["train"])  # under torchrun, a share of unreadable images stops every rank together
+    train = SegmentationData(train_source, crop, cfg.batch_size, True, **shared, **augment, inputs=inputs["train"])
+    return train, SegmentationData(val_source, crop, 1, False, **shared, inputs=inputs["val"])
+
+
 def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, progress: bool = True) -> dict:
     run = Run(out, cfg, "segment", progress)
     dist, device = run.dist, run.device
@@ -216,14 +230,7 @@ def segment(data_dir: Path, out: Path, cfg: SegmentConfig, resume: bool = True, 
     model, notes = build_segmenter(model_cfg, cfg, init)
     model.to(device)
     crop, stride = model_cfg.image_size, cfg.stride or round(model_cfg.image_size * 2 / 3)
-    shared = dict(seed=cfg.seed, scale=cfg.scale, threads=cfg.threads, device_id=run.device_id)
-    augment = dict(ratio_range=cfg.ratio_range, cat_max_ratio=cfg.cat_max_ratio, rank=dist.rank, world=dist.world)
-    log = run.skipped_log(resume)
-    inputs = {split: segmentation_inputs(source, cfg.max_skipped_fraction, log, split)
-              for split, source in (("train", train_source), ("val", val_source))}  # fmt: skip
-    run.watch_inputs(inputs["train"])  # under torchrun, a share of unreadable images stops every rank together
-    train = SegmentationData(train_source, crop, cfg.batch_size, True, **shared, **augment, inputs=inputs["train"])
-    val = SegmentationData(val_source, crop, 1, False, **shared, inputs=inputs["val"])
+    train, val = build_data(train_source, val_source, crop, cfg, run, run.skipped_log(resume))
     groups = layer_decay_groups(model, lr, cfg.weight_decay, layer_decay)
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=device.type == "cuda")
